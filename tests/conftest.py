@@ -1,0 +1,80 @@
+"""Shared test fixtures: the offline data folder and tiny models built in the test (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_shared_data_dir() -> Path | None:
+    """``$MERGELM_DATA_DIR`` or ``../shared/data`` next to the repository (where CI puts it)."""
+    candidates = [os.environ.get("MERGELM_DATA_DIR"), REPO_ROOT.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and Path(candidate, "README.md").exists():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    path = find_shared_data_dir()
+    if path is None:
+        pytest.skip("offline data folder not found (set MERGELM_DATA_DIR or put it at ../shared/data)")
+    return path
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99,
+        max_position_embeddings=64, num_labels=2,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def make_family(model_cls, config, num_finetuned: int = 2, delta_std: float = 0.01, seed: int = 0):
+    """A base model and ``num_finetuned`` copies with seeded Gaussian deltas on every float parameter."""
+    torch.manual_seed(seed)
+    base = model_cls(config).eval()
+    finetuned = []
+    for i in range(num_finetuned):
+        model = model_cls(config).eval()
+        model.load_state_dict(base.state_dict())
+        generator = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * delta_std)
+        finetuned.append(model)
+    return base, finetuned
+
+
+@pytest.fixture
+def tiny_bert_family():
+    from transformers import BertForSequenceClassification
+
+    return make_family(BertForSequenceClassification, tiny_bert_config())
+
+
+@pytest.fixture
+def tiny_llama_family():
+    from transformers import LlamaForCausalLM
+
+    return make_family(LlamaForCausalLM, tiny_llama_config())

@@ -1,0 +1,1 @@
+"""Shared utilities for the scripts: run folders, data loading, model loading, seeding, logging."""

@@ -1,0 +1,109 @@
+"""Run folders named from their configuration, and atomic result files.
+
+Every script writes into ``<results_root>/<script>/<parts...>/`` where the parts come from the run's
+configuration (never a clock), so the same configuration always lands in the same folder and a
+results tree can be summarised by walking it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def format_value(value: Any) -> str:
+    """Render a hyperparameter value for a folder name (``0.9``, ``True``, ``1e-05``, ``a+b``)."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(format_value(v) for v in value)
+    return str(value).replace(os.sep, "_")
+
+
+def hyperparameter_dirname(hyperparameters: Mapping[str, Any]) -> str:
+    """``key=value`` pairs sorted by key and joined by commas; ``default`` when empty."""
+    if not hyperparameters:
+        return "default"
+    return ",".join(f"{k}={format_value(v)}" for k, v in sorted(hyperparameters.items()))
+
+
+def run_dir_for(results_root: str | os.PathLike, *parts: str) -> Path:
+    """``results_root/part1/part2/...``; each part must be non-empty."""
+    for part in parts:
+        if not part:
+            raise ValueError(f"run folder parts must be non-empty, got {parts!r}")
+    return Path(results_root, *parts)
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``run_dir``; a non-empty folder is an error unless ``overwrite`` or ``resume`` is given."""
+    path = Path(run_dir)
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"{path} is not empty; pass --overwrite to replace it or --resume to continue")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (indent 2, full-precision floats) written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_record() -> dict[str, Any]:
+    """Versions and provenance stored next to every result."""
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": _git_commit(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_config(run_dir: str | os.PathLike, config: Mapping[str, Any], argv: list[str] | None = None) -> None:
+    """``config.json`` = the resolved configuration + argv + versions."""
+    record = {"config": dict(config), "argv": list(sys.argv if argv is None else argv), **environment_record()}
+    atomic_write_json(Path(run_dir) / "config.json", record)
+
+
+def write_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / "metrics.json", dict(metrics))
