@@ -1,0 +1,154 @@
+"""One GLUE fine-tuning run (single-task or two-task multitask) and the lookup of its checkpoint afterwards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.encoder_models import (
+    build_multitask_model,
+    load_pretrained_classifier,
+    load_tokenizer,
+    model_short_name,
+    save_multitask_model,
+)
+from utils.glue_data import GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from utils.glue_training import OptimConfig, evaluate_model, train_model
+from utils.run_dir import hyperparameter_dirname, run_dir_for
+from utils.seeding import set_random_seed
+
+logger = logging.getLogger(__name__)
+
+SCRIPT_NAME = "train_plms_glue"
+
+
+@dataclass(frozen=True)
+class GlueTrainConfig:
+    """Everything one fine-tuning run depends on (``train_plms_glue.py`` flags, one run)."""
+
+    dataset_name: str = "cola"
+    language_model_name: str = "roberta-base"
+    multitask_training: bool = False
+    auxiliary_dataset_name: str | None = None
+    batch_size: int = 16
+    learning_rate: float = 1e-5
+    num_epochs: int = 10
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_seq_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+    glue_dir: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        get_task(self.dataset_name)
+        if self.multitask_training:
+            if self.auxiliary_dataset_name is None:
+                raise ValueError("auxiliary_dataset_name must be set with --multitask_training, got None")
+            get_task(self.auxiliary_dataset_name)
+            if self.auxiliary_dataset_name == self.dataset_name:
+                raise ValueError(f"auxiliary_dataset_name must differ from dataset_name, got {self.dataset_name!r} "
+                                 "for both; pick another --auxiliary_dataset_name")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        OptimConfig(self.learning_rate, self.num_epochs, self.warmup_ratio, self.weight_decay)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task order: auxiliary first, target last (MergeLM's ``{aux}_{target}`` folder order)."""
+        return [self.auxiliary_dataset_name, self.dataset_name] if self.multitask_training else [self.dataset_name]
+
+    def run_dir(self, output_dir: str | os.PathLike) -> Path:
+        """``<output_dir>/train_plms_glue/<task or aux_target>/<model>/<hyperparameters>``."""
+        hyper = {"learning_rate": self.learning_rate, "num_epochs": self.num_epochs, "batch_size": self.batch_size,
+                 "max_seq_length": self.max_seq_length, "seed": self.seed}
+        if self.max_train_samples is not None:
+            hyper["max_train_samples"] = self.max_train_samples
+        folder = "_".join(self.tasks)
+        return run_dir_for(output_dir, SCRIPT_NAME, folder, model_short_name(self.language_model_name),
+                           hyperparameter_dirname(hyper))
+
+
+def _load_data(config: GlueTrainConfig, tokenizer: Any) -> dict[str, list]:
+    splits = {"train": [], "validation": [], "test": []}
+    for name in config.tasks:
+        data = load_glue_task(name, tokenizer, glue_dir=config.glue_dir, max_seq_length=config.max_seq_length,
+                              max_train_samples=config.max_train_samples, max_eval_samples=config.max_eval_samples)
+        for split in splits:
+            splits[split].extend(getattr(data, split))
+    return splits
+
+
+def run_glue_training(config: GlueTrainConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fine-tune, reload the best epoch, evaluate on test, save the checkpoint into ``run_dir/model``.
+
+    Returns:
+        ``{task: {"validation": ..., "test": ...}, "best_epoch": n, "history": [...]}`` (multitask adds
+        ``averaged_scores`` for both splits).
+    """
+    set_random_seed(config.seed)
+    tokenizer = load_tokenizer(config.language_model_name)
+    splits = _load_data(config, tokenizer)
+    tasks = config.tasks
+    if config.multitask_training:
+        num_labels = {t: GLUE_TASKS[t].num_labels for t in tasks}
+        task_ids = {t: GLUE_TASKS[t].task_id for t in tasks}
+        model = build_multitask_model(config.language_model_name, num_labels, task_ids)
+    else:
+        model = load_pretrained_classifier(config.language_model_name, GLUE_TASKS[tasks[0]].num_labels)
+    set_random_seed(config.seed)
+    loaders = {split: make_dataloader(rows, tokenizer, batch_size=config.batch_size, shuffle=split == "train",
+                                      seed=config.seed) for split, rows in splits.items()}
+    optim = OptimConfig(config.learning_rate, config.num_epochs, config.warmup_ratio, config.weight_decay)
+    history = train_model(model, loaders["train"], loaders["validation"], tasks, optim, device=config.device)
+    best = next(h for h in history if h.get("best"))
+    test = evaluate_model(model, loaders["test"], tasks, device=config.device, desc="test")
+    model_dir = Path(run_dir) / "model"
+    if config.multitask_training:
+        save_multitask_model(model.cpu(), model_dir, config.language_model_name, num_labels)
+        tokenizer.save_pretrained(str(model_dir))
+        metrics = {t: {"validation": best["validation"][t], "test": test[t]} for t in tasks}
+        metrics["averaged_scores"] = {"validation": best["validation"]["averaged_scores"],
+                                      "test": test["averaged_scores"]}
+    else:
+        model.cpu().save_pretrained(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
+        metrics = {tasks[0]: {"validation": best["validation"], "test": test}}
+    metrics.update(best_epoch=best["epoch"], history=history)
+    logger.info("test performance: %s", {k: v for k, v in metrics.items() if k != "history"})
+    return metrics
+
+
+def find_finetuned_checkpoint(
+    output_dir: str | os.PathLike, task: str, language_model_name: str, **filters: Any
+) -> Path:
+    """The ``model`` folder of the single-task run of ``task`` whose config matches every non-None filter.
+
+    Raises:
+        FileNotFoundError: when no run matches; ValueError when several do (pass more filters).
+    """
+    base = Path(output_dir, SCRIPT_NAME, task, model_short_name(language_model_name))
+    matches = []
+    for config_path in sorted(base.glob("*/config.json")):
+        config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
+        wanted = {k: v for k, v in filters.items() if v is not None}
+        if all(config.get(k) == v for k, v in wanted.items()) and (config_path.parent / "model").is_dir():
+            matches.append(config_path.parent / "model")
+    if not matches:
+        raise FileNotFoundError(f"no fine-tuned {task} checkpoint of {language_model_name} matching {filters} under "
+                                f"{base}; run train_plms_glue.py --dataset_name {task} first")
+    if len(matches) > 1:
+        raise ValueError(f"several {task} checkpoints match {filters}: {[str(m) for m in matches]}; pass "
+                         "--learning_rate/--max_train_samples/--seed to pick one, or --checkpoint TASK=PATH")
+    return matches[0]
+
+
+def config_record(config: GlueTrainConfig) -> dict[str, Any]:
+    """The dict stored in ``config.json``."""
+    return {"script": SCRIPT_NAME, **asdict(config)}
