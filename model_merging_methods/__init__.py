@@ -1,0 +1,27 @@
+"""DARE and model merging: the paper's maths as pure per-tensor functions behind one entry point.
+
+    from model_merging_methods import merge_state_dicts
+    merged = merge_state_dicts("mask_merging", base_sd, [sd_a, sd_b], mask_apply_method="task_arithmetic",
+                               weight_mask_rate=0.9, use_weight_rescale=True, scaling_coefficient=1.0)
+"""
+
+from model_merging_methods.fisher import compute_fisher_weights
+from model_merging_methods.merge_plan import MergePlan, accepted_hyperparameters, build_merge_plan
+from model_merging_methods.merge_state_dicts import apply_dare, merge_models, merge_state_dicts
+from model_merging_methods.registry import MERGE_METHODS, MERGING_METHOD_NAMES, MergeMethod, get_merge_method
+from model_merging_methods.regmean import compute_gram_matrices
+
+__all__ = [
+    "MERGE_METHODS",
+    "MERGING_METHOD_NAMES",
+    "MergeMethod",
+    "MergePlan",
+    "accepted_hyperparameters",
+    "apply_dare",
+    "build_merge_plan",
+    "compute_fisher_weights",
+    "compute_gram_matrices",
+    "get_merge_method",
+    "merge_models",
+    "merge_state_dicts",
+]

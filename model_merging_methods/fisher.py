@@ -1,0 +1,143 @@
+"""Fisher merging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832).
+
+Two separate steps, as MergeLM computes them:
+
+* ``compute_fisher_weights(model, dataloader, num_examples)``: the diagonal Fisher of one model from data.
+* ``fisher_merging(base, deltas, fisher_weights, model_coefficients)``: the per-parameter combine
+  ``theta = sum_i c_i (F_i + eps) theta_i / sum_i c_i (F_i + eps)``, with the per-model coefficients from
+  ``fisher_model_coefficients`` (optionally normalised by each model's global Fisher norm).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def _fisher_objective(logits: Tensor, labels: Tensor | None) -> Tensor:
+    if logits.shape[-1] == 1:
+        # regression (STS-B): MergeLM uses the model's MSE loss against the true labels (empirical Fisher)
+        if labels is None:
+            raise ValueError("a regression head needs 'labels' in every batch to compute its Fisher, got none")
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+    # classification: MergeLM's sum over batch and classes of sqrt(p) * log p (p detached)
+    probabilities = torch.softmax(logits, dim=-1).detach()
+    return (torch.sqrt(probabilities) * torch.log_softmax(logits, dim=-1)).sum()
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
+
+
+def compute_fisher_weights(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Tensor]],
+    *,
+    num_examples: int,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher of ``model`` over about ``num_examples`` training examples, as MergeLM computes it.
+
+    For each batch (a dict of tensors with ``labels``; the model is called with the other keys and must
+    return ``logits``): ``grad**2`` of the batch objective (classification: ``sum sqrt(p) log p``; regression:
+    MSE with the labels), summed over batches and divided by the number of examples counted. As in MergeLM,
+    batches are taken while fewer than ``num_examples`` examples were counted, and each batch counts its
+    nominal ``batch_size`` (default: the first batch's size). Gradients are cleared afterwards.
+
+    Returns:
+        ``{parameter name: float32 Fisher diagonal}`` for every parameter that requires grad.
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    was_training, counted = model.training, 0
+    model.eval()
+    for batch in tqdm(dataloader, desc="fisher", leave=False):
+        if counted >= num_examples:
+            break
+        batch = _to_device(batch, device)
+        labels = batch.pop("labels", None)
+        model.zero_grad(set_to_none=True)
+        _fisher_objective(model(**batch).logits, labels).backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                fisher[name] += p.grad.detach().float() ** 2
+        counted += batch_size or len(next(iter(batch.values())))
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if counted == 0:
+        raise ValueError("the dataloader yielded no batches; Fisher weights need at least one example")
+    if counted != num_examples:
+        logger.warning("Fisher: num_examples=%d is not a multiple of the batch size; used %d", num_examples, counted)
+    return {name: value / counted for name, value in fisher.items()}
+
+
+def fisher_norm_squared(fisher_weight: Tensor) -> float:
+    """``||F||_2**2`` of one parameter's Fisher, accumulated in float64."""
+    return float(fisher_weight.double().pow(2).sum())
+
+
+def fisher_model_coefficients(
+    num_models: int,
+    *,
+    fisher_scaling_coefficients: Sequence[float] | None = None,
+    normalize_fisher_weight: bool = True,
+    minimal_fisher_weight: float = 1e-6,
+    global_norms: Sequence[float] | None = None,
+) -> list[float]:
+    """Per-model coefficients ``c_i`` of the Fisher combine (MergeLM ``merging_with_fisher_weights``).
+
+    ``c_i`` = ``fisher_scaling_coefficients[i]`` (default ``1/M``); with ``normalize_fisher_weight`` each is
+    multiplied by ``w_i = (1/(g_i + eps)) / sum_j (1/(g_j + eps))`` where ``g_i`` is model i's global Fisher
+    L2 norm over all merged parameters (``global_norms``) and ``eps = minimal_fisher_weight``.
+    """
+    coefficients = list(fisher_scaling_coefficients or [1.0 / num_models] * num_models)
+    if not normalize_fisher_weight:
+        return coefficients
+    if global_norms is None or len(global_norms) != num_models:
+        raise ValueError(f"normalize_fisher_weight needs one global Fisher norm per model, got {global_norms!r}")
+    inverse = [1.0 / (norm + minimal_fisher_weight) for norm in global_norms]
+    total = sum(inverse)
+    return [c * w / total for c, w in zip(coefficients, inverse)]
+
+
+def global_fisher_norms(squared_norm_sums: Sequence[float]) -> list[float]:
+    """Global L2 norms from per-model sums of squared per-parameter norms."""
+    return [math.sqrt(total) for total in squared_norm_sums]
+
+
+def fisher_merging(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    *,
+    fisher_weights: Sequence[Tensor],
+    model_coefficients: Sequence[float],
+    minimal_fisher_weight: float = 1e-6,
+) -> Tensor:
+    """``theta = sum_i c_i (F_i + eps) theta_i / sum_i c_i (F_i + eps)`` for one parameter, in float32.
+
+    Args:
+        base: float32 parameter of the pre-trained model (``theta_i = base + delta_i``).
+        deltas: float32 task vectors (possibly DARE-processed), one per model.
+        fisher_weights: this parameter's Fisher diagonal of each model (same shape).
+        model_coefficients: ``c_i`` from ``fisher_model_coefficients``.
+        minimal_fisher_weight: eps added to every Fisher value; MergeLM flag ``--minimal_fisher_weight``.
+    """
+    numerator = torch.zeros_like(base)
+    denominator = torch.zeros_like(base)
+    for delta, fisher, coefficient in zip(deltas, fisher_weights, model_coefficients):
+        weight = coefficient * (fisher.float() + minimal_fisher_weight)
+        numerator.add_(weight * (base + delta))
+        denominator.add_(weight)
+    return numerator / denominator

@@ -1,0 +1,328 @@
+"""A validated merge recipe and its per-tensor step, shared by the in-memory and the streaming paths.
+
+``build_merge_plan(merging_method_name, num_models, **hyperparameters)`` checks every name and value once,
+before any tensor is touched, and returns a ``MergePlan``. For each parameter the plan
+
+1. turns each fine-tuned tensor into a float32 delta and applies DARE (``mask_merging`` only), keyed by
+   ``(seed, model index, parameter name)`` so the result does not depend on visiting order or chunking;
+2. calls the registered method's pure function on ``(base, deltas)``.
+
+Whole-model quantities (MergeLM's global TIES trim and majority sign; Fisher normalisation norms) are
+collected by a ``new_global_state`` object fed by ``global_update`` in ``num_passes`` passes over the
+merged tensors, in any order; ``merge_state_dicts`` and ``merge_engine`` run the same passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model_merging_methods.dare import mask_tensor
+from model_merging_methods.fisher import fisher_model_coefficients, fisher_norm_squared, global_fisher_norms
+from model_merging_methods.registry import (
+    DARE_HYPERPARAMETERS,
+    MERGE_METHODS,
+    MERGING_METHOD_NAMES,
+    MergeMethod,
+    unknown_name_error,
+)
+from model_merging_methods.regmean import gram_module_name
+from model_merging_methods.ties import TiesGlobalState
+
+_CHOICES = {
+    "mask_strategy": ("random", "magnitude"),
+    "weight_format": ("delta_weight", "finetuned_weight"),
+    "ties_trim_scope": ("global", "per_tensor"),
+}
+
+
+@dataclass(frozen=True)
+class DareSettings:
+    """DARE pre-processing of every model's deltas (MergeLM ``mask_merging`` flags)."""
+
+    weight_mask_rates: tuple[float, ...]
+    use_weight_rescale: bool = True
+    mask_strategy: str = "random"
+    weight_format: str = "delta_weight"
+    model_indices: tuple[int, ...] = ()
+
+
+@dataclass
+class FisherNormState:
+    """One pass over the Fisher statistics: each model's global Fisher L2 norm, then the coefficients."""
+
+    num_models: int
+    settings: Mapping[str, Any]
+    num_passes: int = 1
+    uses_model_tensors: bool = False
+    squared: list[float] = field(default_factory=list)
+    coefficients: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self.squared = [0.0] * self.num_models
+
+    def update(self, pass_index: int, fisher_weights: Sequence[Tensor]) -> None:
+        for i, fisher in enumerate(fisher_weights):
+            self.squared[i] += fisher_norm_squared(fisher)
+
+    def finish_pass(self, pass_index: int) -> None:
+        self.coefficients = fisher_model_coefficients(
+            self.num_models, global_norms=global_fisher_norms(self.squared), **self.settings
+        )
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What to compute for every parameter; build it with ``build_merge_plan``."""
+
+    merging_method_name: str
+    method: MergeMethod
+    num_models: int
+    hyperparameters: Mapping[str, Any]
+    dare: DareSettings | None = None
+    seed: int = 0
+
+    @property
+    def statistics(self) -> str | None:
+        """``"fisher"`` / ``"gram"`` when the method needs per-model statistics, else None."""
+        return self.method.statistics
+
+    @property
+    def chunkable(self) -> bool:
+        """True when a tensor may be processed in row chunks (element-wise maths given the global state)."""
+        if self.dare is not None and self.dare.mask_strategy == "magnitude":
+            return False
+        if self.method.name == "ties_merging":
+            return self.hyperparameters["ties_trim_scope"] == "global"
+        return self.method.name in ("average_merging", "task_arithmetic", "fisher_merging")
+
+    def deltas(self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, element_offset: int = 0) -> list:
+        """float32 deltas ``finetuned_i - base`` of one parameter (or chunk), after DARE when configured."""
+        base32 = base.float()
+        if self.dare is None:
+            return [ft.float() - base32 for ft in finetuned]
+        out = []
+        for i, ft in enumerate(finetuned):
+            masked_weight = self.dare.weight_format == "finetuned_weight"
+            tensor = ft.to(torch.float32, copy=True) if masked_weight else ft.float() - base32
+            tensor = mask_tensor(
+                tensor,
+                drop_rate=self.dare.weight_mask_rates[i],
+                use_weight_rescale=self.dare.use_weight_rescale,
+                mask_strategy=self.dare.mask_strategy,
+                seed=self.seed,
+                model_index=self.dare.model_indices[i],
+                name=name,
+                element_offset=element_offset,
+            )
+            out.append(tensor - base32 if masked_weight else tensor)
+        return out
+
+    def statistics_for(self, name: str, statistics: Sequence[Mapping[str, Tensor]] | None) -> list | None:
+        """This parameter's entry of each model's statistics dict (Gram: the Linear module's matrix)."""
+        if self.statistics is None or statistics is None:
+            return None
+        key = name if self.statistics == "fisher" else gram_module_name(name)
+        if key is None or key not in statistics[0]:
+            return None
+        return [stats[key] for stats in statistics]
+
+    def new_global_state(self, total_numel: int) -> TiesGlobalState | FisherNormState | None:
+        """The whole-model accumulator this plan needs, or None."""
+        hp = self.hyperparameters
+        if self.method.name == "ties_merging" and hp["ties_trim_scope"] == "global":
+            return TiesGlobalState(self.num_models, total_numel, hp["param_value_mask_rate"])
+        if self.method.name == "fisher_merging" and hp["normalize_fisher_weight"]:
+            return FisherNormState(self.num_models, self._fisher_settings())
+        return None
+
+    def global_update(
+        self,
+        state: TiesGlobalState | FisherNormState,
+        pass_index: int,
+        name: str,
+        base: Tensor | None,
+        finetuned: Sequence[Tensor] | None,
+        *,
+        statistics: Sequence[Tensor] | None = None,
+        element_offset: int = 0,
+    ) -> None:
+        """Feed one parameter (or chunk) to the global accumulator for pass ``pass_index``."""
+        if isinstance(state, FisherNormState):
+            if statistics is None:
+                raise ValueError(f"fisher_merging needs a Fisher weight for {name!r} in every model, got none")
+            state.update(pass_index, statistics)
+        else:
+            state.update(pass_index, torch.stack(self.deltas(name, base, finetuned, element_offset=element_offset)))
+
+    def _fisher_settings(self) -> dict[str, Any]:
+        hp = self.hyperparameters
+        return {
+            "fisher_scaling_coefficients": hp["fisher_scaling_coefficients"],
+            "normalize_fisher_weight": hp["normalize_fisher_weight"],
+            "minimal_fisher_weight": hp["minimal_fisher_weight"],
+        }
+
+    def merge_deltas(
+        self, name: str, base: Tensor, deltas: Sequence[Tensor], *, statistics: Sequence[Tensor] | None = None,
+        global_state: Any = None,
+    ) -> Tensor:
+        """Run the method on one parameter's float32 base and deltas."""
+        hp, base32 = self.hyperparameters, base.float()
+        if self.method.name == "task_arithmetic":
+            return self.method.merge(base32, deltas, scaling_coefficient=hp["scaling_coefficient"])
+        if self.method.name == "ties_merging":
+            is_global = hp["ties_trim_scope"] == "global"
+            return self.method.merge(
+                base32, deltas, param_value_mask_rate=hp["param_value_mask_rate"],
+                scaling_coefficient=hp["scaling_coefficient"],
+                thresholds=global_state.thresholds if is_global else None,
+                majority_sign=global_state.majority_sign if is_global else None,
+            )
+        if self.method.name == "fisher_merging":
+            if statistics is None:
+                raise ValueError(f"fisher_merging needs a Fisher weight for {name!r} in every model, got none")
+            coefficients = global_state.coefficients if global_state is not None else None
+            if coefficients is None:
+                coefficients = fisher_model_coefficients(self.num_models, **self._fisher_settings())
+            return self.method.merge(
+                base32, deltas, fisher_weights=statistics, model_coefficients=coefficients,
+                minimal_fisher_weight=hp["minimal_fisher_weight"],
+            )
+        if self.method.name == "regmean_merging":
+            return self.method.merge(
+                base32, deltas, gram_matrices=statistics, reduce_non_diagonal_ratio=hp["reduce_non_diagonal_ratio"]
+            )
+        return self.method.merge(base32, deltas)
+
+    def process_tensor(
+        self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, statistics: Sequence[Tensor] | None = None,
+        global_state: Any = None, element_offset: int = 0,
+    ) -> Tensor:
+        """DARE (if any) then the method, for one parameter or row chunk; returns float32."""
+        deltas = self.deltas(name, base, finetuned, element_offset=element_offset)
+        return self.merge_deltas(name, base, deltas, statistics=statistics, global_state=global_state)
+
+
+def _check_rate(name: str, value: Any, *, upper_inclusive: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value > 1 if upper_inclusive else value >= 1):
+        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
+        fix = "; 1.0 would drop every value (and divide by zero with rescaling)" if not upper_inclusive else ""
+        raise ValueError(f"{name} must be in {interval}, got {value!r}{fix}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any) -> str:
+    if value not in _CHOICES[name]:
+        raise unknown_name_error(name, value, _CHOICES[name])
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _per_model_list(name: str, value: Any, num_models: int) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * num_models
+    if len(values) != num_models:
+        raise ValueError(f"{name} needs one value per fine-tuned model ({num_models}), got {len(values)}: {value!r}")
+    return values
+
+
+def accepted_hyperparameters(merging_method_name: str, mask_apply_method: str | None = None) -> dict[str, Any]:
+    """The hyperparameter names (with defaults) a method accepts; ``seed`` is accepted by all."""
+    if merging_method_name not in MERGING_METHOD_NAMES:
+        raise unknown_name_error("merging_method_name", merging_method_name, MERGING_METHOD_NAMES)
+    accepted: dict[str, Any] = {"seed": 0}
+    if merging_method_name == "mask_merging":
+        apply_name = mask_apply_method or "average_merging"
+        if apply_name not in MERGE_METHODS:
+            raise unknown_name_error("mask_apply_method", apply_name, list(MERGE_METHODS))
+        accepted.update(DARE_HYPERPARAMETERS, mask_apply_method="average_merging")
+        accepted.update(MERGE_METHODS[apply_name].hyperparameters)
+    else:
+        accepted.update(MERGE_METHODS[merging_method_name].hyperparameters)
+    return accepted
+
+
+def _validate_method_hyperparameters(method: MergeMethod, hp: dict[str, Any], num_models: int) -> dict[str, Any]:
+    if "scaling_coefficient" in hp:
+        hp["scaling_coefficient"] = _check_number("scaling_coefficient", hp["scaling_coefficient"])
+    if "param_value_mask_rate" in hp:
+        hp["param_value_mask_rate"] = _check_rate("param_value_mask_rate", hp["param_value_mask_rate"])
+    if "ties_trim_scope" in hp:
+        _check_choice("ties_trim_scope", hp["ties_trim_scope"])
+    if "reduce_non_diagonal_ratio" in hp:
+        hp["reduce_non_diagonal_ratio"] = _check_rate(
+            "reduce_non_diagonal_ratio", hp["reduce_non_diagonal_ratio"], upper_inclusive=True
+        )
+    if method.name == "fisher_merging":
+        _check_bool("normalize_fisher_weight", hp["normalize_fisher_weight"])
+        epsilon = _check_number("minimal_fisher_weight", hp["minimal_fisher_weight"])
+        if epsilon < 0:
+            raise ValueError(f"minimal_fisher_weight must be >= 0, got {epsilon}")
+        if hp["fisher_scaling_coefficients"] is not None:
+            name = "fisher_scaling_coefficients"
+            hp[name] = [_check_number(name, c) for c in _per_model_list(name, hp[name], num_models)]
+    return hp
+
+
+def _build_dare(hp: dict[str, Any], num_models: int) -> DareSettings:
+    if hp["weight_mask_rate"] is None:
+        raise ValueError("mask_merging needs weight_mask_rate (the DARE drop rate p in [0, 1)), got none")
+    rates = _per_model_list("weight_mask_rate", hp["weight_mask_rate"], num_models)
+    return DareSettings(
+        weight_mask_rates=tuple(_check_rate("weight_mask_rate", rate) for rate in rates),
+        use_weight_rescale=_check_bool("use_weight_rescale", hp["use_weight_rescale"]),
+        mask_strategy=_check_choice("mask_strategy", hp["mask_strategy"]),
+        weight_format=_check_choice("weight_format", hp["weight_format"]),
+        model_indices=tuple(range(num_models)),
+    )
+
+
+def build_merge_plan(merging_method_name: str, num_models: int, **hyperparameters: Any) -> MergePlan:
+    """Validate a merge recipe (MergeLM names) and return its ``MergePlan``.
+
+    Args:
+        merging_method_name: one of ``MERGING_METHOD_NAMES``; ``mask_merging`` is DARE followed by
+            ``mask_apply_method``.
+        num_models: number of fine-tuned models.
+        **hyperparameters: the method's hyperparameters (see ``accepted_hyperparameters``); unknown names,
+            out-of-range rates and per-model lists of the wrong length are a ValueError.
+    """
+    if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
+        raise ValueError(f"merging needs at least one fine-tuned model, got {num_models!r}")
+    accepted = accepted_hyperparameters(merging_method_name, hyperparameters.get("mask_apply_method"))
+    unknown = sorted(set(hyperparameters) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for {merging_method_name}"
+            f"{' + ' + accepted['mask_apply_method'] if merging_method_name == 'mask_merging' else ''}; "
+            f"accepted: {', '.join(sorted(accepted))}"
+        )
+    hp = {**accepted, **hyperparameters}
+    seed = hp.pop("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    dare = None
+    if merging_method_name == "mask_merging":
+        method = MERGE_METHODS[hp.pop("mask_apply_method") or "average_merging"]
+        dare = _build_dare({k: hp.pop(k) for k in DARE_HYPERPARAMETERS}, num_models)
+    else:
+        method = MERGE_METHODS[merging_method_name]
+    hp = _validate_method_hyperparameters(method, hp, num_models)
+    return MergePlan(merging_method_name, method, num_models, hp, dare, seed)
