@@ -1,0 +1,117 @@
+"""Merge Hugging Face checkpoints out of core (streamed tensor by tensor), with MergeLM's flag names.
+
+Example (DARE p=0.9 + task arithmetic of two fine-tunes):
+    python merge_checkpoints.py --pretrained_model meta-llama/Llama-2-13b-hf \
+        --finetuned_models WizardLMTeam/WizardLM-13B-V1.2 WizardLMTeam/WizardMath-13B-V1.0 \
+        --merging_method_name mask_merging --mask_apply_method task_arithmetic \
+        --weight_mask_rate 0.9 --use_weight_rescale --scaling_coefficient 1.0 \
+        --vocab_policy mergelm --output_dir merged/wizard-lm-math
+
+Single-model DARE: one fine-tuned model with ``--merging_method_name mask_merging --mask_apply_method
+average_merging`` gives ``base + DARE(finetuned - base)``. See docs/readme_merge_engine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints
+from merge_engine.tensor_plan import DTYPES
+from model_merging_methods import MERGE_METHODS, MERGING_METHOD_NAMES, accepted_hyperparameters
+from utils.logging_setup import setup_logging
+
+logger = logging.getLogger(__name__)
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_HYPERPARAMETER_FLAGS = (
+    "mask_apply_method", "scaling_coefficient", "param_value_mask_rate", "ties_trim_scope", "weight_mask_rate",
+    "use_weight_rescale", "mask_strategy", "weight_format", "seed", "normalize_fisher_weight",
+    "minimal_fisher_weight", "fisher_scaling_coefficients", "reduce_non_diagonal_ratio",
+)
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"size must look like 5GB, 500MB or 1073741824, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model", required=True, help="base model folder or hub id")
+    p.add_argument("--finetuned_models", nargs="+", required=True, help="fine-tuned model folders or hub ids")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--merging_method_name", required=True, choices=MERGING_METHOD_NAMES)
+    p.add_argument("--mask_apply_method", choices=sorted(MERGE_METHODS), help="method after DARE (mask_merging)")
+    p.add_argument("--scaling_coefficient", type=float, help="lambda (task_arithmetic, ties_merging)")
+    p.add_argument("--param_value_mask_rate", type=float, help="TIES trim rate (default 0.8)")
+    p.add_argument("--ties_trim_scope", choices=["global", "per_tensor"], help="TIES trim over the whole model "
+                   "(MergeLM, the default) or per tensor (mergekit)")
+    p.add_argument("--weight_mask_rate", type=float, nargs="+", help="DARE drop rate p, one or one per model")
+    p.add_argument("--use_weight_rescale", action="store_true", help="divide kept deltas by 1-p (DARE); "
+                   "without it mask_merging is DropOnly, as in MergeLM's CLI")
+    p.add_argument("--mask_strategy", choices=["random", "magnitude"])
+    p.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"])
+    p.add_argument("--normalize_fisher_weight", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--minimal_fisher_weight", type=float)
+    p.add_argument("--fisher_scaling_coefficients", type=float, nargs="+")
+    p.add_argument("--reduce_non_diagonal_ratio", type=float)
+    p.add_argument("--statistics_files", nargs="+", help="Fisher/RegMean statistics, one file per fine-tuned model")
+    p.add_argument("--exclude_param_names_regex", nargs="*", default=[])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the pretrained model's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where the maths runs)")
+    p.add_argument("--num_threads", type=int, help="worker threads (default: CPU count; 2 with --device cuda)")
+    p.add_argument("--vocab_policy", choices=VOCAB_POLICIES, default="error")
+    p.add_argument("--copy_config_from", type=int, default=0,
+                   help="index into [pretrained, *finetuned] of the model whose config/tokenizer are copied")
+    p.add_argument("--max_shard_size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB, 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--strict", action="store_true", help="NaN/Inf in an input tensor is an error, not a warning")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log_file", help="also log to this file")
+    return p.parse_args(argv)
+
+
+def hyperparameters_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags the chosen method accepts (given ones only; MergeLM CLI default: no rescale)."""
+    accepted = accepted_hyperparameters(args.merging_method_name, args.mask_apply_method)
+    hp = {}
+    for name in _HYPERPARAMETER_FLAGS:
+        value = getattr(args, name)
+        if name not in accepted or value is None:
+            continue
+        if name == "weight_mask_rate" and len(value) == 1:
+            value = value[0]
+        hp[name] = value
+    if "use_weight_rescale" in hp and not hp["use_weight_rescale"] and hp.get("mask_strategy", "random") == "random":
+        logger.warning("--use_weight_rescale not given: dropping without rescale (DropOnly), not DARE")
+    return hp
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    setup_logging(args.log_file)
+    logger.info("config: %s", vars(args))
+    summary = merge_checkpoints(
+        args.pretrained_model, args.finetuned_models, args.output_dir,
+        merging_method_name=args.merging_method_name, hyperparameters=hyperparameters_from_args(args),
+        exclude_param_names_regex=args.exclude_param_names_regex, dtype=args.dtype, device=args.device,
+        num_threads=args.num_threads, vocab_policy=args.vocab_policy, copy_config_from=args.copy_config_from,
+        overwrite=args.overwrite, resume=args.resume, strict=args.strict, max_shard_bytes=args.max_shard_size,
+        statistics_files=args.statistics_files, progress=not args.quiet,
+    )
+    print(f"merged {summary['tensors']} tensors, {summary['bytes'] / 1e9:.3f} GB in {summary['seconds']:.1f} s, "
+          f"peak RSS {summary['peak_rss_bytes'] / 1e9:.2f} GB -> {summary['output_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""``merge_config.json``: everything needed to redo a merge (inputs, method, hyperparameters, seed, versions).
+
+The record holds no timestamps, so two runs of the same merge (or a resumed one) write identical folders.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from merge_engine.shard_index import CheckpointIndex
+
+_PACKAGES = ("torch", "safetensors", "numpy", "transformers", "huggingface_hub")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict[str, Any]:
+    return {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES}, "git_commit": _git_commit()}
+
+
+def _describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:
+    files = {str(f.relative_to(folder)) if f.is_relative_to(folder) else str(f): f.stat().st_size
+             for f in index.files}
+    return {"name": label, "path": str(folder), "format": index.format, "num_tensors": len(index.tensors),
+            "files": files}
+
+
+def command_line(labels: Sequence[str], method: str, hyperparameters: Mapping[str, Any],
+                 exclude: Sequence[str], dtype: str | None, vocab_policy: str) -> str:
+    """The ``merge_checkpoints.py`` command that redoes the merge (output folder left as ``OUT``)."""
+    args = ["python", "merge_checkpoints.py", "--pretrained_model", labels[0], "--finetuned_models", *labels[1:],
+            "--merging_method_name", method]
+    for key, value in sorted(hyperparameters.items()):
+        if isinstance(value, bool):
+            args += [f"--{key}"] if value else ([f"--no_{key}"] if key == "use_weight_rescale" else [])
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            args += [f"--{key}", str(value)]
+    if exclude:
+        args += ["--exclude_param_names_regex", *exclude]
+    if dtype:
+        args += ["--dtype", dtype]
+    if vocab_policy != "error":
+        args += ["--vocab_policy", vocab_policy]
+    return shlex.join(args + ["--output_dir", "OUT"])
+
+
+def build_merge_record(labels: Sequence[str], dirs: Sequence[Path], indexes: Sequence[CheckpointIndex],
+                       method: str, hyperparameters: Mapping[str, Any], seed: int, exclude: Sequence[str],
+                       dtype: str | None, vocab_policy: str, copy_config_from: int, max_shard_bytes: int,
+                       statistics_files: Sequence[str] | None) -> dict[str, Any]:
+    """The ``merge_config.json`` content (also the fingerprint ``--resume`` compares)."""
+    described = [_describe_input(lab, d, i) for lab, d, i in zip(labels, dirs, indexes, strict=True)]
+    return {
+        "inputs": {"pretrained_model": labels[0], "finetuned_models": list(labels[1:]), "models": described},
+        "merging_method_name": method,
+        "hyperparameters": dict(hyperparameters),
+        "seed": seed,
+        "exclude_param_names_regex": list(exclude),
+        "dtype": dtype or "same as the pretrained model",
+        "vocab_policy": vocab_policy,
+        "copy_config_from": copy_config_from,
+        "max_shard_bytes": max_shard_bytes,
+        "statistics_files": [str(Path(f).resolve()) for f in statistics_files or []],
+        "command": command_line(labels, method, hyperparameters, exclude, dtype, vocab_policy),
+        "versions": versions(),
+    }

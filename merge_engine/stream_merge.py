@@ -1,0 +1,222 @@
+"""The streaming merge driver: ``merge_checkpoints`` (validate everything, then read -> merge -> write).
+
+Order of work:
+
+1. resolve and index every model (headers only), build the merge plan (the core validates hyperparameters),
+   check architectures, names, shapes, vocabularies, statistics files and the output location;
+2. run the whole-model statistics passes the plan needs (global TIES trim, Fisher norms);
+3. for each output tensor (or row chunk) in the base's storage order: read it from every model, call the
+   core's per-tensor step, cast, append it to the current output shard (written as it goes);
+4. write the index, config/tokenizer files, ``merge_config.json`` and the model card, then rename the work
+   folder to ``output_dir``.
+
+Peak memory is about ``(num_threads + 1) x (num_models + method temporaries) x`` the largest unit (a tensor,
+or a row chunk of ``chunk_numel`` elements), and never includes an output shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from merge_engine.global_statistics import run_global_passes
+from merge_engine.merge_record import build_merge_record
+from merge_engine.model_source import resolve_model_dir
+from merge_engine.output_folder import (
+    check_output_location,
+    copy_side_files,
+    prepare_work_dir,
+    publish,
+    write_model_card,
+)
+from merge_engine.pipeline import ordered_map
+from merge_engine.shard_index import CheckpointIndex, index_checkpoint
+from merge_engine.statistics_files import open_statistics
+from merge_engine.tensor_plan import TensorJob, build_tensor_jobs, check_architectures, parse_dtype, read_config
+from merge_engine.tensor_reader import TensorReader
+from merge_engine.tensor_task import UnitRunner, plan_units
+from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
+from merge_engine.vocab import VOCAB_POLICIES
+from model_merging_methods import build_merge_plan
+from model_merging_methods.task_vector import get_param_names_to_merge
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_CHUNK_NUMEL = 1 << 24
+
+
+def _check_options(vocab_policy: str, device: str, num_threads: int | None, num_models: int,
+                   copy_config_from: int) -> None:
+    if vocab_policy not in VOCAB_POLICIES:
+        raise ValueError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {vocab_policy!r}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be usable, got {device!r} but torch.cuda.is_available() is False; "
+                         "pass --device cpu or install a CUDA build of torch")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if not 0 <= copy_config_from <= num_models:
+        raise ValueError(f"copy_config_from must index [pretrained, *finetuned] (0..{num_models}), "
+                         f"got {copy_config_from}")
+
+
+def _index_models(models: Sequence[str]) -> tuple[list[Path], list[CheckpointIndex], list[dict]]:
+    dirs = [resolve_model_dir(m) for m in models]
+    indexes = [index_checkpoint(d) for d in dirs]
+    configs = [read_config(d) for d in dirs]
+    return dirs, indexes, configs
+
+
+def _merge_names(index: CheckpointIndex, exclude_param_names_regex: Sequence[str]) -> set[str]:
+    floating = [name for name, info in index.tensors.items() if info.dtype.is_floating_point]
+    return set(get_param_names_to_merge(floating, exclude_param_names_regex))
+
+
+def _config_updates(jobs: Sequence[TensorJob], config: dict, dtype: torch.dtype | None) -> dict[str, Any]:
+    updates: dict[str, Any] = {}
+    vocab_rows = {job.out_shape[0] for job in jobs if job.target_rows is not None}
+    if vocab_rows and "vocab_size" in config:
+        updates["vocab_size"] = max(vocab_rows)
+    if dtype is not None:
+        updates["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return updates
+
+
+def _stream_tensors(runner: UnitRunner, units, writer: ShardedWriter, done_names: set[str], *,
+                    num_workers: int, progress: bool) -> int:
+    """Merge and write every unit not already in a completed shard; returns the number of tensors written."""
+    todo = [u for u in units if u.job.name not in done_names]
+    written = 0
+    bar = tqdm(total=sum(1 for u in todo if u.last), desc="merging tensors", unit="tensor", disable=not progress)
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="merge") as pool:
+        for unit, tensor in ordered_map(runner.run, todo, pool, depth=num_workers + 1):
+            if unit.rows is None:
+                writer.write(unit.job.name, tensor)
+            else:
+                writer.write_chunk(unit.job.name, tensor, last=unit.last)
+            if unit.last:
+                written += 1
+                bar.update(1)
+    bar.close()
+    writer.close()
+    return written
+
+
+def _open_work(output_dir: Path, record: Mapping[str, Any], jobs: Sequence[TensorJob], max_shard_bytes: int,
+               overwrite: bool, resume: bool):
+    shards = plan_shards([OutputTensor(j.name, j.out_shape, j.out_dtype) for j in jobs], max_shard_bytes)
+    work = prepare_work_dir(output_dir, record, overwrite=overwrite, resume=resume)
+    complete = {s.file_name for s in shards if resume and shard_is_complete(work, s)}
+    if complete:
+        logger.info("resume: %d of %d shard(s) already written", len(complete), len(shards))
+    done_names = {t.name for s in shards if s.file_name in complete for t in s.tensors}
+    return shards, work, ShardedWriter(work, shards, skip=complete), done_names
+
+
+def _summary(tensors: int, writer: ShardedWriter, start: float, output_dir: Path) -> dict[str, Any]:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = {"tensors": tensors, "bytes": writer.bytes_written, "seconds": round(time.perf_counter() - start, 3),
+               "peak_rss_bytes": peak, "output_dir": str(output_dir)}
+    logger.info("merged %d tensors, wrote %.2f GB in %.1f s, peak RSS %.2f GB -> %s", tensors,
+                writer.bytes_written / 1e9, summary["seconds"], peak / 1e9, output_dir)
+    return summary
+
+
+def merge_checkpoints(
+    pretrained_model: str,
+    finetuned_models: Sequence[str],
+    output_dir: str,
+    *,
+    merging_method_name: str,
+    hyperparameters: Mapping[str, Any] | None = None,
+    exclude_param_names_regex: Sequence[str] = (),
+    dtype: str | None = None,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    vocab_policy: str = "error",
+    copy_config_from: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    strict: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    statistics_files: Sequence[str] | None = None,
+    progress: bool = True,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+) -> dict[str, Any]:
+    """Merge Hugging Face checkpoints tensor by tensor into a sharded safetensors folder.
+
+    The maths is ``model_merging_methods``' (the result equals ``merge_state_dicts`` on the same inputs, bit for
+    bit in float32); this function owns only reading, ordering, memory and writing.
+
+    Args:
+        pretrained_model: base model folder or hub id.
+        finetuned_models: fine-tuned model folders or hub ids (one model + ``mask_merging`` +
+            ``mask_apply_method="average_merging"`` is single-model DARE: ``base + DARE(delta)``).
+        output_dir: the merged model's folder (must not exist or be empty, unless ``overwrite``).
+        merging_method_name: a ``MERGING_METHOD_NAMES`` entry (MergeLM names).
+        hyperparameters: the method's (``scaling_coefficient``, ``param_value_mask_rate``, ``ties_trim_scope``,
+            ``mask_apply_method``, ``weight_mask_rate``, ``use_weight_rescale``, ``mask_strategy``,
+            ``weight_format``, ``seed``, ...); validated by ``build_merge_plan``.
+        exclude_param_names_regex: names matched (``re.match``) are copied from the base, not merged.
+        dtype: output dtype of floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps the base's.
+        device: where the maths runs (``cpu``, ``cuda``, ``cuda:1``); reads and writes stay on the CPU.
+        num_threads: worker threads (default: the CPU count; 2 with a GPU).
+        vocab_policy: ``error``, ``mergelm`` or ``base`` (see ``merge_engine.vocab``).
+        copy_config_from: index into ``[pretrained, *finetuned]`` of the model whose config, generation config
+            and tokenizer files are copied (0 = the base).
+        overwrite: replace a non-empty ``output_dir`` (at the very end) or discard an interrupted run.
+        resume: continue an interrupted run from its completed shards (same arguments required).
+        strict: NaN/Inf in an input tensor is an error instead of a warning.
+        max_shard_bytes: output shard size limit.
+        statistics_files: Fisher/RegMean statistics, one file per fine-tuned model.
+        progress: show tqdm bars.
+        chunk_numel: tensors above this many elements are merged in row chunks when the method allows it.
+    Returns:
+        Summary: ``tensors`` written, ``bytes`` written, ``seconds``, ``peak_rss_bytes``, ``output_dir``.
+    """
+    start = time.perf_counter()
+    hyperparameters = dict(hyperparameters or {})
+    plan = build_merge_plan(merging_method_name, len(finetuned_models), **hyperparameters)
+    _check_options(vocab_policy, device, num_threads, len(finetuned_models), copy_config_from)
+    out_dtype = parse_dtype(dtype)
+    statistics = open_statistics(statistics_files, statistics_kind=plan.statistics,
+                                 num_models=len(finetuned_models), method_name=plan.method.name)
+    labels = [pretrained_model, *finetuned_models]
+    dirs, indexes, configs = _index_models(labels)
+    output = Path(output_dir).expanduser().resolve()
+    check_output_location(output, dirs)
+    check_architectures(configs, labels)
+    jobs = build_tensor_jobs(indexes, labels, merge_names=_merge_names(indexes[0], exclude_param_names_regex),
+                             vocab_policy=vocab_policy, dtype=out_dtype)
+    units = plan_units(jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
+    readers = [TensorReader(index) for index in indexes]
+    runner = UnitRunner(plan, readers, labels, vocab_policy=vocab_policy, statistics=statistics, device=device,
+                        strict=strict)
+    record = build_merge_record(labels, dirs, indexes, merging_method_name, hyperparameters, plan.seed,
+                                exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
+                                statistics_files)
+    shards, work, writer, done_names = _open_work(output, record, jobs, max_shard_bytes, overwrite, resume)
+    num_workers = num_threads or (2 if runner.device.type == "cuda" else os.cpu_count() or 1)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1 if num_workers > 1 else torch_threads)  # parallelism comes from the workers
+    try:
+        run_global_passes(runner, units, progress=progress)
+        tensors = _stream_tensors(runner, units, writer, done_names, num_workers=num_workers, progress=progress)
+    finally:
+        torch.set_num_threads(torch_threads)
+        for reader in readers:
+            reader.close()
+    write_index(work, shards)
+    copy_side_files(work, dirs[copy_config_from], _config_updates(jobs, configs[copy_config_from], out_dtype))
+    write_model_card(work, record)
+    publish(work, output)
+    return _summary(tensors, writer, start, output)

@@ -1,0 +1,130 @@
+"""One unit of streamed work: read a tensor (or a block of its rows) from every model, merge it, cast it.
+
+The maths is the merging core's (``MergePlan.process_tensor``); this module only reads, aligns vocabulary
+rows, checks for non-finite values, moves data to the compute device and back, and casts to the output dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.tensor_plan import TensorJob
+from merge_engine.tensor_reader import TensorReader
+from merge_engine.vocab import align_rows
+from model_merging_methods.dare import MASK_BLOCK_SIZE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows ``[rows[0], rows[1])`` of ``job`` (``rows=None``: the whole tensor); ``last`` ends the tensor."""
+
+    job: TensorJob
+    rows: tuple[int, int] | None = None
+    last: bool = True
+
+    @property
+    def element_offset(self) -> int:
+        if self.rows is None:
+            return 0
+        row_numel = 1
+        for dim in self.job.out_shape[1:]:
+            row_numel *= dim
+        return self.rows[0] * row_numel
+
+
+def _rows_per_chunk(shape: tuple[int, ...], chunk_numel: int) -> int:
+    row_numel = max(1, torch.Size(shape[1:]).numel())
+    rows = max(1, chunk_numel // row_numel)
+    if row_numel <= MASK_BLOCK_SIZE and MASK_BLOCK_SIZE % row_numel == 0:
+        # chunk boundaries on DARE mask blocks: no block is drawn twice
+        step = MASK_BLOCK_SIZE // row_numel
+        rows = max(step, rows // step * step)
+    return rows
+
+
+def plan_units(jobs: Sequence[TensorJob], *, chunkable: bool, chunk_numel: int) -> list[WorkUnit]:
+    """Whole tensors, except merged tensors above ``chunk_numel`` elements when the plan allows row chunks.
+
+    Tensors whose vocabulary rows are aligned are never chunked (the ``mergelm`` policy needs the mean of all
+    rows).
+    """
+    units = []
+    for job in jobs:
+        numel = torch.Size(job.out_shape).numel()
+        if not (chunkable and job.merge and job.target_rows is None and len(job.out_shape) >= 1
+                and numel > chunk_numel):
+            units.append(WorkUnit(job))
+            continue
+        step = _rows_per_chunk(job.out_shape, chunk_numel)
+        starts = list(range(0, job.out_shape[0], step))
+        for start in starts:
+            units.append(WorkUnit(job, (start, min(start + step, job.out_shape[0])), start == starts[-1]))
+    return units
+
+
+class UnitRunner:
+    """Reads and merges work units; thread-safe (each reader serialises its own file access)."""
+
+    def __init__(self, plan, readers: Sequence[TensorReader], labels: Sequence[str], *, vocab_policy: str,
+                 statistics=None, device: str = "cpu", strict: bool = False) -> None:
+        self.plan = plan
+        self.readers = readers
+        self.labels = labels
+        self.vocab_policy = vocab_policy
+        self.statistics = statistics
+        self.device = torch.device(device)
+        self.strict = strict
+        self.global_state = None
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def read_inputs(self, unit: WorkUnit) -> list[torch.Tensor]:
+        """``[base, *finetuned]`` for the unit, vocabulary-aligned, checked for NaN/Inf."""
+        job = unit.job
+        tensors = [reader.read(src, unit.rows) for reader, src in zip(self.readers, job.sources, strict=True)]
+        if job.target_rows is not None:
+            base = align_rows(tensors[0], job.target_rows, self.vocab_policy)
+            tensors = [base] + [align_rows(t, job.target_rows, self.vocab_policy, base) for t in tensors[1:]]
+        if job.merge:
+            for label, tensor in zip(self.labels[1:], tensors[1:], strict=True):
+                self._check_finite(job.name, label, tensor)
+        return tensors
+
+    def _check_finite(self, name: str, label: str, tensor: torch.Tensor) -> None:
+        if bool(torch.isfinite(tensor).all()):
+            return
+        count = int((~torch.isfinite(tensor)).sum())
+        message = f"{label}: tensor {name!r} has {count} NaN/Inf value(s)"
+        if self.strict:
+            raise ValueError(f"{message}; fix the checkpoint or drop --strict to merge anyway")
+        with self._lock:
+            if (label, name) not in self._warned:
+                self._warned.add((label, name))
+                logger.warning("%s; they propagate into the merged tensor (pass --strict to stop)", message)
+
+    def statistics_for(self, unit: WorkUnit) -> list[torch.Tensor] | None:
+        stats = self.plan.statistics_for(unit.job.name, self.statistics)
+        if stats is not None and self.device.type != "cpu":
+            stats = [s.to(self.device) for s in stats]
+        return stats
+
+    def run(self, unit: WorkUnit, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The unit's output tensor, on the CPU, in the job's output dtype."""
+        job = unit.job
+        tensors = self.read_inputs(unit) if tensors is None else tensors
+        if not job.merge:
+            return tensors[0].to(job.out_dtype)
+        if self.device.type != "cpu":
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        merged = self.plan.process_tensor(
+            job.name, tensors[0], tensors[1:], statistics=self.statistics_for(unit),
+            global_state=self.global_state, element_offset=unit.element_offset,
+        )
+        return merged.to(job.out_dtype).cpu()
