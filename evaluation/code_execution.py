@@ -53,11 +53,11 @@ def _blocked(name):
         raise PermissionError(name + " is disabled in the sandbox")
     return blocked
 
-_OS_NAMES = """kill killpg system putenv unsetenv remove removedirs rmdir unlink rename renames replace truncate
+_OS_NAMES = """kill killpg system remove removedirs rmdir unlink rename renames replace truncate
 ftruncate chmod fchmod lchmod chown fchown lchown chflags lchflags chroot chdir fchdir link symlink mkfifo mknod
 fork forkpty vfork setsid setpgid setpgrp setuid setgid seteuid setegid setreuid setregid setresuid setresgid
 popen execl execle execlp execlpe execv execve execvp execvpe spawnl spawnle spawnlp spawnlpe spawnv spawnve
-spawnvp spawnvpe posix_spawn posix_spawnp _exit abort plock pidfd_open register_at_fork""".split()
+spawnvp spawnvpe posix_spawn posix_spawnp _exit abort plock pidfd_open""".split()
 
 def _guard(workdir):
     import posix, shutil, socket, _socket, subprocess
