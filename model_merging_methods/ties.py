@@ -110,18 +110,31 @@ class KthSmallestAbs:
         self.k = k
         self._histogram = torch.zeros(_BINS, dtype=torch.int64)
         self._high_bin: int | None = None
+        self._pending: list[Tensor] = []
+        self._pending_numel = 0
         self._rank_in_bin = 0
         self.value: float | None = None
 
     def update(self, pass_index: int, x: Tensor) -> None:
         bits = _abs_bits(x).cpu()
         if pass_index == 0:
-            self._histogram += torch.bincount((bits >> _HALF_BITS).long(), minlength=_BINS)
+            keys = bits >> _HALF_BITS
         else:
-            low = bits[(bits >> _HALF_BITS) == self._high_bin] & (_BINS - 1)
-            self._histogram += torch.bincount(low.long(), minlength=_BINS)
+            keys = bits[(bits >> _HALF_BITS) == self._high_bin] & (_BINS - 1)
+        # small tensors are buffered: one 65,536-bin bincount per tiny LayerNorm would dominate
+        self._pending.append(keys)
+        self._pending_numel += keys.numel()
+        if self._pending_numel >= _BINS * 16:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            keys = torch.cat(self._pending).long()
+            self._histogram += torch.bincount(keys, minlength=_BINS)
+        self._pending, self._pending_numel = [], 0
 
     def finish_pass(self, pass_index: int) -> None:
+        self._flush()
         cumulative = torch.cumsum(self._histogram, dim=0)
         if int(cumulative[-1]) < (self.k if pass_index == 0 else self._rank_in_bin):
             raise RuntimeError(f"k={self.k} exceeds the {int(cumulative[-1])} values seen")

@@ -66,15 +66,17 @@ def make_family(model_cls, config, num_finetuned: int = 2, delta_std: float = 0.
     return base, finetuned
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_bert_family():
+    """Shared across the session: do not modify the models in place."""
     from transformers import BertForSequenceClassification
 
     return make_family(BertForSequenceClassification, tiny_bert_config())
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_llama_family():
+    """Shared across the session: do not modify the models in place."""
     from transformers import LlamaForCausalLM
 
     return make_family(LlamaForCausalLM, tiny_llama_config())

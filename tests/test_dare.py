@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from model_merging_methods import apply_dare, merge_state_dicts
+from model_merging_methods.dare import (
+    MASK_BLOCK_SIZE,
+    drop_and_rescale,
+    magnitude_drop,
+    mask_tensor,
+    random_keep_mask,
+)
+
+
+def _dare(x, p, *, rescale=True, name="w", seed=0, model_index=0, offset=0):
+    return mask_tensor(x.clone(), drop_rate=p, use_weight_rescale=rescale, mask_strategy="random", seed=seed,
+                       model_index=model_index, name=name, element_offset=offset)
+
+
+def test_dare_kept_values_exact_and_dropped_exactly_zero():
+    delta = torch.linspace(-1.0, 1.0, 10_000)
+    out = _dare(delta, 0.9)
+    kept = out != 0
+    assert torch.equal(out[kept], delta[kept] / (1.0 - 0.9))
+    assert torch.all(out[~kept] == 0)
+
+
+def test_dare_ones_kept_are_ten_and_fraction_within_5_sigma():
+    n, p = 100_000, 0.9
+    out = _dare(torch.ones(n), p)
+    assert set(out.unique().tolist()) <= {0.0, 10.0}
+    kept = int((out != 0).sum())
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(kept - n * (1 - p)) < 5 * sigma
+    assert abs(out.mean().item() - 1.0) < 0.1
+
+
+def test_dare_drop_rate_half_doubles_survivors():
+    delta = torch.tensor([0.25, -0.5, 1.0, 3.0] * 64)
+    out = _dare(delta, 0.5)
+    kept = out != 0
+    assert torch.equal(out[kept], 2.0 * delta[kept])
+    assert 0 < kept.sum() < delta.numel()
+
+
+def test_dare_drop_rate_zero_is_identity():
+    delta = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_dare(delta, 0.0), delta)
+
+
+def test_drop_only_keeps_values_unscaled():
+    delta = torch.linspace(0.1, 1.0, 5000)
+    out = _dare(delta, 0.7, rescale=False)
+    kept = out != 0
+    assert torch.equal(out[kept], delta[kept])
+    assert torch.equal(_dare(delta, 0.7, rescale=True)[kept], delta[kept] / 0.3)  # same mask, rescaled
+
+
+def test_mask_depends_only_on_seed_model_and_name():
+    a = random_keep_mask(5000, 0.5, seed=3, model_index=1, name="layer.0.weight")
+    # unrelated masks drawn in between do not change it
+    random_keep_mask(777, 0.5, seed=3, model_index=1, name="other")
+    torch.manual_seed(1234)
+    b = random_keep_mask(5000, 0.5, seed=3, model_index=1, name="layer.0.weight")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, random_keep_mask(5000, 0.5, seed=4, model_index=1, name="layer.0.weight"))
+    assert not torch.equal(a, random_keep_mask(5000, 0.5, seed=3, model_index=0, name="layer.0.weight"))
+    assert not torch.equal(a, random_keep_mask(5000, 0.5, seed=3, model_index=1, name="layer.1.weight"))
+
+
+def test_mask_of_a_chunk_equals_the_slice_of_the_whole_mask():
+    n = MASK_BLOCK_SIZE * 2 + 123
+    whole = random_keep_mask(n, 0.3, seed=0, model_index=0, name="embed")
+    for start, stop in [(0, 10), (MASK_BLOCK_SIZE - 5, MASK_BLOCK_SIZE + 5), (n - 100, n), (17, n - 17)]:
+        chunk = random_keep_mask(stop - start, 0.3, seed=0, model_index=0, name="embed", element_offset=start)
+        assert torch.equal(chunk, whole[start:stop])
+
+
+def test_merge_masks_independent_of_visiting_order_and_other_tensors():
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.zeros(50) for n in ["a", "b", "c"]}
+    ft = [{n: torch.randn(50, generator=g) for n in base} for _ in range(2)]
+    hp = dict(mask_apply_method="task_arithmetic", weight_mask_rate=0.5, seed=7)
+    full = merge_state_dicts("mask_merging", base, ft, **hp)
+    reordered = merge_state_dicts("mask_merging", {n: base[n] for n in "cba"}, [{n: f[n] for n in "cba"} for f in ft],
+                                  **hp)
+    subset = merge_state_dicts("mask_merging", {"b": base["b"]}, [{"b": f["b"]} for f in ft], **hp)
+    for name in base:
+        assert torch.equal(full[name], reordered[name])
+    assert torch.equal(full["b"], subset["b"])
+
+
+def test_apply_dare_equals_model_preprocessing_inside_mask_merging():
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(300, generator=g)}
+    fts = [{"w": base["w"] + torch.randn(300, generator=g)} for _ in range(2)]
+    single = apply_dare(base, fts[1], weight_mask_rate=0.6, seed=5, model_index=1)
+    merged = merge_state_dicts("mask_merging", base, fts, mask_apply_method="task_arithmetic",
+                               weight_mask_rate=[0.0, 0.6], seed=5, scaling_coefficient=1.0)
+    # with model 0 undropped: merged = base + delta_0 + DARE(delta_1) = single + delta_0
+    torch.testing.assert_close(merged["w"], single["w"] + (fts[0]["w"] - base["w"]), rtol=0, atol=1e-6)
+
+
+def test_magnitude_drop_hand_computed():
+    x = torch.tensor([0.1, -0.4, 0.3, -0.2, 0.5, 0.0, -0.6, 0.05])
+    # k = int(8 * 0.5) = 4; sorted |x| = [0, .05, .1, .2, .3, .4, .5, .6] -> 4th = 0.2; drop |x| <= 0.2
+    out = magnitude_drop(x.clone(), drop_rate=0.5)
+    assert torch.equal(out, torch.tensor([0.0, -0.4, 0.3, 0.0, 0.5, 0.0, -0.6, 0.0]))
+    # with rescale: survivors / (1 - 0.5)
+    assert torch.equal(magnitude_drop(x.clone(), drop_rate=0.5, use_weight_rescale=True), out * 2)
+
+
+def test_magnitude_drop_ties_are_dropped():
+    x = torch.tensor([0.2, 0.2, 0.2, 0.9])
+    # k = int(4 * 0.25) = 1 -> 1st smallest = 0.2, every |x| <= 0.2 goes: 3 entries, not 1
+    assert torch.equal(magnitude_drop(x.clone(), drop_rate=0.25), torch.tensor([0.0, 0.0, 0.0, 0.9]))
+
+
+def test_magnitude_drop_k_zero_leaves_tensor_unchanged():
+    x = torch.tensor([0.3, -0.1])
+    assert torch.equal(magnitude_drop(x.clone(), drop_rate=0.4), x)  # int(2 * 0.4) = 0
+
+
+def test_finetuned_weight_format_masks_weights_not_deltas():
+    base = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+    ft = {"w": torch.tensor([0.1, -0.4, 0.3, -0.2])}
+    out = apply_dare(base, ft, weight_mask_rate=0.5, mask_strategy="magnitude", use_weight_rescale=False,
+                     weight_format="finetuned_weight")
+    # magnitude on the fine-tuned weights: k = 2, 2nd smallest |w| = 0.2 -> drop 0.1 and -0.2
+    # (computed as base + (masked - base): equal up to one float32 rounding)
+    torch.testing.assert_close(out["w"], torch.tensor([0.0, -0.4, 0.3, 0.0]), rtol=0, atol=1e-7)
+    assert out["w"][0] == 0 and out["w"][3] == 0
+    delta_out = apply_dare(base, ft, weight_mask_rate=0.5, mask_strategy="magnitude", use_weight_rescale=False)
+    # on deltas [-0.9, -1.4, -0.7, -1.2]: drop |d| <= 0.9 -> base + [0, -1.4, 0, -1.2]
+    torch.testing.assert_close(delta_out["w"], torch.tensor([1.0, -0.4, 1.0, -0.2]))
+
+
+def test_drop_and_rescale_in_place_with_given_mask():
+    delta = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = drop_and_rescale(delta, torch.tensor([True, False, True, False]), drop_rate=0.5)
+    assert torch.equal(out, torch.tensor([2.0, 0.0, 6.0, 0.0]))
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, 1.5, float("nan")])
+def test_bad_drop_rates_are_rejected(rate):
+    with pytest.raises(ValueError, match="weight_mask_rate must be in \\[0, 1\\)"):
+        apply_dare({"w": torch.zeros(2)}, {"w": torch.ones(2)}, weight_mask_rate=rate)
