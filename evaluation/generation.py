@@ -1,0 +1,490 @@
+"""Text generation for the LLM benchmarks: vLLM and Hugging Face backends behind one function.
+
+Decoding follows MergeLM (specification section 5): greedy at ``temperature=0``, ``top_p=1``, one completion per
+prompt, a ``max_tokens`` budget, and stop strings that end generation and are cut from the returned text (which
+never contains the prompt).
+
+* ``backend="vllm"``: one ``vllm.LLM`` engine per process, cached by model path; all prompts of a benchmark go
+  to ONE ``LLM.generate`` call. Asking for a second model in the same process is an error: MergeLM built one
+  engine per task in one process, which needs ``num_models x tensor_parallel_size`` GPUs and fails with vLLM's
+  "data parallel group is already initialized". Evaluate each model in its own process instead
+  (:func:`run_in_subprocess`, or ``python -m evaluation.generation --request request.json``).
+* ``backend="hf"``: ``model.generate`` in left-padded batches sorted by prompt length, stop strings checked on
+  the decoded tail of every row; runs on CPU.
+* ``backend="auto"``: vLLM when it is importable and CUDA is available, else Hugging Face.
+
+Incremental saving: :func:`generate_to_jsonl` appends one JSON line per finished example to a generations file
+and, with ``resume=True``, skips examples whose id already has a line (a truncated last line left by a killed
+run is dropped and regenerated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["vllm", "hf", "auto"]
+ResultCallback = Callable[[int, str], None]
+
+# One vLLM engine per process: (key, engine). Never replaced once set (see the module docstring).
+_VLLM_ENGINE: tuple[tuple[Any, ...], Any] | None = None
+# The last Hugging Face model used by generate(): (key, model, tokenizer), so GSM8K then MATH reuse it.
+_HF_MODEL: tuple[tuple[Any, ...], Any, Any] | None = None
+
+
+def vllm_available() -> bool:
+    """True when vLLM is importable and a CUDA device is visible (checked without importing vLLM)."""
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def resolve_backend(backend: str) -> Literal["vllm", "hf"]:
+    """``auto`` -> ``vllm`` when :func:`vllm_available`, else ``hf``; other names are checked and returned."""
+    if backend not in ("vllm", "hf", "auto"):
+        raise ValueError(f"backend must be one of vllm, hf, auto, got {backend!r}")
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend  # type: ignore[return-value]
+
+
+def _check_decoding_args(max_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}; use 0 for greedy decoding")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def generate(
+    prompts: Sequence[str],
+    *,
+    model_path: str,
+    backend: Backend = "auto",
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+    device: str | None = None,
+    gguf_file: str | None = None,
+    on_result: ResultCallback | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Generate one completion per prompt with vLLM or Hugging Face transformers.
+
+    Args:
+        prompts: the full prompt texts (templates already applied).
+        model_path: local folder, hub id, or ``.gguf`` file (see ``utils.model_loading.resolve_model``).
+        backend: ``vllm``, ``hf`` or ``auto`` (vLLM when importable and CUDA is available, else ``hf``).
+        max_tokens: maximum number of new tokens per prompt (MergeLM: 1024 GSM8K, 2048 others).
+        stop: stop strings; generation of a prompt ends at the first one, which is cut from the text.
+        temperature: 0 = greedy (MergeLM); > 0 samples.
+        top_p: nucleus sampling mass (MergeLM: 1); used only when sampling.
+        batch_size: prompts per ``model.generate`` call (``hf`` only; vLLM schedules all prompts itself).
+        tensor_parallel_size: GPUs per vLLM engine (``vllm`` only).
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``; ``auto`` keeps the checkpoint's dtype on GPU
+            (vLLM runs float32 checkpoints in half precision) and uses float32 on CPU.
+        device: torch device for ``hf`` (default ``cuda`` when available, else ``cpu``).
+        gguf_file: GGUF file name inside ``model_path`` (alternative to a ``.gguf`` ``model_path``).
+        on_result: called as ``on_result(index, text)`` as each prompt finishes (``index`` into ``prompts``).
+        progress: show a tqdm bar.
+    Returns:
+        The generated texts, in the order of ``prompts``, without the prompt and without stop strings.
+    """
+    _check_decoding_args(max_tokens, temperature, top_p, batch_size)
+    if not prompts:
+        return []
+    kwargs = dict(max_tokens=max_tokens, stop=stop, temperature=temperature, top_p=top_p, on_result=on_result)
+    if resolve_backend(backend) == "vllm":
+        engine = get_vllm_engine(
+            model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, gguf_file=gguf_file
+        )
+        return generate_vllm(engine, prompts, progress=progress, **kwargs)
+    model, tokenizer = _get_hf_model(model_path, gguf_file=gguf_file, dtype=dtype, device=device)
+    return generate_hf(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face backend
+
+
+def _get_hf_model(model_path: str, *, gguf_file: str | None, dtype: str, device: str | None) -> tuple[Any, Any]:
+    """Load (or reuse the last loaded) model + tokenizer; only one model is kept in memory."""
+    global _HF_MODEL
+    import torch
+
+    from utils.model_loading import load_causal_lm_for_generation
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (model_path, gguf_file, dtype, device)
+    if _HF_MODEL is None or _HF_MODEL[0] != key:
+        _HF_MODEL = None  # free the previous model before loading the next one
+        model, tokenizer = load_causal_lm_for_generation(model_path, gguf_file=gguf_file, dtype=dtype, device=device)
+        _HF_MODEL = (key, model, tokenizer)
+    return _HF_MODEL[1], _HF_MODEL[2]
+
+
+def release_hf_model() -> None:
+    """Drop the cached Hugging Face model (the next :func:`generate` call loads again)."""
+    global _HF_MODEL
+    _HF_MODEL = None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        position = text.find(s)
+        if position != -1:
+            cut = min(cut, position)
+    return text[:cut]
+
+
+def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_length: int) -> Any:
+    """A StoppingCriteria that marks a row done once its decoded generated tail contains a stop string."""
+    import torch
+    from transformers import StoppingCriteria
+
+    # a token decodes to at least one character except special tokens, so this many tokens cover any stop string
+    lookback = max(len(s) for s in stop) + 8
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            tails = tokenizer.batch_decode(input_ids[:, prompt_length:][:, -lookback:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in tails], device=input_ids.device)
+
+    return StopOnStrings()
+
+
+def _decode_generated(tokenizer: Any, prompt_ids: Any, new_ids: Any) -> str:
+    """Decode new tokens the way vLLM detokenizes: in the context of the prompt's last tokens.
+
+    Decoding the new tokens alone drops the leading space of a SentencePiece word-start token (``▁The`` ->
+    ``The``); vLLM keeps it. Decode ``prompt tail + new`` and remove the decoded prompt tail instead.
+    """
+    context = prompt_ids[-4:].tolist()
+    new = new_ids.tolist()
+    prefix = tokenizer.decode(context, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    full = tokenizer.decode(context + new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if full.startswith(prefix):
+        return full[len(prefix) :]
+    return tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _generate_hf_batch(model: Any, tokenizer: Any, batch: Sequence[str], gen_kwargs: Mapping[str, Any]) -> list[Any]:
+    """``(prompt_ids, new_ids)`` per row of one left-padded batch (finished rows are right-filled with pad)."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    encoded = tokenizer(list(batch), return_tensors="pt", padding=True).to(model.device)
+    prompt_length = encoded["input_ids"].shape[1]
+    kwargs = {k: v for k, v in gen_kwargs.items() if k != "stop"}
+    if gen_kwargs["stop"]:
+        criteria = _stop_criteria(tokenizer, gen_kwargs["stop"], prompt_length)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
+    with torch.inference_mode():
+        output = model.generate(**encoded, **kwargs)
+    return list(zip(encoded["input_ids"].cpu(), output[:, prompt_length:].cpu(), strict=True))
+
+
+def generate_hf(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    on_result: ResultCallback | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Batched ``model.generate`` over already-loaded objects (e.g. a model masked with DARE in memory).
+
+    Prompts are sorted by token length (longest first, so memory problems show up in the first batch), left
+    padded, generated greedily (``temperature == 0``) and returned in the original order. Arguments as in
+    :func:`generate`; ``tokenizer`` needs a pad token (``load_tokenizer_for_generation`` sets one).
+    """
+    from tqdm.auto import tqdm
+
+    _check_decoding_args(max_tokens, temperature, top_p, batch_size)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer must have a pad token, got None; use load_tokenizer_for_generation()")
+    tokenizer.padding_side = "left"
+    gen_kwargs = _hf_generation_kwargs(model, tokenizer, max_tokens, temperature, top_p, stop)
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    results: list[str | None] = [None] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for indices in tqdm(batches, desc="generate (hf)", unit="batch", disable=not progress):
+        rows = _generate_hf_batch(model, tokenizer, [prompts[i] for i in indices], gen_kwargs)
+        for index, (prompt_ids, new_ids) in zip(indices, rows, strict=True):
+            # pad and eos are special tokens: skip_special_tokens drops the fill after a finished row
+            results[index] = cut_at_stop(_decode_generated(tokenizer, prompt_ids, new_ids), stop)
+            if on_result is not None:
+                on_result(index, results[index])
+    return [r if r is not None else "" for r in results]
+
+
+def _hf_generation_kwargs(
+    model: Any, tokenizer: Any, max_tokens: int, temperature: float, top_p: float, stop: Sequence[str]
+) -> dict[str, Any]:
+    eos = model.generation_config.eos_token_id
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": eos if eos is not None else tokenizer.eos_token_id,
+        "stop": tuple(stop),
+    }
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM backend
+
+
+def get_vllm_engine(
+    model_path: str, *, tensor_parallel_size: int = 1, dtype: str = "auto", gguf_file: str | None = None
+) -> Any:
+    """The process's single ``vllm.LLM`` engine, created on first use.
+
+    Raises:
+        ValueError: an engine for a different model (or settings) already exists in this process; vLLM cannot
+            host two engines in one process, so run each model in its own process (:func:`run_in_subprocess`).
+    """
+    global _VLLM_ENGINE
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    model = os.path.join(model_path, gguf_file) if gguf_file else model_path
+    key = (model, tensor_parallel_size, dtype)
+    if _VLLM_ENGINE is not None:
+        if _VLLM_ENGINE[0] != key:
+            raise ValueError(
+                f"this process already holds a vLLM engine for {_VLLM_ENGINE[0]}, got a request for {key}; "
+                "vLLM cannot run two engines in one process: evaluate each model in its own process with "
+                "evaluation.generation.run_in_subprocess(...) or `python -m evaluation.generation --request ...`"
+            )
+        return _VLLM_ENGINE[1]
+    from vllm import LLM  # imported lazily: vLLM initialises CUDA on import
+
+    logger.info(
+        "creating the vLLM engine for %s (tensor_parallel_size=%d, dtype=%s)", model, tensor_parallel_size, dtype
+    )
+    engine = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=0)
+    _VLLM_ENGINE = (key, engine)
+    return engine
+
+
+def generate_vllm(
+    engine: Any,
+    prompts: Sequence[str],
+    *,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_result: ResultCallback | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """All prompts in ONE ``engine.generate`` call (vLLM batches internally); texts in prompt order."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=list(stop) or None)
+    outputs = engine.generate(list(prompts), params, use_tqdm=progress)
+    texts = [output.outputs[0].text for output in outputs]
+    if on_result is not None:
+        for index, text in enumerate(texts):
+            on_result(index, text)
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generations files: one JSON line per finished example, with resume
+
+
+def read_generations(path: str | os.PathLike) -> tuple[dict[Any, dict[str, Any]], int]:
+    """Records of a generations JSONL file by id, and the byte length of its valid part.
+
+    A last line without a newline or not valid JSON (a run killed mid-write) is ignored; its bytes are not
+    counted, so the caller can truncate the file there. A broken line before the last one is an error.
+    """
+    records: dict[Any, dict[str, Any]] = {}
+    valid_bytes = 0
+    if not os.path.exists(path):
+        return records, 0
+    with open(path, "rb") as handle:
+        lines = handle.readlines()
+    for number, raw in enumerate(lines, start=1):
+        is_last = number == len(lines)
+        try:
+            record = json.loads(raw) if raw.endswith(b"\n") or not is_last else None
+        except json.JSONDecodeError as error:
+            if not is_last:
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON ({error}); delete the file to start over"
+                ) from error
+            record = None
+        if record is None:
+            logger.warning("%s: ignoring a truncated last line (%d bytes)", path, len(raw))
+            break
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f"{path}: line {number} must be a JSON object with an 'id', got {raw[:80]!r}")
+        records[record["id"]] = record
+        valid_bytes += len(raw)
+    return records, valid_bytes
+
+
+def _check_examples(examples: Sequence[Mapping[str, Any]]) -> None:
+    seen: set[Any] = set()
+    for example in examples:
+        if "id" not in example or "prompt" not in example:
+            raise ValueError(f"each example needs 'id' and 'prompt' keys, got keys {sorted(example)}")
+        if not isinstance(example["id"], (str, int)) or isinstance(example["id"], bool):
+            raise ValueError(f"example ids must be str or int (they are JSON keys), got {example['id']!r}")
+        if example["id"] in seen:
+            raise ValueError(f"example ids must be unique, got {example['id']!r} twice")
+        seen.add(example["id"])
+
+
+def _check_resumed(path: str | os.PathLike, examples: Sequence[Mapping[str, Any]], done: Mapping[Any, Any]) -> None:
+    for example in examples:
+        record = done.get(example["id"])
+        if record is not None and record.get("prompt") != example["prompt"]:
+            raise ValueError(
+                f"{path}: id {example['id']!r} was generated from a different prompt; the file belongs to another "
+                "configuration, delete it or write to a new file"
+            )
+
+
+def generate_to_jsonl(
+    examples: Sequence[Mapping[str, Any]],
+    generations_path: str | os.PathLike,
+    *,
+    resume: bool = True,
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Generate for ``examples`` and append one JSON line per finished example to ``generations_path``.
+
+    Args:
+        examples: dicts with a unique ``id`` (str or int) and a ``prompt``; any other keys are copied into the
+            line, which also gets ``completion``.
+        generations_path: the JSONL file (created with its folder if missing).
+        resume: keep lines already in the file and generate only the missing ids (a truncated last line is
+            dropped); with ``False`` an existing file is replaced.
+        **generate_kwargs: passed to :func:`generate` (``model_path``, ``backend``, ``max_tokens``, ``stop``, ...).
+    Returns:
+        One record per example, in the order of ``examples``.
+    """
+    _check_examples(examples)
+    path = Path(generations_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done, valid_bytes = read_generations(path) if resume else ({}, 0)
+    _check_resumed(path, examples, done)
+    todo = [example for example in examples if example["id"] not in done]
+    logger.info(
+        "%s: %d of %d examples already generated, %d to go", path, len(examples) - len(todo), len(examples), len(todo)
+    )
+    with open(path, "r+b" if path.exists() else "wb") as handle:
+        handle.truncate(valid_bytes)  # drops a truncated last line, or everything when not resuming
+
+    with open(path, "a", encoding="utf-8") as handle:
+
+        def write(index: int, text: str) -> None:
+            record = {**todo[index], "completion": text}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            done[record["id"]] = record
+
+        if todo:
+            generate([example["prompt"] for example in todo], on_result=write, **generate_kwargs)
+    return [done[example["id"]] for example in examples]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One engine per process: run a generation job in a fresh Python process
+
+
+def run_in_subprocess(
+    examples: Sequence[Mapping[str, Any]],
+    generations_path: str | os.PathLike,
+    *,
+    resume: bool = True,
+    timeout_s: float | None = None,
+    python: str = sys.executable,
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`generate_to_jsonl` in a fresh Python process, so each model gets its own vLLM engine and GPUs.
+
+    The child writes the generations file incrementally; when it fails or is killed, what it finished stays in
+    the file and a later call with ``resume=True`` continues from there. ``on_result`` cannot cross processes.
+
+    Raises:
+        RuntimeError: the child exited with a non-zero status.
+    """
+    if "on_result" in generate_kwargs:
+        raise ValueError("on_result cannot be used with run_in_subprocess; read the generations file instead")
+    request = {
+        "examples": [dict(e) for e in examples],
+        "generations_path": os.path.abspath(generations_path),
+        "resume": resume,
+        "generate": generate_kwargs,
+    }
+    repo_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="generation-request-") as tmp:
+        request_path = Path(tmp, "request.json")
+        request_path.write_text(json.dumps(request), encoding="utf-8")
+        command = [python, "-m", "evaluation.generation", "--request", str(request_path)]
+        completed = subprocess.run(command, cwd=repo_root, env=env, timeout=timeout_s, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"generation subprocess for {generate_kwargs.get('model_path')} exited with status {completed.returncode} "
+            f"(its log is above); finished examples are kept in {generations_path}, rerun with resume=True"
+        )
+    records, _ = read_generations(generations_path)
+    return [records[example["id"]] for example in examples]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m evaluation.generation --request request.json``.
+
+    ``request.json`` = ``{"examples": [{"id", "prompt", ...}], "generations_path": str, "resume": bool,
+    "generate": {keyword arguments of generate(), e.g. "model_path", "backend", "max_tokens", "stop"}}``.
+    """
+    from utils.logging_setup import setup_logging
+
+    parser = argparse.ArgumentParser(description="Generate completions for one model in this process.")
+    parser.add_argument("--request", required=True, help="JSON request file (see evaluation.generation.main)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    request = json.loads(Path(args.request).read_text(encoding="utf-8"))
+    generate_to_jsonl(
+        request["examples"], request["generations_path"], resume=request.get("resume", True), **request["generate"]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

