@@ -12,8 +12,9 @@ Reproducible randomness by construction
 ---------------------------------------
 The random mask of a tensor is a pure function of ``(seed, model_index, parameter name)`` and the element
 position: elements are grouped in blocks of 2**20, block ``b`` draws 32-bit integers from a NumPy PCG64
-stream seeded by ``SeedSequence([seed, model_index, blake2b64(name), b])``, and element ``j`` is dropped when
-its integer is below ``round(p * 2**32)`` (drop probability exact to 2**-33). Masks therefore do not depend on
+stream seeded by ``SeedSequence([seed, model_index, blake2b64(name), b, stream])``, and element ``j`` is dropped when
+a uniform 32-bit integer drawn for it is below ``round(p * 2**32)`` (drop probability exact to 2**-33;
+see ``_block_keep_flags`` for how the integer is drawn a byte first). Masks therefore do not depend on
 the order tensors are visited, on thread counts, on the device, on which other tensors exist, or on
 whether a tensor is processed whole or in row chunks (``element_offset``). They differ from MergeLM's
 masks, which come from one global ``torch.bernoulli`` stream and change with any of those.
@@ -45,9 +46,49 @@ def drop_threshold(drop_rate: float) -> int:
     return min(round(drop_rate * _TWO_POW_32), _TWO_POW_32 - 1)
 
 
-def _block_uint32(seed: int, model_index: int, name_key: int, block: int, count: int) -> np.ndarray:
-    sequence = np.random.SeedSequence([seed, model_index, name_key, block])
-    return np.random.Generator(np.random.PCG64(sequence)).integers(0, _TWO_POW_32, size=count, dtype=np.uint32)
+def _block_generator(seed: int, model_index: int, name_key: int, block: int, stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, model_index, name_key, block, stream])))
+
+
+def _block_keep_flags(seed: int, model_index: int, name_key: int, block: int, count: int, threshold: int):
+    """Keep flags of the first ``count`` elements of a block: ``u32 >= threshold`` for uniform 32-bit ``u32``.
+
+    Bytes are four times cheaper to draw than 32-bit integers, so ``u32``'s top byte is drawn first (stream 0)
+    and decides 255 of 256 elements; only where it equals the threshold's top byte are the low 24 bits drawn
+    (stream 1, in element order). The result is exactly ``P(drop) = threshold / 2**32`` and each element's flag
+    does not depend on ``count``.
+    """
+    top = _block_generator(seed, model_index, name_key, block, 0).integers(0, 256, size=count, dtype=np.uint8)
+    threshold_top = np.uint8(threshold >> 24)
+    keep = top > threshold_top
+    undecided = np.flatnonzero(top == threshold_top)
+    if undecided.size:
+        low = _block_generator(seed, model_index, name_key, block, 1).integers(
+            0, 1 << 24, size=undecided.size, dtype=np.uint32
+        )
+        keep[undecided] = low >= (threshold & 0xFFFFFF)
+    return keep
+
+
+def _keep_flag_blocks(numel: int, drop_rate: float, seed: int, model_index: int, name: str, element_offset: int):
+    """Yield ``(lo, hi, keep flags)`` for consecutive slices of ``[0, numel)`` (one per 2**20-element block)."""
+    threshold = drop_threshold(drop_rate)
+    name_key = name_hash(name)
+    start, stop = element_offset, element_offset + numel
+    for block in range(start // MASK_BLOCK_SIZE, (stop - 1) // MASK_BLOCK_SIZE + 1):
+        block_start = block * MASK_BLOCK_SIZE
+        lo, hi = max(start, block_start), min(stop, block_start + MASK_BLOCK_SIZE)
+        flags = _block_keep_flags(seed, model_index, name_key, block, hi - block_start, threshold)
+        yield lo - start, hi - start, flags[lo - block_start :]
+
+
+def _random_keep_flags(numel: int, drop_rate: float, seed: int, model_index: int, name: str, element_offset: int):
+    keep = np.ones(numel, dtype=bool)
+    if drop_threshold(drop_rate) == 0 or numel == 0:
+        return keep
+    for lo, hi, flags in _keep_flag_blocks(numel, drop_rate, seed, model_index, name, element_offset):
+        keep[lo:hi] = flags
+    return keep
 
 
 def random_keep_mask(
@@ -58,18 +99,7 @@ def random_keep_mask(
     Each element is dropped with probability ``drop_rate``; the mask depends only on
     ``(seed, model_index, name, element position)`` (see the module docstring).
     """
-    keep = np.ones(numel, dtype=bool)
-    threshold = drop_threshold(drop_rate)
-    if threshold == 0 or numel == 0:
-        return torch.from_numpy(keep)
-    name_key = name_hash(name)
-    start, stop = element_offset, element_offset + numel
-    for block in range(start // MASK_BLOCK_SIZE, (stop - 1) // MASK_BLOCK_SIZE + 1):
-        block_start = block * MASK_BLOCK_SIZE
-        lo, hi = max(start, block_start), min(stop, block_start + MASK_BLOCK_SIZE)
-        draws = _block_uint32(seed, model_index, name_key, block, hi - block_start)
-        np.greater_equal(draws[lo - block_start :], np.uint32(threshold), out=keep[lo - start : hi - start])
-    return torch.from_numpy(keep)
+    return torch.from_numpy(_random_keep_flags(numel, drop_rate, seed, model_index, name, element_offset))
 
 
 def drop_and_rescale(
@@ -133,7 +163,15 @@ def mask_tensor(
         if element_offset:
             raise RuntimeError("magnitude masking needs the whole tensor, not a chunk")
         return magnitude_drop(tensor, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
-    keep = random_keep_mask(
-        tensor.numel(), drop_rate, seed=seed, model_index=model_index, name=name, element_offset=element_offset
-    )
-    return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != torch.float32:
+        keep = random_keep_mask(tensor.numel(), drop_rate, seed=seed, model_index=model_index, name=name,
+                                element_offset=element_offset)
+        return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
+    flat = tensor.view(-1).numpy()
+    # block by block, so the draws, flags and delta slice stay in cache; x * keep as MergeLM's x * (1 - mask)
+    for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
+        part = flat[lo:hi]
+        np.multiply(part, flags, out=part)
+        if use_weight_rescale:
+            np.divide(part, np.float32(1.0 - drop_rate), out=part)
+    return tensor
