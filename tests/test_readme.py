@@ -1,0 +1,29 @@
+"""The README's Python examples run as written, and its set-up/test commands are what CI runs."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO_ROOT
+
+
+def _blocks(language: str) -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_examples_run():
+    blocks = _blocks("python")
+    assert len(blocks) >= 2
+    for block in blocks:
+        if "# not run in tests" in block:
+            continue
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_readme_setup_and_test_commands():
+    ci = (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [line.strip() for block in _blocks("bash")[:2] for line in block.splitlines() if line.strip()]
+    assert commands, "README has no set-up/test block"
+    for command in commands:
+        assert command in ci, f"README command not run by .ci/run: {command}"
