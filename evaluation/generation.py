@@ -324,8 +324,10 @@ def generate_vllm(
 # Generations files: one JSON line per finished example, with resume
 
 
-def read_generations(path: str | os.PathLike) -> tuple[dict[Any, dict[str, Any]], int]:
-    """Records of a generations JSONL file by id, and the byte length of its valid part.
+def load_finished_generations(
+    path: str | os.PathLike, *, id_field: str = "id"
+) -> tuple[dict[Any, dict[str, Any]], int]:
+    """Records of a generations JSONL file by ``record[id_field]``, and the byte length of its valid part.
 
     A last line without a newline or not valid JSON (a run killed mid-write) is ignored; its bytes are not
     counted, so the caller can truncate the file there. A broken line before the last one is an error.
@@ -349,32 +351,35 @@ def read_generations(path: str | os.PathLike) -> tuple[dict[Any, dict[str, Any]]
         if record is None:
             logger.warning("%s: ignoring a truncated last line (%d bytes)", path, len(raw))
             break
-        if not isinstance(record, dict) or "id" not in record:
-            raise ValueError(f"{path}: line {number} must be a JSON object with an 'id', got {raw[:80]!r}")
-        records[record["id"]] = record
+        if not isinstance(record, dict) or id_field not in record:
+            raise ValueError(f"{path}: line {number} must be a JSON object with {id_field!r}, got {raw[:80]!r}")
+        records[record[id_field]] = record
         valid_bytes += len(raw)
     return records, valid_bytes
 
 
-def _check_examples(examples: Sequence[Mapping[str, Any]]) -> None:
+def _check_examples(examples: Sequence[Mapping[str, Any]], id_field: str) -> None:
     seen: set[Any] = set()
     for example in examples:
-        if "id" not in example or "prompt" not in example:
-            raise ValueError(f"each example needs 'id' and 'prompt' keys, got keys {sorted(example)}")
-        if not isinstance(example["id"], (str, int)) or isinstance(example["id"], bool):
-            raise ValueError(f"example ids must be str or int (they are JSON keys), got {example['id']!r}")
-        if example["id"] in seen:
-            raise ValueError(f"example ids must be unique, got {example['id']!r} twice")
-        seen.add(example["id"])
+        if id_field not in example or "prompt" not in example:
+            raise ValueError(f"each example needs {id_field!r} and 'prompt' keys, got keys {sorted(example)}")
+        key = example[id_field]
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise ValueError(f"example {id_field} values must be str or int (JSON round-trips them), got {key!r}")
+        if key in seen:
+            raise ValueError(f"example {id_field} values must be unique, got {key!r} twice")
+        seen.add(key)
 
 
-def _check_resumed(path: str | os.PathLike, examples: Sequence[Mapping[str, Any]], done: Mapping[Any, Any]) -> None:
+def _check_resumed(
+    path: str | os.PathLike, examples: Sequence[Mapping[str, Any]], done: Mapping[Any, Any], id_field: str
+) -> None:
     for example in examples:
-        record = done.get(example["id"])
+        record = done.get(example[id_field])
         if record is not None and record.get("prompt") != example["prompt"]:
             raise ValueError(
-                f"{path}: id {example['id']!r} was generated from a different prompt; the file belongs to another "
-                "configuration, delete it or write to a new file"
+                f"{path}: {id_field} {example[id_field]!r} was generated from a different prompt; the file belongs "
+                "to another configuration, delete it or write to a new file"
             )
 
 
@@ -383,26 +388,29 @@ def generate_to_jsonl(
     generations_path: str | os.PathLike,
     *,
     resume: bool = True,
+    id_field: str = "id",
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Generate for ``examples`` and append one JSON line per finished example to ``generations_path``.
 
     Args:
-        examples: dicts with a unique ``id`` (str or int) and a ``prompt``; any other keys are copied into the
-            line, which also gets ``completion``.
+        examples: dicts with a unique id (str or int) under ``id_field`` and a ``prompt``; all keys are copied
+            into the line, which also gets ``completion``.
         generations_path: the JSONL file (created with its folder if missing).
         resume: keep lines already in the file and generate only the missing ids (a truncated last line is
             dropped); with ``False`` an existing file is replaced.
+        id_field: key of the example id; ``evaluation.tasks`` uses ``idx`` (gsm8k, MATH) and ``task_id`` (code),
+            which makes the file readable by ``evaluation.generations_file.read_generations``.
         **generate_kwargs: passed to :func:`generate` (``model_path``, ``backend``, ``max_tokens``, ``stop``, ...).
     Returns:
         One record per example, in the order of ``examples``.
     """
-    _check_examples(examples)
+    _check_examples(examples, id_field)
     path = Path(generations_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done, valid_bytes = read_generations(path) if resume else ({}, 0)
-    _check_resumed(path, examples, done)
-    todo = [example for example in examples if example["id"] not in done]
+    done, valid_bytes = load_finished_generations(path, id_field=id_field) if resume else ({}, 0)
+    _check_resumed(path, examples, done, id_field)
+    todo = [example for example in examples if example[id_field] not in done]
     logger.info(
         "%s: %d of %d examples already generated, %d to go", path, len(examples) - len(todo), len(examples), len(todo)
     )
@@ -415,11 +423,11 @@ def generate_to_jsonl(
             record = {**todo[index], "completion": text}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
-            done[record["id"]] = record
+            done[record[id_field]] = record
 
         if todo:
             generate([example["prompt"] for example in todo], on_result=write, **generate_kwargs)
-    return [done[example["id"]] for example in examples]
+    return [done[example[id_field]] for example in examples]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,6 +439,7 @@ def run_in_subprocess(
     generations_path: str | os.PathLike,
     *,
     resume: bool = True,
+    id_field: str = "id",
     timeout_s: float | None = None,
     python: str = sys.executable,
     **generate_kwargs: Any,
@@ -449,6 +458,7 @@ def run_in_subprocess(
         "examples": [dict(e) for e in examples],
         "generations_path": os.path.abspath(generations_path),
         "resume": resume,
+        "id_field": id_field,
         "generate": generate_kwargs,
     }
     repo_root = str(Path(__file__).resolve().parents[1])
@@ -463,15 +473,16 @@ def run_in_subprocess(
             f"generation subprocess for {generate_kwargs.get('model_path')} exited with status {completed.returncode} "
             f"(its log is above); finished examples are kept in {generations_path}, rerun with resume=True"
         )
-    records, _ = read_generations(generations_path)
-    return [records[example["id"]] for example in examples]
+    records, _ = load_finished_generations(generations_path, id_field=id_field)
+    return [records[example[id_field]] for example in examples]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m evaluation.generation --request request.json``.
 
     ``request.json`` = ``{"examples": [{"id", "prompt", ...}], "generations_path": str, "resume": bool,
-    "generate": {keyword arguments of generate(), e.g. "model_path", "backend", "max_tokens", "stop"}}``.
+    "id_field": str (default "id"), "generate": {keyword arguments of generate(): "model_path", "backend",
+    "max_tokens", "stop", ...}}``.
     """
     from utils.logging_setup import setup_logging
 
@@ -481,7 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     request = json.loads(Path(args.request).read_text(encoding="utf-8"))
     generate_to_jsonl(
-        request["examples"], request["generations_path"], resume=request.get("resume", True), **request["generate"]
+        request["examples"],
+        request["generations_path"],
+        resume=request.get("resume", True),
+        id_field=request.get("id_field", "id"),
+        **request["generate"],
     )
     return 0
 

@@ -16,7 +16,7 @@ from evaluation.generation import (
     generate,
     generate_to_jsonl,
     get_vllm_engine,
-    read_generations,
+    load_finished_generations,
     resolve_backend,
     run_in_subprocess,
     vllm_available,
@@ -66,10 +66,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_model_cache():
+def _fresh_model_cache_one_thread(monkeypatch):
+    # one intra-op thread: on a shared 2-core machine, 2 spinning threads per process run ~4x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     generation.release_hf_model()
     yield
     generation.release_hf_model()
+    torch.set_num_threads(threads)
 
 
 def _hf(prompts, model_dir, **kwargs):
@@ -187,7 +192,7 @@ def test_without_resume_the_file_is_replaced(tmp_path, monkeypatch):
     monkeypatch.setattr(generation, "generate", _fake_generate(calls))
     records = generate_to_jsonl(_examples(2), path, resume=False, model_path="unused", max_tokens=4)
     assert calls == [["prompt 0", "prompt 1"]] and records[0]["completion"] == "gen:prompt 0"
-    assert len(read_generations(path)[0]) == 2
+    assert len(load_finished_generations(path)[0]) == 2
 
 
 def test_resume_refuses_a_file_made_from_other_prompts(tmp_path):
@@ -201,7 +206,7 @@ def test_a_broken_line_before_the_last_is_an_error(tmp_path):
     path = tmp_path / "g.jsonl"
     path.write_text('{"id": 0, "prom\n' + json.dumps({"id": 1, "completion": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
-        read_generations(path)
+        load_finished_generations(path)
 
 
 def test_example_ids_must_be_unique(tmp_path):
@@ -210,10 +215,13 @@ def test_example_ids_must_be_unique(tmp_path):
 
 
 def test_generate_to_jsonl_with_the_tiny_model_matches_generate(tiny_model_dir, tmp_path):
-    examples = [{"id": f"ex{i}", "prompt": p} for i, p in enumerate(PROMPTS[:3])]
+    examples = [{"task_id": f"HumanEval/{i}", "prompt": p} for i, p in enumerate(PROMPTS[:3])]
     kwargs = dict(model_path=tiny_model_dir, backend="hf", max_tokens=6, device="cpu", progress=False)
-    records = generate_to_jsonl(examples, tmp_path / "g.jsonl", **kwargs)
+    records = generate_to_jsonl(examples, tmp_path / "g.jsonl", id_field="task_id", **kwargs)
     assert [r["completion"] for r in records] == generate(PROMPTS[:3], **kwargs)
+    lines = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()]
+    # lines are appended as examples finish (longest prompts first), not in input order
+    assert sorted(line["task_id"] for line in lines) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
 
 
 @pytest.mark.slow
