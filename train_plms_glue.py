@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from utils.encoder_models import device_for
 from utils.glue_data import GLUE_TASK_NAMES
 from utils.glue_finetune import GlueTrainConfig, config_record, run_glue_training
 from utils.logging_setup import setup_logging
@@ -53,12 +54,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _device(gpu: int) -> str:
-    import torch
-
-    return f"cuda:{gpu}" if gpu >= 0 and torch.cuda.is_available() else "cpu"
-
-
 def run_one(config: GlueTrainConfig, output_dir: str, *, overwrite: bool, argv: Sequence[str]) -> dict[str, Any]:
     """Train one run, or read its metrics when it already finished and ``overwrite`` is off."""
     run_dir = config.run_dir(output_dir)
@@ -90,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_length=args.max_seq_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
             seed=args.seed + run, glue_dir=str(Path(args.glue_dir)) if args.glue_dir else None,
-            device=_device(args.gpu))
+            device=device_for(args.gpu))
         results.append(run_one(config, args.output_dir, overwrite=args.overwrite, argv=argv))
     return results
 

@@ -146,3 +146,8 @@ def load_multitask_model(folder: str | os.PathLike) -> MultiTaskModel:
     model = MultiTaskModel(encoder, heads, record["task_ids"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model
+
+
+def device_for(gpu: int) -> str:
+    """``cuda:<gpu>`` when CUDA is available and ``gpu >= 0``, else ``cpu`` (MergeLM's ``--gpu`` rule)."""
+    return f"cuda:{gpu}" if gpu >= 0 and torch.cuda.is_available() else "cpu"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,3 +154,40 @@ def find_finetuned_checkpoint(
 def config_record(config: GlueTrainConfig) -> dict[str, Any]:
     """The dict stored in ``config.json``."""
     return {"script": SCRIPT_NAME, **asdict(config)}
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that pick the fine-tuned checkpoints (shared by the inference and merge scripts)."""
+    parser.add_argument("--language_model_name", default="roberta-base")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="fine-tuning lr to pick (default: MergeLM's table for bert/roberta, else any)")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="pick the run trained with this cap")
+    parser.add_argument("--train_seed", type=int, default=0, help="pick the fine-tuning run with this seed")
+    parser.add_argument("--checkpoint", nargs="*", default=[], metavar="TASK=PATH",
+                        help="explicit fine-tuned model folders, overriding the lookup")
+    parser.add_argument("--output_dir", default="results")
+    parser.add_argument("--glue_dir", default=None)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="cap on the validation/test splits")
+    parser.add_argument("--gpu", type=int, default=0)
+
+
+def resolve_checkpoints(args: argparse.Namespace, tasks: Sequence[str]) -> dict[str, Path]:
+    """``--checkpoint TASK=PATH`` entries, else the matching run under ``--output_dir/train_plms_glue``."""
+    explicit = {}
+    for item in args.checkpoint:
+        task, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--checkpoint entries must look like TASK=PATH, got {item!r}")
+        explicit[task] = Path(path)
+    return {task: explicit.get(task) or find_finetuned_checkpoint(
+        args.output_dir, task, args.language_model_name, seed=args.train_seed,
+        learning_rate=args.learning_rate or _default_learning_rate(task, args.language_model_name),
+        max_train_samples=args.max_train_samples) for task in tasks}
+
+
+def _default_learning_rate(task: str, language_model_name: str) -> float | None:
+    from utils.glue_inference import default_learning_rate
+
+    return default_learning_rate(task, language_model_name)

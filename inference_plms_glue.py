@@ -1,0 +1,75 @@
+"""Evaluate fine-tuned GLUE encoders after DARE, DropOnly or magnitude pruning, over one or many drop rates.
+
+Example:
+    python inference_plms_glue.py --language_model_name roberta-base --weight_mask_rate 0.9 --use_weight_rescale
+    python inference_plms_glue.py --language_model_name all-MiniLM-L6-v2 --dataset_names rte mrpc \
+        --weight_mask_rate 0.0 0.1 0.3 0.5 0.7 0.9 0.99 --use_weight_rescale
+
+DARE = ``--use_weight_rescale`` (random drop + 1/(1-p) rescale); without it, DropOnly. ``--mask_strategy
+magnitude`` drops the smallest deltas; ``--weight_format finetuned_weight`` drops fine-tuned weights themselves.
+Every (task, rate) writes ``<output_dir>/inference_plms_glue/<task>/<model>/<fine-tuning run>/<settings>/``
+with ``config.json`` and ``metrics.json`` (``{task: {"test": metrics}}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from utils.encoder_models import device_for, load_tokenizer
+from utils.glue_data import GLUE_TASK_NAMES
+from utils.glue_finetune import add_checkpoint_args, resolve_checkpoints
+from utils.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
+from utils.logging_setup import setup_logging
+from utils.run_dir import prepare_run_dir, write_config, write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
+    parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
+    parser.add_argument("--weight_mask_rate", type=float, nargs="+", default=[0.1],
+                        help="one or more drop rates in [0, 1) (several = a drop-rate sweep)")
+    parser.add_argument("--use_weight_rescale", action="store_true")
+    parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+    parser.add_argument("--weight_format", default="delta_weight", choices=["delta_weight", "finetuned_weight"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[float, dict[str, Any]]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    config = InferenceConfig(
+        language_model_name=args.language_model_name, dataset_names=tuple(args.dataset_names),
+        weight_mask_rates=tuple(args.weight_mask_rate),
+        dare=DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed),
+        batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_eval_samples=args.max_eval_samples,
+        glue_dir=args.glue_dir, device=device_for(args.gpu))
+    checkpoints = resolve_checkpoints(args, config.dataset_names)
+    setup_logging()
+    tokenizer = load_tokenizer(args.language_model_name)
+    results: dict[str, dict[float, dict[str, Any]]] = {}
+    for task in config.dataset_names:
+        run_dirs = {r: config.run_dir(args.output_dir, task, checkpoints[task], r) for r in config.weight_mask_rates}
+        for run_dir in run_dirs.values():
+            prepare_run_dir(run_dir, overwrite=args.overwrite)
+        results[task] = sweep_drop_rates(config, task, checkpoints[task], tokenizer)
+        for rate, run_dir in run_dirs.items():
+            record = {"script": SCRIPT_NAME, **asdict(config), "dataset_name": task, "weight_mask_rate": rate,
+                      "checkpoint": str(checkpoints[task])}
+            write_config(run_dir, record, argv)
+            write_metrics(run_dir, {task: {"test": results[task][rate]}})
+    logger.info("all results: %s", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Merge pairs of fine-tuned GLUE encoders with average / task arithmetic / Fisher / RegMean / TIES, +- DARE.
+
+Example:
+    python merge_plms_glue.py --merging_method_name average_merging --language_model_name roberta-base
+    python merge_plms_glue.py --merging_method_name fisher_merging --normalize_fisher_weight
+    python merge_plms_glue.py --merging_method_name mask_merging --use_weight_rescale \
+        --mask_apply_method average_merging --language_model_name roberta-base
+
+Every pair of ``--dataset_names`` (default: all eight tasks, 28 pairs) is merged; the merged encoder is evaluated
+on each task of the pair with that task's own head, and hyperparameters are grid-searched per target task on
+the validation split (10 % of GLUE train). ``--select_on test`` reproduces MergeLM, which selected on the split it
+reported. ``--grid paper`` is MergeLM's grid, ``quick`` a small one, ``none`` uses the flag values as given.
+Each (pair, method) writes ``<output_dir>/merge_plms_glue/<a+b>/<model>/<method>[/<apply method>]/<settings>/``
+with ``config.json``, ``metrics.json`` (per target: hyperparameters, validation and test metrics) and
+``grid.json`` (every evaluated setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from utils.encoder_models import device_for, load_tokenizer, model_short_name
+from utils.glue_data import GLUE_TASK_NAMES
+from utils.glue_finetune import add_checkpoint_args, resolve_checkpoints
+from utils.glue_inference import DareSettings, check_drop_rates
+from utils.glue_merging import GRIDS, MERGING_METHODS, grid_search_pair, load_pair_merger
+from utils.logging_setup import setup_logging
+from utils.run_dir import (
+    atomic_write_json,
+    hyperparameter_dirname,
+    prepare_run_dir,
+    run_dir_for,
+    write_config,
+    write_metrics,
+)
+
+logger = logging.getLogger(__name__)
+SCRIPT_NAME = "merge_plms_glue"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
+    parser.add_argument("--merging_method_name", nargs="+", default=["average_merging"],
+                        choices=[*MERGING_METHODS, "mask_merging"], help="one or more (they share each pair's caches)")
+    parser.add_argument("--mask_apply_method", nargs="+", default=["average_merging"], choices=MERGING_METHODS,
+                        help="method(s) applied after DARE by mask_merging")
+    parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
+    parser.add_argument("--dataset_pairs", nargs="*", default=None, metavar="A,B", help="explicit pairs")
+    parser.add_argument("--select_on", default="validation", choices=["validation", "test"])
+    parser.add_argument("--grid", default="paper", choices=["paper", "quick", "none"])
+    parser.add_argument("--scaling_coefficient", type=float, default=1.0)
+    parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=[256])
+    parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--normalize_fisher_weight", action="store_true")
+    parser.add_argument("--minimal_fisher_weight", type=float, default=1e-6)
+    parser.add_argument("--nums_regmean_examples", type=int, nargs="+", default=[256])
+    parser.add_argument("--reduce_non_diagonal_ratio", type=float, default=1.0)
+    parser.add_argument("--param_value_mask_rate", type=float, default=0.8)
+    parser.add_argument("--weight_mask_rate", type=float, nargs="+", default=[0.1],
+                        help="DARE rates (the grid under --grid none; ignored otherwise)")
+    parser.add_argument("--use_weight_rescale", action="store_true")
+    parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+    parser.add_argument("--weight_format", default="delta_weight", choices=["delta_weight", "finetuned_weight"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser.parse_args(argv)
+
+
+def flag_grid(args: argparse.Namespace, method: str) -> dict[str, list]:
+    """``--grid none``: the single setting given by the flags."""
+    return {"average_merging": {}, "task_arithmetic": {"scaling_coefficient": [args.scaling_coefficient]},
+            "fisher_merging": {"fisher_scaling_coefficient": [args.fisher_scaling_coefficients[0]],
+                               "num_fisher_examples": [args.nums_fisher_examples[0]]},
+            "regmean_merging": {"num_regmean_examples": [args.nums_regmean_examples[0]],
+                                "reduce_non_diagonal_ratio": [args.reduce_non_diagonal_ratio]},
+            "ties_merging": {"scaling_coefficient": [args.scaling_coefficient],
+                             "param_value_mask_rate": [args.param_value_mask_rate]}}[method]
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(merging_method_name, applied method)`` for every requested run."""
+    out = []
+    for name in args.merging_method_name:
+        out += [(name, m) for m in args.mask_apply_method] if name == "mask_merging" else [(name, name)]
+    return out
+
+
+def search_space(args: argparse.Namespace, name: str, method: str) -> tuple[dict[str, list], list[float] | None]:
+    """(grid of the applied method, DARE rates or None) from the flags."""
+    dare = name == "mask_merging"
+    if args.grid == "none":
+        return flag_grid(args, method), check_drop_rates(args.weight_mask_rate) if dare else None
+    grids, rates = GRIDS[args.grid]
+    return grids[method], list(rates) if dare else None
+
+
+def dataset_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.dataset_pairs:
+        pairs = [tuple(p.split(",")) for p in args.dataset_pairs]
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(GLUE_TASK_NAMES):
+                raise ValueError(f"--dataset_pairs entries must be two different GLUE tasks like rte,mrpc, got {pair}")
+        return pairs
+    return list(itertools.combinations(args.dataset_names, 2))
+
+
+def run_dir_of(args: argparse.Namespace, pair: Sequence[str], name: str, method: str) -> Any:
+    methods = [name, method] if name == "mask_merging" else [name]
+    hyper = {"select_on": args.select_on, "grid": args.grid}
+    if name == "mask_merging":
+        hyper.update(use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
+                     weight_format=args.weight_format, seed=args.seed)
+    if args.max_eval_samples is not None:
+        hyper["max_eval_samples"] = args.max_eval_samples
+    return run_dir_for(args.output_dir, SCRIPT_NAME, "+".join(pair), model_short_name(args.language_model_name),
+                       *methods, hyperparameter_dirname(hyper))
+
+
+def run_variant(args: argparse.Namespace, merger: Any, pair: Sequence[str], name: str, method: str,
+                argv: list[str]) -> dict[str, Any]:
+    """Grid-search one (pair, method) with a loaded merger and write its run folder."""
+    run_dir = prepare_run_dir(run_dir_of(args, pair, name, method), overwrite=args.overwrite)
+    setup_logging(run_dir / "run.log")
+    logger.info("argv: %s", " ".join(argv))
+    grid, rates = search_space(args, name, method)
+    config = {"script": SCRIPT_NAME, **vars(args), "merging_method_name": name, "applied_method": method,
+              "dataset_pair": list(pair), "grid_values": grid, "dare_rates": rates,
+              "checkpoints": {t: str(p) for t, p in merger.checkpoints.items()}}
+    config.pop("mask_apply_method")
+    write_config(run_dir, config, argv)
+    first = len(merger.evaluations)
+    metrics = grid_search_pair(merger, method, grid, dare_rates=rates, select_on=args.select_on)
+    atomic_write_json(run_dir / "grid.json", merger.evaluations[first:])
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def merge_pair(args: argparse.Namespace, pair: Sequence[str], tokenizer: Any, argv: list[str]) -> dict[str, Any]:
+    """Load one pair once and run every requested method on it (sharing statistics and scores)."""
+    checkpoints = resolve_checkpoints(args, pair)
+    merger = load_pair_merger(
+        pair, checkpoints, tokenizer, language_model_name=args.language_model_name,
+        dare=DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed),
+        data_options={"glue_dir": args.glue_dir, "max_seq_length": args.max_seq_length,
+                      "max_eval_samples": args.max_eval_samples},
+        batch_size=args.batch_size, device=device_for(args.gpu),
+        fisher_options={"normalize_fisher_weight": args.normalize_fisher_weight,
+                        "minimal_fisher_weight": args.minimal_fisher_weight})
+    results = {}
+    for name, method in variants(args):
+        key = f"{name}/{method}" if name == "mask_merging" else name
+        results[key] = run_variant(args, merger, pair, name, method, argv)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Returns ``{"a+b": {method or "mask_merging/<method>": {target task: result}}}``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    for name, method in variants(args):
+        search_space(args, name, method)
+    tokenizer = load_tokenizer(args.language_model_name)
+    return {"+".join(pair): merge_pair(args, pair, tokenizer, argv) for pair in dataset_pairs(args)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""DARE / DropOnly / magnitude pruning of fine-tuned GLUE classifiers, evaluated over a sweep of drop rates."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.encoder_models import load_finetuned_classifier, load_pretrained_classifier, model_short_name
+from utils.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from utils.glue_training import evaluate_model
+from utils.run_dir import hyperparameter_dirname, run_dir_for
+
+logger = logging.getLogger(__name__)
+
+SCRIPT_NAME = "inference_plms_glue"
+GLUE_EXCLUDE_PARAM_NAMES_REGEX = (".*classifier.*",)
+# MergeLM's "best checkpoint" learning rate per task for the paper's two encoders (inference_plms_glue.py).
+DATASET_MODEL_LEARNING_RATE: dict[str, dict[str, float]] = {
+    "cola": {"bert-base-uncased": 5e-5, "roberta-base": 1e-5},
+    "sst2": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "mrpc": {"bert-base-uncased": 5e-5, "roberta-base": 5e-5},
+    "stsb": {"bert-base-uncased": 5e-5, "roberta-base": 1e-5},
+    "qqp": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "mnli": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "qnli": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "rte": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+}
+
+
+def default_learning_rate(task: str, language_model_name: str) -> float | None:
+    """The table's learning rate for the paper's encoders; None (any) for other models."""
+    return DATASET_MODEL_LEARNING_RATE.get(task, {}).get(model_short_name(language_model_name))
+
+
+@dataclass(frozen=True)
+class DareSettings:
+    """How fine-tuned weights are dropped: DARE = random + rescale; DropOnly = random without rescale."""
+
+    use_weight_rescale: bool = False
+    mask_strategy: str = "random"
+    weight_format: str = "delta_weight"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mask_strategy not in ("random", "magnitude"):
+            raise ValueError(f"mask_strategy must be 'random' or 'magnitude', got {self.mask_strategy!r}")
+        if self.weight_format not in ("delta_weight", "finetuned_weight"):
+            raise ValueError(f"weight_format must be 'delta_weight' or 'finetuned_weight', got {self.weight_format!r}")
+
+
+def check_drop_rates(rates: Sequence[float]) -> list[float]:
+    """Rates must lie in [0, 1): 1.0 would drop every weight (and divide by zero when rescaling)."""
+    for rate in rates:
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"weight_mask_rate must be in [0, 1), got {rate}; use e.g. 0.99 for an extreme drop")
+    return list(rates)
+
+
+def dare_state_dict(
+    pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], rate: float,
+    settings: DareSettings, *, model_index: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The fine-tuned state dict after dropping at ``rate`` (identity at 0); classifier heads are never dropped."""
+    if rate == 0.0:
+        return dict(finetuned)
+    from model_merging_methods import apply_dare
+
+    return apply_dare(dict(pretrained), dict(finetuned), weight_mask_rate=rate,
+                      use_weight_rescale=settings.use_weight_rescale, mask_strategy=settings.mask_strategy,
+                      weight_format=settings.weight_format, seed=settings.seed, model_index=model_index,
+                      exclude_param_names_regex=list(GLUE_EXCLUDE_PARAM_NAMES_REGEX))
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """``inference_plms_glue.py``: tasks, drop rates and how the fine-tuned checkpoints are found."""
+
+    language_model_name: str = "roberta-base"
+    dataset_names: tuple[str, ...] = GLUE_TASK_NAMES
+    weight_mask_rates: tuple[float, ...] = (0.1,)
+    dare: DareSettings = field(default_factory=DareSettings)
+    batch_size: int = 16
+    max_seq_length: int = 128
+    max_eval_samples: int | None = None
+    glue_dir: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in self.dataset_names:
+            get_task(name)
+        check_drop_rates(self.weight_mask_rates)
+
+    def run_dir(self, output_dir: str | os.PathLike, task: str, checkpoint: Path, rate: float) -> Path:
+        """``<output>/inference_plms_glue/<task>/<model>/<fine-tuning run>/<drop settings>``."""
+        hyper = {"weight_mask_rate": rate, **asdict(self.dare)}
+        if self.max_eval_samples is not None:
+            hyper["max_eval_samples"] = self.max_eval_samples
+        return run_dir_for(output_dir, SCRIPT_NAME, task, model_short_name(self.language_model_name),
+                           checkpoint.parent.name, hyperparameter_dirname(hyper))
+
+
+def sweep_drop_rates(config: InferenceConfig, task: str, checkpoint: Path, tokenizer: Any) -> dict[float, dict]:
+    """Test metrics of one fine-tuned model at every rate of ``config.weight_mask_rates``."""
+    finetuned_model = load_finetuned_classifier(checkpoint)
+    finetuned = {k: v.clone() for k, v in finetuned_model.state_dict().items()}
+    pretrained = load_pretrained_classifier(config.language_model_name, GLUE_TASKS[task].num_labels).state_dict()
+    data = load_glue_task(task, tokenizer, glue_dir=config.glue_dir, max_seq_length=config.max_seq_length,
+                          max_eval_samples=config.max_eval_samples, max_train_samples=0)
+    loader = make_dataloader(data.test, tokenizer, batch_size=config.batch_size)
+    results = {}
+    for rate in config.weight_mask_rates:
+        finetuned_model.load_state_dict(dare_state_dict(pretrained, finetuned, rate, config.dare))
+        finetuned_model.to(config.device)
+        results[rate] = evaluate_model(finetuned_model, loader, [task], device=config.device,
+                                       desc=f"{task} p={rate}")
+        logger.info("%s test performance at weight_mask_rate %s: %s", task, rate, results[rate])
+    return results

@@ -1,0 +1,185 @@
+"""Pairwise merging of fine-tuned GLUE classifiers with grid searches selected on validation (or test).
+
+A pair of tasks is merged once per hyperparameter setting and the merged encoder is evaluated on each task of the
+pair with that task's own (unmerged) classifier head; hyperparameters are selected per target task. This is
+MergeLM's ordered-pair protocol (``source, target``) with the merge shared between the two orders. DARE
+(``mask_merging``) is applied to each fine-tuned model's delta before the chosen method; its drop-rate grid runs
+after the plain method's grid in the same run, so it never needs an earlier run's results file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.encoder_models import load_finetuned_classifier, load_pretrained_classifier
+from utils.glue_data import GLUE_TASKS, load_glue_task, make_dataloader
+from utils.glue_inference import GLUE_EXCLUDE_PARAM_NAMES_REGEX, DareSettings, dare_state_dict
+from utils.glue_metrics import primary_score
+from utils.glue_training import evaluate_model
+
+logger = logging.getLogger(__name__)
+
+MERGING_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging")
+# MergeLM's grids (merge_plms_glue.py). Fisher's equal per-model coefficients cancel in its weighted mean, so
+# the coefficient grid has no effect; it is kept at one value ("paper" keeps MergeLM's six for parity).
+PAPER_GRIDS: dict[str, dict[str, list]] = {
+    "average_merging": {},
+    "task_arithmetic": {"scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]},
+    "fisher_merging": {"fisher_scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
+                       "num_fisher_examples": [256, 512, 1024, 2048]},
+    "regmean_merging": {"num_regmean_examples": [256, 512, 1024, 2048],
+                        "reduce_non_diagonal_ratio": [0.7, 0.8, 0.9, 1.0]},
+    "ties_merging": {"scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0], "param_value_mask_rate": [0.7, 0.8, 0.9]},
+}
+QUICK_GRIDS: dict[str, dict[str, list]] = {
+    "average_merging": {},
+    "task_arithmetic": {"scaling_coefficient": [0.5, 0.7, 1.0]},
+    "fisher_merging": {"fisher_scaling_coefficient": [1.0], "num_fisher_examples": [128]},
+    "regmean_merging": {"num_regmean_examples": [128], "reduce_non_diagonal_ratio": [0.9]},
+    "ties_merging": {"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8]},
+}
+PAPER_DARE_RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
+QUICK_DARE_RATES = [0.5, 0.9]
+GRIDS = {"paper": (PAPER_GRIDS, PAPER_DARE_RATES), "quick": (QUICK_GRIDS, QUICK_DARE_RATES)}
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of a ``{name: values}`` grid, in MergeLM's nesting order; ``[{}]`` when empty."""
+    names = list(grid)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def _key(setting: Mapping[str, Any]) -> tuple:
+    return tuple(sorted(setting.items()))
+
+
+@dataclass
+class PairMerger:
+    """Fine-tuned models, data and caches for merging one pair of tasks and scoring the merges."""
+
+    tasks: list[str]
+    finetuned: list[dict[str, torch.Tensor]]
+    pretrained: dict[str, torch.Tensor]
+    models: list[torch.nn.Module]
+    loaders: dict[str, dict[str, Any]]
+    dare: DareSettings
+    fisher_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+    _stats: dict[tuple, dict] = field(default_factory=dict)
+    _scores: dict[tuple, dict] = field(default_factory=dict)
+    _last: tuple[tuple, dict] | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def _dared(self, rate: float | None) -> list[dict[str, torch.Tensor]]:
+        if not rate:
+            return self.finetuned
+        return [dare_state_dict(self.pretrained, sd, rate, self.dare, model_index=i)
+                for i, sd in enumerate(self.finetuned)]
+
+    def _statistics(self, kind: str, index: int, num_examples: int, rate: float | None, state: dict) -> dict:
+        key = (kind, index, num_examples, rate)
+        if key not in self._stats:
+            from model_merging_methods import compute_fisher_weights, compute_gram_matrices
+
+            model = self.models[index]
+            model.load_state_dict(state)
+            train = self.loaders[self.tasks[index]]["train"]
+            loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in train)
+            fn = compute_fisher_weights if kind == "fisher" else compute_gram_matrices
+            self._stats[key] = fn(model, loader, num_examples=num_examples, device=self.device)
+        return self._stats[key]
+
+    def merge(self, method: str, setting: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Merged encoder state dict (classifier heads excluded) for one setting; DARE first if it has a rate."""
+        from model_merging_methods import merge_state_dicts
+
+        rate = setting.get("weight_mask_rate")
+        states = self._dared(rate)
+        hyper = {k: v for k, v in setting.items() if k != "weight_mask_rate"}
+        if method == "fisher_merging":
+            n, c = hyper.pop("num_fisher_examples"), hyper.pop("fisher_scaling_coefficient")
+            hyper["fisher_weights"] = [self._statistics("fisher", i, n, rate, s) for i, s in enumerate(states)]
+            hyper.update(fisher_scaling_coefficients=[c] * len(states), **self.fisher_options)
+        elif method == "regmean_merging":
+            n = hyper.pop("num_regmean_examples")
+            hyper["gram_matrices"] = [self._statistics("gram", i, n, rate, s) for i, s in enumerate(states)]
+        strip = lambda sd: {k: v for k, v in sd.items() if "classifier" not in k}
+        return merge_state_dicts(method, strip(self.pretrained), [strip(s) for s in states],
+                                 exclude_param_names_regex=list(GLUE_EXCLUDE_PARAM_NAMES_REGEX), **hyper)
+
+    def score(self, method: str, setting: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
+        """Metrics of the merged model on ``task``/``split`` with ``task``'s own head (memoised)."""
+        key = (method, _key(setting), task, split)
+        if key not in self._scores:
+            mkey = (method, _key(setting))
+            if self._last is None or self._last[0] != mkey:
+                self._last = (mkey, self.merge(method, setting))
+            index = self.tasks.index(task)
+            heads = {k: v for k, v in self.finetuned[index].items() if "classifier" in k}
+            model = self.models[index]
+            model.load_state_dict({**self._last[1], **heads})
+            metrics = evaluate_model(model, self.loaders[task][split], [task], device=self.device,
+                                     desc=f"{task} {split}")
+            self._scores[key] = metrics
+            self.evaluations.append({"method": method, "setting": dict(setting), "task": task, "split": split,
+                                     "metrics": metrics})
+        return self._scores[key]
+
+
+def load_pair_merger(
+    tasks: Sequence[str], checkpoints: Mapping[str, Any], tokenizer: Any, *, language_model_name: str,
+    dare: DareSettings, data_options: Mapping[str, Any], batch_size: int = 16, device: str = "cpu",
+    fisher_options: Mapping[str, Any] | None = None, max_statistics_examples: int = 2048,
+) -> PairMerger:
+    """Load the fine-tuned models, the pretrained encoder and each task's train/validation/test loaders."""
+    models = [load_finetuned_classifier(checkpoints[t]).to(device) for t in tasks]
+    finetuned = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in models]
+    pretrained = load_pretrained_classifier(language_model_name, GLUE_TASKS[tasks[0]].num_labels).state_dict()
+    loaders = {}
+    for task in tasks:
+        data = load_glue_task(task, tokenizer, max_train_samples=max_statistics_examples, **data_options)
+        loaders[task] = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size,
+                                                shuffle=split == "train", seed=0)
+                         for split in ("train", "validation", "test")}
+    return PairMerger(list(tasks), finetuned, pretrained, models, loaders, dare, dict(fisher_options or {}),
+                      device, dict(checkpoints))
+
+
+def select_best(merger: PairMerger, method: str, settings: Sequence[Mapping[str, Any]], task: str,
+                select_on: str) -> dict[str, Any]:
+    """The first setting with the highest primary metric on ``select_on`` (strictly-greater replaces)."""
+    best, best_score = None, -float("inf")
+    for setting in tqdm(settings, desc=f"{method} grid ({task})", leave=False):
+        score = primary_score(task, merger.score(method, setting, task, select_on))
+        if score > best_score:
+            best, best_score = dict(setting), score
+    return best
+
+
+def grid_search_pair(merger: PairMerger, method: str, grid: Mapping[str, Sequence[Any]], *,
+                     dare_rates: Sequence[float] | None = None, select_on: str = "validation") -> dict[str, Any]:
+    """Per target task: the selected setting with its validation and test metrics.
+
+    With ``dare_rates``, the plain method's best setting is selected first, then the drop rate (MergeLM order).
+    """
+    if select_on not in ("validation", "test"):
+        raise ValueError(f"select_on must be 'validation' or 'test', got {select_on!r}")
+    results = {}
+    for task in merger.tasks:
+        best = select_best(merger, method, expand_grid(grid), task, select_on)
+        if dare_rates:
+            best = select_best(merger, method, [{**best, "weight_mask_rate": r} for r in dare_rates], task,
+                               select_on)
+        results[task] = {"hyperparameters": best, "selected_on": select_on,
+                         "validation": merger.score(method, best, task, "validation"),
+                         "test": merger.score(method, best, task, "test")}
+        logger.info("%s on %s: best %s -> test %s", method, task, best, results[task]["test"])
+    return results
