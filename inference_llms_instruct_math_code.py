@@ -1,0 +1,66 @@
+"""Evaluate one fine-tuned LLM on AlpacaEval, GSM8K, MATH, HumanEval or MBPP, optionally after DARE.
+
+Example (DARE with p=0.9 on WizardMath-7B, then GSM8K):
+    python inference_llms_instruct_math_code.py --dataset_name gsm8k --finetuned_model_name WizardMath-7B-V1.0 \
+        --tensor_parallel_size 1 --weight_mask_rate 0.9 --use_weight_rescale
+
+``--weight_mask_rate 0.0`` evaluates the fine-tuned model as it is. With a rate > 0, ``backbone + DARE(delta)`` is
+written by the streaming merger (bf16) to ``save_models/{dataset}/{name}`` and deleted afterwards (unless
+``--keep_model``). Results: ``results/inference_llms_instruct_math_code/{model}/{dataset}/{settings}/`` with
+config.json, metrics.json, predictions/, generations/ (resumable) and external/ (files for the external tools).
+Models resolve from ``--model_path NAME=PATH``, then the hub ids of utils/model_loading.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from utils.llm_cli import add_common_args, add_dare_args, settings_from_args, start_run
+from utils.llm_configs import FINETUNED_MODEL_NAMES, LLM_DATASET_NAMES, LlmInferenceConfig
+from utils.llm_merging import inference_model_paths, run_inference
+from utils.model_loading import parse_model_path_overrides
+from utils.run_dir import write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--finetuned_model_name", default="WizardLM-13B-V1.2", choices=FINETUNED_MODEL_NAMES)
+    parser.add_argument("--dataset_name", default="alpaca_eval", choices=LLM_DATASET_NAMES)
+    add_dare_args(parser)
+    parser.add_argument("--wizardcoder_use_llama2_as_backbone", action="store_true",
+                        help="take WizardCoder-Python-7B/13B deltas against Llama-2 instead of CodeLlama-Python")
+    parser.add_argument("--save_models_dir", default="save_models", help="folder of the temporary DARE'd model")
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> LlmInferenceConfig:
+    """Flags -> validated configuration (no model is touched)."""
+    return LlmInferenceConfig(
+        finetuned_model_name=args.finetuned_model_name, dataset_name=args.dataset_name,
+        weight_format=args.weight_format, weight_mask_rate=args.weight_mask_rate,
+        use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
+        wizardcoder_use_llama2_as_backbone=args.wizardcoder_use_llama2_as_backbone, seed=args.seed,
+        model_paths=parse_model_path_overrides(args.model_path), save_models_dir=args.save_models_dir,
+        save_dtype=args.save_dtype, keep_model=args.keep_model, evaluation=settings_from_args(args),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    config = build_config(args)
+    paths = inference_model_paths(config)
+    run_dir = start_run(config.run_dir(args.results_dir), args, {**config.record(), "model_paths": paths}, argv)
+    metrics = run_inference(config, run_dir, paths)
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Command-line pieces shared by the three LLM scripts: flags, their conversion, and run-folder setup."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from utils.llm_configs import LLM_MASK_APPLY_METHODS, LLM_MERGING_METHODS, SAVE_DTYPES, LlmMergeConfig
+from utils.llm_pipeline import EvaluationSettings
+from utils.logging_setup import setup_logging
+from utils.model_loading import parse_model_path_overrides
+from utils.run_dir import prepare_run_dir, write_config
+from utils.seeding import set_random_seed
+
+logger = logging.getLogger(__name__)
+
+
+def add_dare_args(parser: argparse.ArgumentParser) -> None:
+    """MergeLM's DARE flags (same names, defaults and choices)."""
+    parser.add_argument("--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"],
+                        help="drop deltas (DARE) or the fine-tuned weights themselves")
+    parser.add_argument("--weight_mask_rate", type=float, default=0.1, help="DARE drop rate p in [0, 1)")
+    parser.add_argument("--use_weight_rescale", action="store_true", help="rescale kept values by 1/(1-p) (DARE); "
+                        "without it, DropOnly")
+    parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+
+
+def add_merge_args(parser: argparse.ArgumentParser) -> None:
+    """MergeLM's merge flags plus TIES (``ties_merging``, and DARE-TIES via ``--mask_apply_method``)."""
+    for task in ("instruct", "math", "code"):
+        parser.add_argument(f"--merge_{task}", action="store_true", help=f"merge the {task} model")
+    parser.add_argument("--merging_method_name", default="average_merging", choices=LLM_MERGING_METHODS)
+    parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="lambda (task_arithmetic, TIES)")
+    parser.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim rate (drop 80%%)")
+    parser.add_argument("--ties_trim_scope", default="per_tensor", choices=["per_tensor", "global"],
+                        help="TIES trim per tensor (default for LLMs: one streaming pass) or over the whole model "
+                        "(MergeLM's GLUE behaviour: an extra pass over every model)")
+    add_dare_args(parser)
+    parser.add_argument("--mask_apply_method", default="average_merging", choices=LLM_MASK_APPLY_METHODS,
+                        help="method applied after DARE (mask_merging); ties_merging = DARE-TIES")
+    parser.add_argument("--save_merge_models_dir", default="save_merge_models",
+                        help="merged-model folders: {dir}/{tasks}/{task}/{name} (MergeLM's layout)")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Indices, generation, data, results and model-location flags of every LLM script."""
+    parser.add_argument("--start_index", type=int, default=0)
+    parser.add_argument("--end_index", type=int, default=sys.maxsize)
+    parser.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per vLLM engine")
+    parser.add_argument("--model_path", action="append", default=[], metavar="NAME=PATH",
+                        help="local folder (or .gguf file) for a model short name; repeatable")
+    parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
+                        help="auto = vLLM when installed with CUDA, else Hugging Face transformers")
+    parser.add_argument("--data_dir", default=None, help="test files folder (else $MERGELM_DATA_DIR, math_code_data/)")
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--allow_code_execution", action="store_true",
+                        help="execute generated code to score human_eval/mbpp (use a container)")
+    parser.add_argument("--resume", action="store_true", help="continue: keep finished generations and merges")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (hf backend)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="override the paper's max tokens")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="generation dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks and of torch/numpy/random")
+    parser.add_argument("--save_dtype", default="bfloat16", choices=SAVE_DTYPES, help="dtype of written models")
+    parser.add_argument("--keep_model", action="store_true", help="keep the DARE'd / merged model folder")
+    parser.add_argument("--subprocess_per_task", action="store_true",
+                        help="generate each dataset in its own process (always on with vLLM)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
+    if args.resume and args.overwrite:
+        raise ValueError("resume and overwrite exclude each other, got both; pass one of --resume, --overwrite")
+    return EvaluationSettings(
+        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, data_dir=args.data_dir, start_index=args.start_index,
+        end_index=args.end_index, allow_code_execution=args.allow_code_execution, resume=args.resume,
+        subprocess_per_task=args.subprocess_per_task, progress=not args.quiet,
+    )
+
+
+def merge_tasks_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(task for task in ("instruct", "math", "code") if getattr(args, f"merge_{task}"))
+
+
+def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSettings) -> LlmMergeConfig:
+    return LlmMergeConfig(
+        merge_tasks=merge_tasks_from_args(args), merging_method_name=args.merging_method_name,
+        scaling_coefficient=args.scaling_coefficient, param_value_mask_rate=args.param_value_mask_rate,
+        ties_trim_scope=args.ties_trim_scope, weight_format=args.weight_format,
+        weight_mask_rate=args.weight_mask_rate, use_weight_rescale=args.use_weight_rescale,
+        mask_strategy=args.mask_strategy, mask_apply_method=args.mask_apply_method, seed=args.seed,
+        model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
+        save_dtype=args.save_dtype, keep_model=args.keep_model, evaluation=settings,
+    )
+
+
+def start_run(run_dir: Path, args: argparse.Namespace, record: Mapping[str, Any], argv: list[str]) -> Path:
+    """Create the run folder (overwrite/resume rule), attach ``run.log``, seed, and write ``config.json``."""
+    run_dir = prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume)
+    setup_logging(run_dir / "run.log")
+    logger.info("argv: %s", " ".join(argv))
+    logger.info("config: %s", dict(record))
+    set_random_seed(args.seed)
+    write_config(run_dir, record, argv)
+    return run_dir

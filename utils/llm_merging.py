@@ -1,0 +1,243 @@
+"""Prepare and evaluate LLMs for the three LLM scripts: DARE'd, merged or already-merged model folders.
+
+* DARE (``inference_llms_instruct_math_code.py``): ``merge_checkpoints(backbone, [finetuned])`` with
+  ``mask_merging`` + ``average_merging`` writes ``backbone + DARE(finetuned - backbone)`` in bf16 to
+  ``save_models/{dataset}/{name}`` (MergeLM wrote a float32 copy after loading both models in float32).
+* Merging (``merge_llms_instruct_math_code.py``): ONE streamed merge into
+  ``save_merge_models/{tasks}/{first task}/{name}``; every other task gets a folder of hard links to the same
+  weight files (no copy; a symbolic link where hard links are impossible). Each folder then receives its
+  task's own tokenizer files (WizardLM's for instruct, WizardMath's for math, code-alpaca's for code), as
+  MergeLM saved the merged model once per task with that task's tokenizer.
+* Vocabulary: ``vocab_policy="mergelm"``: every model is padded to the largest row count with mean rows, the
+  result of MergeLM's ``smart_tokenizer_and_embedding_resize`` on the paper's models (trained ``<pad>`` rows are
+  kept, where MergeLM reset them to the mean; specification 9.11).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evaluation.generation import release_hf_model
+from merge_engine import merge_checkpoints
+from merge_engine.model_source import resolve_model_dir
+from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
+from utils.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
+from utils.llm_pipeline import TASK_DATASETS, EvaluationSettings, check_datasets_available, run_benchmark
+from utils.model_loading import TASK_TO_MODEL, WEIGHT_DIFF_MODELS, recover_wizardlm_7b, resolve_model
+
+logger = logging.getLogger(__name__)
+
+RECOVERED_SUFFIX = "-recovered"
+
+
+def _same_recipe(folder: Path, pretrained: str, finetuned: list[str], method: str, hp: Mapping[str, Any]) -> bool:
+    record = json.loads((folder / MERGE_CONFIG).read_text(encoding="utf-8"))
+    inputs = record.get("inputs", {})
+    same_inputs = inputs.get("pretrained_model") == pretrained and inputs.get("finetuned_models") == finetuned
+    recorded_hp = json.loads(json.dumps(dict(hp), default=str))
+    return same_inputs and record.get("merging_method_name") == method and record.get("hyperparameters") == recorded_hp
+
+
+def merge_into(
+    output_dir: Path, pretrained: str, finetuned: list[str], *, method: str, hyperparameters: Mapping[str, Any],
+    save_dtype: str, copy_config_from: int, resume: bool, progress: bool = True,
+) -> Path:
+    """Stream-merge into ``output_dir``; with ``resume`` a finished folder of the same recipe is reused.
+
+    An existing folder of another run is replaced (these folders are derived from the configuration and
+    temporary); an interrupted merge continues from its finished shards with ``resume``.
+    """
+    if resume and (output_dir / MERGE_CONFIG).is_file():
+        if _same_recipe(output_dir, pretrained, finetuned, method, hyperparameters):
+            logger.info("--resume: reusing the finished merge in %s", output_dir)
+            return output_dir
+        logger.warning("%s holds a different merge; merging again", output_dir)
+    logger.info("merging %s into %s (%s, %s)", finetuned, output_dir, method, dict(hyperparameters))
+    summary = merge_checkpoints(
+        pretrained, finetuned, str(output_dir), merging_method_name=method, hyperparameters=hyperparameters,
+        dtype=save_dtype, vocab_policy="mergelm", copy_config_from=copy_config_from, overwrite=True,
+        resume=resume, progress=progress,
+    )
+    logger.info("merge summary: %s", summary)
+    return output_dir
+
+
+def remove_model_dir(folder: Path, stop_at: Path) -> None:
+    """Delete a temporary model folder and the empty parents it leaves, up to (not including) ``stop_at``."""
+    if folder.exists():
+        shutil.rmtree(folder)
+        logger.info("deleted %s", folder)
+    parent, stop_at = folder.parent.resolve(), stop_at.resolve()
+    while parent != stop_at and stop_at in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model resolution
+
+
+def resolve_paths(names: list[str], overrides: Mapping[str, str]) -> dict[str, str]:
+    """``{short name: local path or hub id}`` for every name (``--model_path`` overrides first)."""
+    return {name: resolve_model(name, overrides) for name in names}
+
+
+def recovered_wizardlm_7b(overrides: Mapping[str, str], save_models_dir: str) -> str:
+    """WizardLM-7B-V1.0 = its published diff + LLaMA-7B, recovered once (float32, like MergeLM) and reused."""
+    name = "WizardLM-7B-V1.0"
+    recovered_name = name + RECOVERED_SUFFIX
+    if recovered_name in overrides:
+        return resolve_model(recovered_name, overrides)
+    target = Path(save_models_dir, recovered_name)
+    if (target / "config.json").is_file():
+        logger.info("using the recovered %s in %s", name, target)
+        return str(target)
+    diff = resolve_model_dir(resolve_model(name, overrides))
+    base = resolve_model_dir(resolve_model(WEIGHT_DIFF_MODELS[name], overrides))
+    logger.info("recovering %s: %s + %s -> %s", name, diff, base, target)
+    return str(recover_wizardlm_7b(diff, base, target, dtype="float32", overwrite=True))
+
+
+def inference_model_paths(config: LlmInferenceConfig) -> dict[str, str]:
+    """Resolved fine-tuned (and, with DARE, backbone) paths; fails before any heavy work."""
+    names = [config.finetuned_model_name] if config.finetuned_model_name not in WEIGHT_DIFF_MODELS else []
+    if config.uses_dare:
+        names.append(config.backbone_name)
+    paths = resolve_paths(names, config.model_paths)
+    if config.finetuned_model_name in WEIGHT_DIFF_MODELS:
+        for name in (config.finetuned_model_name, WEIGHT_DIFF_MODELS[config.finetuned_model_name]):
+            if name + RECOVERED_SUFFIX not in config.model_paths:
+                resolve_model(name, config.model_paths)  # checked now, recovered later
+    return paths
+
+
+def merge_model_paths(config: LlmMergeConfig) -> dict[str, str]:
+    return resolve_paths([config.backbone_name, *config.finetuned_model_names], config.model_paths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference_llms_instruct_math_code.py
+
+
+def prepare_inference_model(config: LlmInferenceConfig, paths: Mapping[str, str]) -> tuple[str, Path | None]:
+    """``(model path to evaluate, temporary folder to delete or None)``."""
+    finetuned = paths.get(config.finetuned_model_name)
+    if config.finetuned_model_name in WEIGHT_DIFF_MODELS:
+        finetuned = recovered_wizardlm_7b(config.model_paths, config.save_models_dir)
+    if not config.uses_dare:
+        return finetuned, None
+    output_dir = config.dare_model_dir()
+    merge_into(output_dir, paths[config.backbone_name], [finetuned], method="mask_merging",
+               hyperparameters=config.dare_hyperparameters(), save_dtype=config.save_dtype, copy_config_from=1,
+               resume=config.evaluation.resume, progress=config.evaluation.progress)
+    return str(output_dir), output_dir
+
+
+def run_inference(config: LlmInferenceConfig, run_dir: Path, paths: Mapping[str, str]) -> dict[str, dict]:
+    """Evaluate the (DARE'd) fine-tuned model on ``config.dataset_name``; returns ``{dataset: metrics}``."""
+    check_datasets_available([config.dataset_name], config.evaluation)
+    model_path, temporary = prepare_inference_model(config, paths)
+    generator = str(temporary) if temporary is not None else config.finetuned_model_name
+    metrics = run_benchmark(config.dataset_name, model_path, run_dir, config.evaluation, generator_name=generator)
+    release_hf_model()
+    if temporary is not None and not config.keep_model:
+        remove_model_dir(temporary, Path(config.save_models_dir))
+    logger.info("inference of %s is completed", config.finetuned_model_name)
+    return {config.dataset_name: metrics}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merge_llms_instruct_math_code.py and direct_inference_merged_llms_instruct_math_code.py
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        os.symlink(source.resolve(), target)
+
+
+def install_tokenizer(folder: Path, tokenizer_dir: Path) -> list[str]:
+    """Replace ``folder``'s tokenizer files by those of ``tokenizer_dir``; returns the copied file names."""
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            (folder / name).unlink()
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, folder / name)
+            copied.append(name)
+    if not copied:
+        raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}; looked for {', '.join(TOKENIZER_FILES)}")
+    return copied
+
+
+def make_task_view(weights_dir: Path, view_dir: Path, tokenizer_dir: Path) -> Path:
+    """``view_dir`` = the merged weights of ``weights_dir`` (linked, not copied) + ``tokenizer_dir``'s tokenizer."""
+    if view_dir.resolve() != weights_dir.resolve():
+        if view_dir.exists():
+            shutil.rmtree(view_dir)
+        view_dir.mkdir(parents=True)
+        for item in sorted(weights_dir.iterdir()):
+            if item.is_file() and item.name not in TOKENIZER_FILES:
+                _link_or_copy(item, view_dir / item.name)
+    copied = install_tokenizer(view_dir, tokenizer_dir)
+    logger.info("%s: tokenizer from %s (%s)", view_dir, tokenizer_dir, ", ".join(copied))
+    return view_dir
+
+
+def merge_llms(config: LlmMergeConfig, paths: Mapping[str, str]) -> dict[str, Path]:
+    """Merge once; ``{task: folder with the merged weights and that task's tokenizer}``."""
+    finetuned = [paths[name] for name in config.finetuned_model_names]
+    weights_dir = config.merged_model_dir(config.merge_tasks[0])
+    merge_into(weights_dir, paths[config.backbone_name], finetuned, method=config.merging_method_name,
+               hyperparameters=config.hyperparameters(), save_dtype=config.save_dtype, copy_config_from=0,
+               resume=config.evaluation.resume, progress=config.evaluation.progress)
+    views = {}
+    for task in config.merge_tasks:
+        tokenizer_dir = resolve_model_dir(paths[TASK_TO_MODEL[task]])
+        views[task] = make_task_view(weights_dir, config.merged_model_dir(task), tokenizer_dir)
+    return views
+
+
+def evaluate_task_models(
+    models: Mapping[str, Path], run_dir: Path, settings: EvaluationSettings, generator_name: str
+) -> dict[str, dict]:
+    """Each task's datasets from its folder (instruct -> alpaca_eval, math -> gsm8k + MATH, code -> both code)."""
+    metrics = {}
+    for task, folder in models.items():
+        for dataset in TASK_DATASETS[task]:
+            metrics[dataset] = run_benchmark(dataset, str(folder), run_dir, settings, generator_name=generator_name)
+        release_hf_model()
+    return metrics
+
+
+def run_merge(config: LlmMergeConfig, run_dir: Path, paths: Mapping[str, str]) -> dict[str, dict]:
+    """Merge, evaluate every merged task, then delete the merged folders (unless ``keep_model``)."""
+    check_datasets_available([d for t in config.merge_tasks for d in TASK_DATASETS[t]], config.evaluation)
+    views = merge_llms(config, paths)
+    generator = str(config.merged_model_dir(config.merge_tasks[0]))
+    metrics = evaluate_task_models(views, run_dir, config.evaluation, generator)
+    if not config.keep_model:
+        for folder in views.values():
+            remove_model_dir(folder, Path(config.save_merge_models_dir))
+    logger.info("inference of merging method %s is completed", config.merging_method_name)
+    return metrics
+
+
+def run_direct_inference(config: DirectInferenceConfig, run_dir: Path) -> dict[str, dict]:
+    """Evaluate an existing merged folder on the datasets of ``config.evaluate_task``; nothing is deleted."""
+    folder = config.model_dir()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no merged model at {folder} (config.json missing); run merge_llms_instruct_math_code.py with the same "
+            "flags and --keep_model, or pass --merged_model_path"
+        )
+    check_datasets_available(list(config.datasets), config.evaluation)
+    return evaluate_task_models({config.evaluate_task: folder}, run_dir, config.evaluation, str(folder))

