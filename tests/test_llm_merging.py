@@ -1,0 +1,298 @@
+"""LLM scripts on a tiny Llama family built here: DARE inference, merging (incl. DARE-TIES), direct inference.
+
+The family mimics the paper's: a base with 64 vocabulary rows, an "instruct" and a "code" fine-tune with 64 rows,
+and a "math" fine-tune with a ``[PAD]`` token (65 rows, like WizardMath). Each fine-tune has its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_family, tiny_llama_config
+
+import direct_inference_merged_llms_instruct_math_code as direct_script
+import inference_llms_instruct_math_code as inference_script
+import merge_llms_instruct_math_code as merge_script
+from evaluation import generation
+from utils import llm_merging
+from utils.llm_cli import merge_config_from_args, settings_from_args
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = [f"w{i:02d}" for i in range(60)]
+
+
+def _tokenizer(pad_token: str | None):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<extra>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
+    if pad_token == "[PAD]":
+        vocab["[PAD]"] = 64
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   **kwargs)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, str]:
+    """Folders of the base and the three fine-tunes, keyed by the paper's short names."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_family")
+    config = tiny_llama_config(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    base, (instruct, math, code) = make_family(LlamaForCausalLM, config, num_finetuned=3, delta_std=0.02)
+    math.config = copy.deepcopy(math.config)  # make_family shares one config object between the models
+    math.resize_token_embeddings(65)
+    models = {"Llama-2-13b-hf": (base, None), "WizardLM-13B-V1.2": (instruct, None),
+              "WizardMath-13B-V1.0": (math, "[PAD]"), "llama-2-13b-code-alpaca": (code, "<extra>")}
+    paths = {}
+    for name, (model, pad) in models.items():
+        folder = root / name
+        model.save_pretrained(folder, max_shard_size="50KB")
+        _tokenizer(pad).save_pretrained(folder)
+        paths[name] = str(folder)
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_cache():
+    generation.release_hf_model()
+    yield
+    generation.release_hf_model()
+
+
+def _common(family, tmp_path, shared_data_dir) -> list[str]:
+    overrides = [arg for name, path in family.items() for arg in ("--model_path", f"{name}={path}")]
+    return [*overrides, "--backend", "hf", "--data_dir", str(shared_data_dir), "--results_dir",
+            str(tmp_path / "results"), "--end_index", "1", "--max_new_tokens", "3", "--quiet"]
+
+
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def _run_dir(results: Path, script: str) -> Path:
+    configs = list((results / script).rglob("config.json"))
+    assert len(configs) == 1, configs
+    return configs[0].parent
+
+
+def test_dare_inference_writes_bf16_model_that_loads_and_deletes_it(family, tmp_path, shared_data_dir):
+    save_models = tmp_path / "save_models"
+    argv = [*_common(family, tmp_path, shared_data_dir), "--finetuned_model_name", "WizardMath-13B-V1.0",
+            "--dataset_name", "gsm8k", "--weight_mask_rate", "0.9", "--use_weight_rescale",
+            "--save_models_dir", str(save_models)]
+    metrics = inference_script.main([*argv, "--keep_model"])
+    assert set(metrics["gsm8k"]) >= {"accuracy", "accuracy_flexible", "num_invalid", "num_examples", "version"}
+    folder = save_models / "gsm8k" / "WizardMath-13B-V1.0_inference_mask_0.9_rescale_True"
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model, tokenizer = _load(folder)
+    assert model.get_input_embeddings().weight.shape[0] == 65 and tokenizer.pad_token == "[PAD]"
+    base, _ = _load(Path(family["Llama-2-13b-hf"]))
+    name = "model.layers.0.mlp.up_proj.weight"
+    merged = model.state_dict()[name]
+    unchanged = (merged == base.state_dict()[name].to(torch.bfloat16).to(merged.dtype)).float().mean().item()
+    assert 0.8 < unchanged < 0.97  # ~90% of the deltas dropped
+    # without --keep_model the temporary folder and its empty parents are removed
+    metrics = inference_script.main([*argv, "--weight_mask_rate", "0.5"])
+    assert metrics["gsm8k"]["num_examples"] == 1
+    assert not (save_models / "gsm8k" / "WizardMath-13B-V1.0_inference_mask_0.5_rescale_True").exists()
+
+
+def test_inference_writes_alpaca_eval_and_mbpp_external_files(family, tmp_path, shared_data_dir):
+    common = [*_common(family, tmp_path, shared_data_dir), "--finetuned_model_name", "WizardLM-13B-V1.2",
+              "--weight_mask_rate", "0.0", "--end_index", "2"]
+    metrics = inference_script.main([*common, "--dataset_name", "alpaca_eval"])
+    assert metrics == {"alpaca_eval": {"num_examples": 2, "version": 1}}
+    run_dir = _run_dir(tmp_path / "results", "inference_llms_instruct_math_code/WizardLM-13B-V1.2/alpaca_eval")
+    outputs = json.loads((run_dir / "external" / "alpaca_eval_model_outputs.json").read_text())
+    assert [set(o) for o in outputs] == [{"instruction", "output", "generator", "dataset"}] * 2
+    metrics = inference_script.main([*common, "--dataset_name", "mbpp"])
+    assert metrics["mbpp"]["num_examples"] == 2 and "pass@1" not in metrics["mbpp"]
+    run_dir = _run_dir(tmp_path / "results", "inference_llms_instruct_math_code/WizardLM-13B-V1.2/mbpp")
+    generations = json.loads((run_dir / "external" / "mbpp_generations.json").read_text())
+    assert len(generations) == 500 and [len(g) for g in generations[:3]] == [1, 1, 0]
+    predictions = [json.loads(line) for line in (run_dir / "predictions" / "mbpp.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in predictions] == [11, 12] and {p["result"] for p in predictions} == {"not executed"}
+
+
+def _merge_flags(method: list[str]) -> list[str]:
+    return ["--merge_instruct", "--merge_math", *method]
+
+
+DARE_TIES = ["--merging_method_name", "mask_merging", "--mask_apply_method", "ties_merging", "--weight_mask_rate",
+             "0.2", "--use_weight_rescale"]
+
+
+def test_dare_ties_merge_once_per_task_tokenizers_then_direct_inference(family, tmp_path, shared_data_dir):
+    store = tmp_path / "merged"
+    argv = [*_common(family, tmp_path, shared_data_dir), *_merge_flags(DARE_TIES), "--save_merge_models_dir",
+            str(store)]
+    metrics = merge_script.main([*argv, "--keep_model"])
+    assert set(metrics) == {"alpaca_eval", "gsm8k", "MATH"}
+    name = ("mask_merging/ties_merging_param_value_mask_rate_0.8_scaling_coefficient_1.0_trim_per_tensor/"
+            "mask_0.2_0.2_rescale_True")
+    folders = {task: store / "instruct_math" / task / name for task in ("instruct", "math")}
+    (instruct_model, instruct_tok), (math_model, math_tok) = _load(folders["instruct"]), _load(folders["math"])
+    assert instruct_tok.pad_token is None and math_tok.pad_token == "[PAD]"  # each task keeps its own tokenizer
+    assert instruct_model.get_input_embeddings().weight.shape[0] == 65  # mergelm vocab policy: the largest rows
+    for weights in folders["instruct"].glob("*.safetensors"):  # merged once: the task folders share the files
+        assert os.path.samefile(weights, folders["math"] / weights.name)
+    torch.testing.assert_close(instruct_model.state_dict(), math_model.state_dict())
+    run_dir = _run_dir(tmp_path / "results", "merge_llms_instruct_math_code")
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert {p.name for p in (run_dir / "predictions").iterdir()} == {"alpaca_eval.jsonl", "gsm8k.jsonl", "MATH.jsonl"}
+    # --resume reuses the finished merge and the finished generations
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm_merging, "merge_checkpoints", _fail("merge_checkpoints"))
+        patch.setattr(generation, "generate", _fail("generate"))
+        assert merge_script.main([*argv, "--keep_model", "--resume"]) == metrics
+    direct = direct_script.main([*argv, "--evaluate_task", "math"])
+    assert set(direct) == {"gsm8k", "MATH"} and direct["gsm8k"] == metrics["gsm8k"]
+    by_path = direct_script.main([*_common(family, tmp_path, shared_data_dir), "--evaluate_task", "instruct",
+                                  "--merged_model_path", str(folders["instruct"])])
+    assert set(by_path) == {"alpaca_eval"} and folders["instruct"].exists()
+
+
+def _fail(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} must not be called")
+
+    return fail
+
+
+def test_merge_generates_each_dataset_in_a_subprocess_and_deletes_folders(family, tmp_path, shared_data_dir):
+    store = tmp_path / "merged"
+    method = ["--merging_method_name", "task_arithmetic", "--scaling_coefficient", "0.5"]
+    argv = [*_common(family, tmp_path, shared_data_dir), *_merge_flags(method), "--save_merge_models_dir",
+            str(store), "--subprocess_per_task"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "generate", _fail("in-process generate"))
+        metrics = merge_script.main(argv)
+    assert set(metrics) == {"alpaca_eval", "gsm8k", "MATH"}
+    assert not any(store.rglob("*.safetensors"))
+
+
+# --- validation happens before any model is read ----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    monkeypatch.setattr(llm_merging, "merge_checkpoints", _fail("merge_checkpoints"))
+    monkeypatch.setattr(generation, "generate", _fail("generate"))
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "error", "match"),
+    [
+        (merge_script, ["--merge_math"], ValueError, "at least two"),
+        (merge_script, _merge_flags(["--merging_method_name", "mask_merging", "--weight_mask_rate", "1.0"]),
+         ValueError, "weight_mask_rate"),
+        (merge_script, _merge_flags(["--param_value_mask_rate", "1.5", "--merging_method_name", "ties_merging"]),
+         ValueError, "param_value_mask_rate"),
+        (merge_script, _merge_flags(["--resume", "--overwrite"]), ValueError, "resume and overwrite"),
+        (inference_script, ["--finetuned_model_name", "WizardMath-7B-V1.0", "--wizardcoder_use_llama2_as_backbone"],
+         ValueError, "wizardcoder_use_llama2_as_backbone"),
+        (inference_script, ["--model_path", "WizardLM-13B-V1.2=/does/not/exist"], FileNotFoundError, "does not exist"),
+        (inference_script, ["--end_index", "0"], ValueError, "start_index < end_index"),
+        (direct_script, _merge_flags(["--evaluate_task", "code"]), ValueError, "--merge_code"),
+    ],
+)
+def test_flags_are_validated_before_heavy_work(no_heavy_work, tmp_path, script, argv, error, match):
+    with pytest.raises(error, match=match):
+        script.main([*argv, "--results_dir", str(tmp_path)])
+
+
+def test_direct_inference_without_a_merged_folder_names_the_fix(no_heavy_work, tmp_path, shared_data_dir):
+    argv = [*_merge_flags([]), "--evaluate_task", "math", "--save_merge_models_dir", str(tmp_path / "none"),
+            "--results_dir", str(tmp_path / "results"), "--backend", "hf"]
+    with pytest.raises(FileNotFoundError, match="--keep_model"):
+        direct_script.main(argv)
+
+
+@pytest.mark.skipif(generation.vllm_available(), reason="vLLM is usable here")
+def test_vllm_backend_without_cuda_is_refused_up_front(no_heavy_work, tmp_path):
+    with pytest.raises(ValueError, match="--backend hf"):
+        inference_script.main(["--backend", "vllm", "--results_dir", str(tmp_path)])
+
+
+def test_unknown_method_is_an_argparse_error():
+    with pytest.raises(SystemExit):
+        merge_script.parse_args(_merge_flags(["--merging_method_name", "fisher_merging"]))
+
+
+# --- MergeLM's README commands parse and keep MergeLM's folder names ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [
+        (["--weight_mask_rate", "0.0"], "WizardMath-7B-V1.0_inference_mask_0.0"),
+        (["--weight_mask_rate", "0.9", "--use_weight_rescale"], "WizardMath-7B-V1.0_inference_mask_0.9_rescale_True"),
+        (["--weight_mask_rate", "0.9"], "WizardMath-7B-V1.0_inference_mask_0.9_rescale_False"),
+        (["--weight_mask_rate", "0.9", "--mask_strategy", "magnitude"],
+         "WizardMath-7B-V1.0_inference_mask_0.9_rescale_False_strategy_magnitude"),
+        (["--weight_mask_rate", "0.9", "--use_weight_rescale", "--weight_format", "finetuned_weight"],
+         "WizardMath-7B-V1.0_inference_mask_0.9_rescale_True_weight_format_finetuned_weight"),
+    ],
+)
+def test_readme_inference_commands_keep_mergelm_names(flags, name):
+    args = inference_script.parse_args(["--dataset_name", "gsm8k", "--finetuned_model_name", "WizardMath-7B-V1.0",
+                                        "--tensor_parallel_size", "1", *flags])
+    config = inference_script.build_config(args)
+    assert config.save_model_name == name and config.evaluation.end_index == sys.maxsize
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [
+        (["--merging_method_name", "average_merging"], "average_merging"),
+        (["--merging_method_name", "task_arithmetic", "--scaling_coefficient", "1.0"],
+         "task_arithmetic_scaling_coefficient_1.0"),
+        (["--merging_method_name", "mask_merging", "--use_weight_rescale", "--weight_mask_rate", "0.2",
+          "--mask_apply_method", "average_merging"], "mask_merging/average_merging/mask_0.2_0.2_rescale_True"),
+    ],
+)
+def test_readme_merge_commands_keep_mergelm_names(flags, name):
+    args = merge_script.parse_args([*_merge_flags(flags), "--tensor_parallel_size", "1"])
+    config = merge_config_from_args(args, settings_from_args(args))
+    assert config.save_model_name == name
+    assert config.merged_model_dir("math") == Path("save_merge_models", "instruct_math", "math", *name.split("/"))
+    direct = direct_script.build_config(direct_script.parse_args([*_merge_flags(flags), "--evaluate_task", "math"]))
+    assert direct.model_dir() == config.merged_model_dir("math")
+
+
+# --- vLLM (GPU only) -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not generation.vllm_available(), reason="needs vLLM and CUDA")
+def test_vllm_merge_runs_one_engine_per_process(family, tmp_path, shared_data_dir):
+    argv = [*_common(family, tmp_path, shared_data_dir), *_merge_flags(DARE_TIES), "--save_merge_models_dir",
+            str(tmp_path / "merged")]
+    argv[argv.index("hf")] = "vllm"
+    metrics = merge_script.main(argv)
+    assert set(metrics) == {"alpaca_eval", "gsm8k", "MATH"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not generation.vllm_available(), reason="needs vLLM and CUDA")
+def test_vllm_dare_inference(family, tmp_path, shared_data_dir):
+    argv = [*_common(family, tmp_path, shared_data_dir), "--finetuned_model_name", "WizardMath-13B-V1.0",
+            "--dataset_name", "gsm8k", "--weight_mask_rate", "0.9", "--use_weight_rescale",
+            "--save_models_dir", str(tmp_path / "save_models")]
+    argv[argv.index("hf")] = "vllm"
+    assert inference_script.main(argv)["gsm8k"]["num_examples"] == 1
