@@ -103,17 +103,22 @@ def _read_weight_map(index_file: Path) -> list[Path]:
 
 
 def load_bin_file(file: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` a ``pytorch_model*.bin`` lazily (mmap) and safely (``weights_only=True``)."""
+    """``torch.load`` a ``pytorch_model*.bin`` lazily (mmap) and safely (``weights_only=True``).
+
+    Raises:
+        ValueError: the file is truncated, corrupt, or not a tensor checkpoint.
+    """
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise ValueError(f"{file}: cannot be read as a PyTorch checkpoint ({exc}); re-download it") from exc
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
         # legacy (non-zip) pickles cannot be memory-mapped
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zipfile/pickle errors on truncated files
-        raise ValueError(f"{file}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
-                         "the file is truncated or corrupt, re-download it") from exc
+    except Exception as exc:  # zipfile, pickle and torch errors on truncated or foreign files
+        raise ValueError(f"{file}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc)[:300]}); the file is truncated or corrupt, re-download it") from exc
 
 
 def _index_bin_files(files: list[Path]) -> dict[str, TensorInfo]:

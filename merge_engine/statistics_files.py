@@ -35,6 +35,12 @@ class LazyStatistics(Mapping):
             self._tensors = {k: v for k, v in load_bin_file(path).items() if isinstance(v, torch.Tensor)}
             self._names = list(self._tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of entry ``name`` without reading it (safetensors header)."""
+        if self._reader is not None:
+            return self._reader.index.tensors[name].shape
+        return tuple(self._tensors[name].shape)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._reader is not None:
             return self._reader.read(name)
@@ -76,3 +82,26 @@ def open_statistics(
     if missing:
         raise FileNotFoundError(f"statistics file(s) not found: {', '.join(missing)}")
     return [LazyStatistics(p) for p in paths]
+
+
+def check_statistics(statistics: Sequence[LazyStatistics] | None, kind: str | None,
+                     merged_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every merged parameter needs a Fisher entry of its shape; Gram entries must be ``(in, in)`` square.
+
+    Raises:
+        ValueError: naming the file, the entry and the shapes.
+    """
+    if statistics is None:
+        return
+    for stats in statistics:
+        for name, shape in merged_shapes.items():
+            key = name if kind == "fisher" else (name[: -len(".weight")] if name.endswith(".weight") else None)
+            if key is None or key not in stats:
+                if kind == "fisher":
+                    raise ValueError(f"{stats.path} must hold a Fisher diagonal for every merged parameter, "
+                                     f"got none for {name!r}")
+                continue
+            expected = shape if kind == "fisher" else (shape[-1], shape[-1])
+            if stats.shape(key) != tuple(expected):
+                raise ValueError(f"{stats.path}: entry {key!r} must have shape {tuple(expected)}, "
+                                 f"got {stats.shape(key)}")

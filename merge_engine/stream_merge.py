@@ -40,7 +40,7 @@ from merge_engine.output_folder import (
 )
 from merge_engine.pipeline import ordered_map
 from merge_engine.shard_index import CheckpointIndex, index_checkpoint
-from merge_engine.statistics_files import open_statistics
+from merge_engine.statistics_files import check_statistics, open_statistics
 from merge_engine.tensor_plan import TensorJob, build_tensor_jobs, check_architectures, parse_dtype, read_config
 from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_task import UnitRunner, plan_units
@@ -52,7 +52,7 @@ from model_merging_methods.task_vector import get_param_names_to_merge
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-DEFAULT_CHUNK_NUMEL = 1 << 24
+DEFAULT_CHUNK_NUMEL = 1 << 20
 
 
 def _check_options(vocab_policy: str, device: str, num_threads: int | None, num_models: int,
@@ -197,6 +197,7 @@ def merge_checkpoints(
     check_architectures(configs, labels)
     jobs = build_tensor_jobs(indexes, labels, merge_names=_merge_names(indexes[0], exclude_param_names_regex),
                              vocab_policy=vocab_policy, dtype=out_dtype)
+    check_statistics(statistics, plan.statistics, {j.name: j.out_shape for j in jobs if j.merge})
     units = plan_units(jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
     readers = [TensorReader(index) for index in indexes]
     runner = UnitRunner(plan, readers, labels, vocab_policy=vocab_policy, statistics=statistics, device=device,

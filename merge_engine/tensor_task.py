@@ -88,17 +88,21 @@ class UnitRunner:
     def read_inputs(self, unit: WorkUnit) -> list[torch.Tensor]:
         """``[base, *finetuned]`` for the unit, vocabulary-aligned, checked for NaN/Inf."""
         job = unit.job
-        tensors = [reader.read(src, unit.rows) for reader, src in zip(self.readers, job.sources, strict=True)]
+        models = len(self.readers) if job.merge else 1  # copied tensors come from the base alone
+        tensors = [reader.read(src, unit.rows) for reader, src in zip(self.readers[:models], job.sources[:models])]
         if job.target_rows is not None:
             base = align_rows(tensors[0], job.target_rows, self.vocab_policy)
             tensors = [base] + [align_rows(t, job.target_rows, self.vocab_policy, base) for t in tensors[1:]]
-        if job.merge:
-            for label, tensor in zip(self.labels[1:], tensors[1:], strict=True):
-                self._check_finite(job.name, label, tensor)
+        for label, tensor in zip(self.labels[1:], tensors[1:]):
+            self._check_finite(job.name, label, tensor)
         return tensors
 
     def _check_finite(self, name: str, label: str, tensor: torch.Tensor) -> None:
-        if bool(torch.isfinite(tensor).all()):
+        if tensor.numel() == 0:
+            return
+        # min/max propagate NaN and expose +-Inf: one fast reduction instead of an elementwise isfinite
+        low, high = torch.aminmax(tensor)
+        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
             return
         count = int((~torch.isfinite(tensor)).sum())
         message = f"{label}: tensor {name!r} has {count} NaN/Inf value(s)"

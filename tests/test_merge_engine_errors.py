@@ -1,0 +1,179 @@
+"""Bad input for the streaming merger: each is refused before any tensor is merged, with a message that helps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_family, tiny_bert_config, tiny_llama_config
+from test_merge_engine import read_back, save_bin, save_sharded, state_dicts_of
+
+from merge_engine import merge_checkpoints
+
+TA = {"merging_method_name": "task_arithmetic", "progress": False}
+
+
+@pytest.fixture
+def family_sds():
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
+    base, finetuned = make_family(LlamaForCausalLM, config)
+    return state_dicts_of([base, *finetuned]), config
+
+
+def _save_all(sds, config, tmp_path: Path) -> list[str]:
+    return [str(save_sharded(sd, tmp_path / n, config=config)) for sd, n in zip(sds, ["base", "ft1", "ft2"],
+                                                                                  strict=True)]
+
+
+def _nothing_written(tmp_path: Path) -> bool:
+    return not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
+
+
+def test_missing_folder_lists_places_tried(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"tried: local folder .*does-not-exist"):
+        merge_checkpoints(folders[0], [str(tmp_path / "does-not-exist")], str(tmp_path / "out"), **TA)
+    assert _nothing_written(tmp_path)
+
+
+def test_unknown_hub_id_offline_names_the_hub_attempt(family_sds, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    folders = _save_all(*family_sds, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"hub id 'nobody-xyz/not-a-model'"):
+        merge_checkpoints(folders[0], ["nobody-xyz/not-a-model"], str(tmp_path / "out"), **TA)
+
+
+def test_different_architectures_refused(family_sds, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    folders = _save_all(*family_sds, tmp_path)
+    bert, _ = make_family(BertForSequenceClassification, tiny_bert_config(), num_finetuned=0)
+    bert_dir = save_sharded(state_dicts_of([bert])[0], tmp_path / "bert", config=tiny_bert_config())
+    with pytest.raises(ValueError, match=r"architecture"):
+        merge_checkpoints(folders[0], [str(bert_dir)], str(tmp_path / "out"), **TA)
+    assert _nothing_written(tmp_path)
+
+
+def test_tensor_missing_in_one_model(family_sds, tmp_path):
+    sds, config = family_sds
+    del sds[2]["model.layers.1.mlp.up_proj.weight"]
+    folders = _save_all(sds, config, tmp_path)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight.*ft2"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), **TA)
+    assert _nothing_written(tmp_path)
+
+
+def test_shape_mismatch(family_sds, tmp_path):
+    sds, config = family_sds
+    sds[1]["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 40)
+    folders = _save_all(sds, config, tmp_path)
+    with pytest.raises(ValueError, match=r"ft1.*down_proj.weight.*shape \(32, 48\), got \(32, 40\)"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), **TA)
+
+
+def test_truncated_shard(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    shard = sorted(Path(folders[1]).glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"truncated or corrupt"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), **TA)
+    assert _nothing_written(tmp_path)
+
+
+def test_corrupt_bin_file(family_sds, tmp_path):
+    sds, config = family_sds
+    folders = _save_all(sds, config, tmp_path)
+    bin_dir = save_bin(sds[1], tmp_path / "bin_ft1", config)
+    (bin_dir / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(ValueError, match=r"pytorch_model.bin.*re-download"):
+        merge_checkpoints(folders[0], [str(bin_dir)], str(tmp_path / "out"), **TA)
+
+
+def test_nan_in_finetuned_warns_with_name(family_sds, tmp_path, caplog):
+    sds, config = family_sds
+    sds[1]["model.layers.0.self_attn.q_proj.weight"][3, 4] = float("nan")
+    folders = _save_all(sds, config, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), **TA)
+    assert "model.layers.0.self_attn.q_proj.weight" in caplog.text and "NaN/Inf" in caplog.text
+
+
+def test_inf_in_finetuned_is_an_error_with_strict(family_sds, tmp_path):
+    sds, config = family_sds
+    sds[2]["model.norm.weight"][0] = float("inf")
+    folders = _save_all(sds, config, tmp_path)
+    with pytest.raises(ValueError, match=r"model.norm.weight.*NaN/Inf"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), strict=True, **TA)
+    assert not (tmp_path / "out").exists()
+
+
+def test_drop_rate_one_with_rescale_refused(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    hp = {"mask_apply_method": "task_arithmetic", "weight_mask_rate": 1.0, "use_weight_rescale": True}
+    with pytest.raises(ValueError, match=r"weight_mask_rate must be in \[0, 1\), got 1.0"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), merging_method_name="mask_merging",
+                          hyperparameters=hp, progress=False)
+    assert _nothing_written(tmp_path)
+
+
+def test_output_inside_input_refused(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    with pytest.raises(ValueError, match=r"must not lie inside an input model folder"):
+        merge_checkpoints(folders[0], folders[1:], str(Path(folders[1]) / "merged"), **TA)
+    assert not (Path(folders[1]) / "merged").exists()
+    with pytest.raises(ValueError, match=r"must not contain an input model folder"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path), overwrite=True, **TA)
+    assert all(Path(f).exists() for f in folders)
+
+
+def test_non_empty_output_needs_overwrite(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"pass --overwrite"):
+        merge_checkpoints(folders[0], folders[1:], str(out), **TA)
+    merge_checkpoints(folders[0], folders[1:], str(out), overwrite=True, **TA)
+    assert not (out / "keep.txt").exists() and (out / "merge_config.json").exists()
+
+
+def test_statistics_files_required_for_fisher(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    with pytest.raises(ValueError, match=r"fisher_merging needs one statistics file"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), merging_method_name="fisher_merging",
+                          progress=False)
+
+
+def test_unknown_vocab_policy_and_dtype(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    with pytest.raises(ValueError, match=r"vocab_policy must be one of"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), vocab_policy="union", **TA)
+    with pytest.raises(ValueError, match=r"dtype must be one of"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), dtype="int8", **TA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_matches_cpu(family_sds, tmp_path):
+    folders = _save_all(*family_sds, tmp_path)
+    hp = {"mask_apply_method": "task_arithmetic", "weight_mask_rate": 0.5, "use_weight_rescale": True}
+    for device in ("cpu", "cuda"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / device), merging_method_name="mask_merging",
+                          hyperparameters=hp, device=device, progress=False)
+    cpu, cuda = read_back(tmp_path / "cpu"), read_back(tmp_path / "cuda")
+    for name, tensor in cpu.items():
+        torch.testing.assert_close(cuda[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_cuda_refused_without_gpu(family_sds, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    folders = _save_all(*family_sds, tmp_path)
+    with pytest.raises(ValueError, match=r"torch.cuda.is_available\(\) is False"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), device="cuda", **TA)
