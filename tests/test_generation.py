@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ from evaluation.generation import (
     vllm_available,
 )
 from utils.model_loading import smollm2_gguf_path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = [f"w{i:02d}" for i in range(60)]
 PROMPTS = [
@@ -71,6 +68,7 @@ def _fresh_model_cache_one_thread(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     generation.release_hf_model()
     yield
     generation.release_hf_model()
@@ -222,6 +220,11 @@ def test_generate_to_jsonl_with_the_tiny_model_matches_generate(tiny_model_dir, 
     lines = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()]
     # lines are appended as examples finish (longest prompts first), not in input order
     assert sorted(line["task_id"] for line in lines) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+
+
+def test_run_in_subprocess_refuses_a_callback(tmp_path):
+    with pytest.raises(ValueError, match="on_result"):
+        run_in_subprocess([{"id": 0, "prompt": "p"}], tmp_path / "g.jsonl", on_result=print, max_tokens=1)
 
 
 @pytest.mark.slow
