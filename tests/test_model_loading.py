@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
+from merge_engine.shard_index import index_checkpoint
 from utils.model_loading import (
     FINETUNED_TO_BACKBONE,
     MODEL_HUB_IDS,
@@ -20,7 +21,6 @@ from utils.model_loading import (
     resolve_model,
     smollm2_gguf_path,
     split_gguf_path,
-    weight_files,
 )
 
 # --- names and maps ---------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_recovered_model_equals_the_finetuned_model(wizardlm_like):
     out = recover_wizardlm_7b(root / "diff", root / "base", root / "recovered")
     assert (out / "tokenizer_config.json").is_file() and (out / "model.safetensors.index.json").is_file()
     assert not any(p.name.startswith(".recovered.tmp") for p in root.iterdir())
-    assert all(not name.endswith("inv_freq") for name in weight_files(out))
+    assert all(not name.endswith("inv_freq") for name in index_checkpoint(out).tensors)
     recovered = AutoModelForCausalLM.from_pretrained(out).eval()
     assert recovered.get_input_embeddings().weight.shape == (65, 32)
     expected = finetuned.state_dict()
@@ -195,6 +195,6 @@ def test_recovery_refuses_a_non_empty_output_and_mismatched_shapes(wizardlm_like
     assert not any(p.name.startswith(".recovered.tmp") for p in root.iterdir())
 
 
-def test_weight_files_error_names_the_files_looked_for(tmp_path):
+def test_recovery_without_weights_names_the_files_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors.index.json"):
-        weight_files(tmp_path)
+        recover_wizardlm_7b(tmp_path, tmp_path, tmp_path / "out")

@@ -255,59 +255,8 @@ def load_causal_lm_for_generation(
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 _INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 # Rows added for a new pad token live in these tensors; all other shapes must match exactly.
 _VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
-
-
-def weight_files(model_dir: str | os.PathLike) -> dict[str, str]:
-    """Tensor name -> weight file (absolute path) of a local checkpoint folder (safetensors or ``.bin``)."""
-    model_dir = Path(model_dir)
-    for index_name in _INDEX_NAMES:
-        if (model_dir / index_name).is_file():
-            weight_map = json.loads((model_dir / index_name).read_text(encoding="utf-8"))["weight_map"]
-            return {name: str(model_dir / file) for name, file in weight_map.items()}
-    for single in _SINGLE_NAMES:
-        if (model_dir / single).is_file():
-            return {name: str(model_dir / single) for name in _read_file_keys(str(model_dir / single))}
-    raise FileNotFoundError(
-        f"no weights in {model_dir}: looked for {', '.join(_INDEX_NAMES + _SINGLE_NAMES)}; "
-        "download the full checkpoint folder"
-    )
-
-
-class _TensorFiles:
-    """Lazy per-tensor reads: safetensors through ``safe_open``, ``.bin`` through ``torch.load(mmap=True)``."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, Any] = {}
-
-    def get(self, file: str, name: str) -> Any:
-        if file not in self._open:
-            self._open[file] = _open_weight_file(file)
-        handle = self._open[file]
-        return handle.get_tensor(name) if file.endswith(".safetensors") else handle[name]
-
-    def close(self) -> None:
-        self._open.clear()
-
-
-def _open_weight_file(file: str) -> Any:
-    import torch
-    from safetensors import safe_open
-
-    if file.endswith(".safetensors"):
-        return safe_open(file, framework="pt", device="cpu")
-    try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
-        logger.warning("%s cannot be memory-mapped; loading it whole", file)
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def _read_file_keys(file: str) -> list[str]:
-    handle = _open_weight_file(file)
-    return list(handle.keys())
 
 
 def _add_diff_to_base(name: str, diff: Any, base: Any, dtype: Any) -> Any:
@@ -353,7 +302,8 @@ def recover_wizardlm_7b(
     WizardLM diff has 32001 rows against LLaMA's 32000). Any other shape mismatch is an error. Rotary
     ``inv_freq`` buffers (old ``.bin`` checkpoints) are dropped: transformers recomputes them.
 
-    Streams one diff shard at a time (safetensors ``safe_open`` or ``torch.load(mmap=True)``), sums in float32,
+    Streams one diff shard at a time through ``merge_engine``'s checkpoint index and tensor reader (safetensors
+    or memory-mapped ``.bin``), sums in float32,
     writes one safetensors shard per diff shard plus an index, copies the diff's config and tokenizer files
     (they already hold ``[PAD]``), and moves the finished folder into place atomically.
 
@@ -374,12 +324,14 @@ def recover_wizardlm_7b(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True to replace it")
-    diff_files, base_files = weight_files(diff_path), weight_files(base_path)
-    _check_same_tensor_names(diff_files, base_files)
+    from merge_engine.shard_index import index_checkpoint
+
+    diff_index, base_index = index_checkpoint(Path(diff_path)), index_checkpoint(Path(base_path))
+    _check_same_tensor_names(diff_index.tensors, base_index.tensors)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     try:
-        weight_map = _write_recovered_shards(diff_files, base_files, tmp_dir, torch_dtype)
+        weight_map = _write_recovered_shards(diff_index, base_index, tmp_dir, torch_dtype)
         _write_recovered_metadata(Path(diff_path), tmp_dir, weight_map, dtype)
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -391,22 +343,21 @@ def recover_wizardlm_7b(
     return output_dir
 
 
-def _write_recovered_shards(
-    diff_files: Mapping[str, str], base_files: Mapping[str, str], out_dir: Path, torch_dtype: Any
-) -> dict[str, str]:
+def _write_recovered_shards(diff_index: Any, base_index: Any, out_dir: Path, torch_dtype: Any) -> dict[str, str]:
     """One output safetensors shard per diff shard; only one shard's tensors are in memory at a time."""
     from safetensors.torch import save_file
 
-    reader = _TensorFiles()
-    groups = list(_grouped_by_file({k: v for k, v in diff_files.items() if not _is_rotary_buffer(k)}))
+    from merge_engine.tensor_reader import TensorReader
+
+    diff_reader, base_reader = TensorReader(diff_index), TensorReader(base_index)
+    files = {name: str(info.file) for name, info in diff_index.tensors.items() if not _is_rotary_buffer(name)}
+    groups = list(_grouped_by_file(files))
     weight_map: dict[str, str] = {}
     try:
-        for shard_index, (diff_file, names) in enumerate(groups, start=1):
+        for shard_index, (_, names) in enumerate(groups, start=1):
             shard_name = f"model-{shard_index:05d}-of-{len(groups):05d}.safetensors"
             shard = {
-                name: _add_diff_to_base(
-                    name, reader.get(diff_file, name), reader.get(base_files[name], name), torch_dtype
-                )
+                name: _add_diff_to_base(name, diff_reader.read(name), base_reader.read(name), torch_dtype)
                 for name in names
             }
             save_file(shard, str(out_dir / shard_name), metadata={"format": "pt"})
@@ -414,7 +365,8 @@ def _write_recovered_shards(
             logger.info("recovered shard %d/%d (%d tensors)", shard_index, len(groups), len(names))
             del shard
     finally:
-        reader.close()
+        diff_reader.close()
+        base_reader.close()
     return weight_map
 
 
@@ -422,9 +374,9 @@ def _is_rotary_buffer(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")
 
 
-def _check_same_tensor_names(diff_files: Mapping[str, str], base_files: Mapping[str, str]) -> None:
-    diff_names = {n for n in diff_files if not _is_rotary_buffer(n)}
-    base_names = {n for n in base_files if not _is_rotary_buffer(n)}
+def _check_same_tensor_names(diff_tensors: Mapping[str, Any], base_tensors: Mapping[str, Any]) -> None:
+    diff_names = {n for n in diff_tensors if not _is_rotary_buffer(n)}
+    base_names = {n for n in base_tensors if not _is_rotary_buffer(n)}
     if diff_names != base_names:
         only_diff, only_base = sorted(diff_names - base_names)[:5], sorted(base_names - diff_names)[:5]
         raise ValueError(
