@@ -296,3 +296,25 @@ def test_vllm_dare_inference(family, tmp_path, shared_data_dir):
             "--save_models_dir", str(tmp_path / "save_models")]
     argv[argv.index("hf")] = "vllm"
     assert inference_script.main(argv)["gsm8k"]["num_examples"] == 1
+
+
+def test_wizardlm_7b_weight_diff_is_recovered_once_then_evaluated(family, tmp_path, shared_data_dir):
+    from safetensors.torch import save_file
+
+    base, _ = _load(Path(family["Llama-2-13b-hf"]))
+    finetuned, tokenizer = _load(Path(family["WizardLM-13B-V1.2"]))
+    diff_dir = tmp_path / "WizardLM-7B-V1.0-diff"
+    diff_dir.mkdir()
+    base_sd = base.state_dict()
+    diff = {k: (v - base_sd[k]).contiguous() for k, v in finetuned.state_dict().items()}
+    save_file(diff, str(diff_dir / "model.safetensors"))
+    finetuned.config.save_pretrained(diff_dir)
+    tokenizer.save_pretrained(diff_dir)
+    save_models = tmp_path / "save_models"
+    argv = ["--finetuned_model_name", "WizardLM-7B-V1.0", "--model_path", f"WizardLM-7B-V1.0={diff_dir}",
+            "--model_path", f"llama-7b-hf={family['Llama-2-13b-hf']}", "--weight_mask_rate", "0.0",
+            "--dataset_name", "gsm8k", "--save_models_dir", str(save_models),
+            *_common({}, tmp_path, shared_data_dir)]
+    assert inference_script.main(argv)["gsm8k"]["num_examples"] == 1
+    recovered, _ = _load(save_models / "WizardLM-7B-V1.0-recovered")
+    torch.testing.assert_close(recovered.state_dict(), finetuned.state_dict(), atol=1e-6, rtol=0)
