@@ -47,7 +47,8 @@ def build_config(args: argparse.Namespace) -> LlmInferenceConfig:
         use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
         wizardcoder_use_llama2_as_backbone=args.wizardcoder_use_llama2_as_backbone, seed=args.seed,
         model_paths=parse_model_path_overrides(args.model_path), save_models_dir=args.save_models_dir,
-        save_dtype=args.save_dtype, keep_model=args.keep_model, evaluation=settings_from_args(args),
+        save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
+        evaluation=settings_from_args(args),
     )
 
 
@@ -56,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     config = build_config(args)
     paths = inference_model_paths(config)
-    run_dir = start_run(config.run_dir(args.results_dir), args, {**config.record(), "model_paths": paths}, argv)
+    record = {**config.record(), "resolved_model_paths": paths}
+    run_dir = start_run(config.run_dir(args.results_dir), args, record, argv)
     metrics = run_inference(config, run_dir, paths)
     write_metrics(run_dir, metrics)
     return metrics

@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     config = merge_config_from_args(args, settings_from_args(args))
     paths = merge_model_paths(config)
-    run_dir = start_run(config.run_dir(args.results_dir), args, {**config.record(), "model_paths": paths}, argv)
+    record = {**config.record(), "resolved_model_paths": paths}
+    run_dir = start_run(config.run_dir(args.results_dir), args, record, argv)
     metrics = run_merge(config, run_dir, paths)
     write_metrics(run_dir, metrics)
     return metrics

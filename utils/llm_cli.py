@@ -68,6 +68,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks and of torch/numpy/random")
     parser.add_argument("--save_dtype", default="bfloat16", choices=SAVE_DTYPES, help="dtype of written models")
     parser.add_argument("--keep_model", action="store_true", help="keep the DARE'd / merged model folder")
+    parser.add_argument("--merge_num_threads", type=int, default=None,
+                        help="streaming-merger worker threads (default: CPU count); fewer threads = less RAM")
     parser.add_argument("--subprocess_per_task", action="store_true",
                         help="generate each dataset in its own process (always on with vLLM)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,7 +98,8 @@ def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSetting
         weight_mask_rate=args.weight_mask_rate, use_weight_rescale=args.use_weight_rescale,
         mask_strategy=args.mask_strategy, mask_apply_method=args.mask_apply_method, seed=args.seed,
         model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
-        save_dtype=args.save_dtype, keep_model=args.keep_model, evaluation=settings,
+        save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
+        evaluation=settings,
     )
 
 

@@ -43,6 +43,11 @@ def _check_save_dtype(save_dtype: str) -> None:
     _check_choice("save_dtype", save_dtype, SAVE_DTYPES)
 
 
+def _check_threads(merge_num_threads: int | None) -> None:
+    if merge_num_threads is not None and merge_num_threads < 1:
+        raise ValueError(f"merge_num_threads must be >= 1, got {merge_num_threads}; omit it for the CPU count")
+
+
 @dataclass(frozen=True)
 class LlmInferenceConfig:
     """``inference_llms_instruct_math_code.py``: one fine-tuned LLM (optionally DARE'd) on one dataset.
@@ -63,9 +68,11 @@ class LlmInferenceConfig:
     save_models_dir: str = "save_models"
     save_dtype: str = "bfloat16"
     keep_model: bool = False
+    merge_num_threads: int | None = None
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:
+        _check_threads(self.merge_num_threads)
         _check_choice("finetuned_model_name", self.finetuned_model_name, FINETUNED_MODEL_NAMES)
         _check_choice("dataset_name", self.dataset_name, LLM_DATASET_NAMES)
         _check_save_dtype(self.save_dtype)
@@ -150,9 +157,11 @@ class LlmMergeConfig:
     save_merge_models_dir: str = "save_merge_models"
     save_dtype: str = "bfloat16"
     keep_model: bool = False
+    merge_num_threads: int | None = None
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:
+        _check_threads(self.merge_num_threads)
         if len(self.merge_tasks) < 2 or len(set(self.merge_tasks)) != len(self.merge_tasks):
             raise ValueError(f"merging needs at least two distinct tasks, got {list(self.merge_tasks)}; pass two or "
                              "three of --merge_instruct, --merge_math, --merge_code")
@@ -231,7 +240,7 @@ class LlmMergeConfig:
                            hyperparameter_dirname(hp), *extra)
 
     def record(self) -> dict[str, Any]:
-        return {"script": MERGE_SCRIPT, **asdict(self), "merging_method_name": self.merging_method_name,
+        return {"script": MERGE_SCRIPT, **asdict(self),
                 "applied_method": self.applied_method, "finetuned_model_names": self.finetuned_model_names,
                 "backbone_name": self.backbone_name, "save_model_name": self.save_model_name,
                 "datasets": [d for t in self.merge_tasks for d in TASK_DATASETS[t]]}

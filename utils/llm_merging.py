@@ -46,7 +46,7 @@ def _same_recipe(folder: Path, pretrained: str, finetuned: list[str], method: st
 
 def merge_into(
     output_dir: Path, pretrained: str, finetuned: list[str], *, method: str, hyperparameters: Mapping[str, Any],
-    save_dtype: str, copy_config_from: int, resume: bool, progress: bool = True,
+    save_dtype: str, copy_config_from: int, resume: bool, num_threads: int | None = None, progress: bool = True,
 ) -> Path:
     """Stream-merge into ``output_dir``; with ``resume`` a finished folder of the same recipe is reused.
 
@@ -62,7 +62,7 @@ def merge_into(
     summary = merge_checkpoints(
         pretrained, finetuned, str(output_dir), merging_method_name=method, hyperparameters=hyperparameters,
         dtype=save_dtype, vocab_policy="mergelm", copy_config_from=copy_config_from, overwrite=True,
-        resume=resume, progress=progress,
+        resume=resume, num_threads=num_threads, progress=progress,
     )
     logger.info("merge summary: %s", summary)
     return output_dir
@@ -135,7 +135,8 @@ def prepare_inference_model(config: LlmInferenceConfig, paths: Mapping[str, str]
     output_dir = config.dare_model_dir()
     merge_into(output_dir, paths[config.backbone_name], [finetuned], method="mask_merging",
                hyperparameters=config.dare_hyperparameters(), save_dtype=config.save_dtype, copy_config_from=1,
-               resume=config.evaluation.resume, progress=config.evaluation.progress)
+               resume=config.evaluation.resume, num_threads=config.merge_num_threads,
+               progress=config.evaluation.progress)
     return str(output_dir), output_dir
 
 
@@ -198,7 +199,8 @@ def merge_llms(config: LlmMergeConfig, paths: Mapping[str, str]) -> dict[str, Pa
     weights_dir = config.merged_model_dir(config.merge_tasks[0])
     merge_into(weights_dir, paths[config.backbone_name], finetuned, method=config.merging_method_name,
                hyperparameters=config.hyperparameters(), save_dtype=config.save_dtype, copy_config_from=0,
-               resume=config.evaluation.resume, progress=config.evaluation.progress)
+               resume=config.evaluation.resume, num_threads=config.merge_num_threads,
+               progress=config.evaluation.progress)
     views = {}
     for task in config.merge_tasks:
         tokenizer_dir = resolve_model_dir(paths[TASK_TO_MODEL[task]])
