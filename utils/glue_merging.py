@@ -40,9 +40,9 @@ PAPER_GRIDS: dict[str, dict[str, list]] = {
 }
 QUICK_GRIDS: dict[str, dict[str, list]] = {
     "average_merging": {},
-    "task_arithmetic": {"scaling_coefficient": [0.5, 0.7, 1.0]},
-    "fisher_merging": {"fisher_scaling_coefficient": [1.0], "num_fisher_examples": [128]},
-    "regmean_merging": {"num_regmean_examples": [128], "reduce_non_diagonal_ratio": [0.9]},
+    "task_arithmetic": {"scaling_coefficient": [0.5, 1.0]},
+    "fisher_merging": {"fisher_scaling_coefficient": [1.0], "num_fisher_examples": [64]},
+    "regmean_merging": {"num_regmean_examples": [64], "reduce_non_diagonal_ratio": [0.9]},
     "ties_merging": {"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8]},
 }
 PAPER_DARE_RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
