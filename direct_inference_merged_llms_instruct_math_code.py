@@ -27,7 +27,7 @@ from utils.llm_cli import (
     start_run,
 )
 from utils.llm_configs import MERGE_TASK_ORDER, DirectInferenceConfig
-from utils.llm_merging import run_direct_inference
+from utils.llm_merging import check_direct_inputs, run_direct_inference
 from utils.run_dir import write_metrics
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     config = build_config(args)
+    check_direct_inputs(config)
     run_dir = start_run(config.run_dir(args.results_dir), args, config.record(), argv)
     metrics = run_direct_inference(config, run_dir)
     write_metrics(run_dir, metrics)

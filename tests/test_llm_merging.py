@@ -318,3 +318,14 @@ def test_wizardlm_7b_weight_diff_is_recovered_once_then_evaluated(family, tmp_pa
     assert inference_script.main(argv)["gsm8k"]["num_examples"] == 1
     recovered, _ = _load(save_models / "WizardLM-7B-V1.0-recovered")
     torch.testing.assert_close(recovered.state_dict(), finetuned.state_dict(), atol=1e-6, rtol=0)
+
+
+def test_missing_data_fails_before_the_run_folder_is_created(no_heavy_work, family, tmp_path, monkeypatch):
+    from evaluation import data
+
+    monkeypatch.delenv("MERGELM_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", tmp_path / "empty")
+    argv = [*_common(family, tmp_path, tmp_path / "empty"), *_merge_flags([])]
+    with pytest.raises(FileNotFoundError, match="prepare_math_code_data.py"):
+        merge_script.main(argv)
+    assert not (tmp_path / "results").exists()

