@@ -329,3 +329,10 @@ def test_missing_data_fails_before_the_run_folder_is_created(no_heavy_work, fami
     with pytest.raises(FileNotFoundError, match="prepare_math_code_data.py"):
         merge_script.main(argv)
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("script", [inference_script, merge_script, direct_script])
+def test_help_lists_the_flags(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--tensor_parallel_size" in capsys.readouterr().out
