@@ -71,22 +71,30 @@ def _base_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) 
 
 
 def write_model(folder: Path, config: dict, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int) -> None:
-    """Save bf16 tensors as sharded safetensors with an index, plus ``config.json``."""
+    """Save bf16 tensors as sharded safetensors with an index, plus ``config.json`` (one shard in memory)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    names: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        names.append(list(shard))
+        save_file(shard, str(folder / f"part-{len(names)}.safetensors"), metadata={"format": "pt"})
+        shard.clear()
+
     for name, tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > shard_bytes:
-            shards.append({})
+        if shard and size + tensor.nbytes > shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = tensor
+        shard[name] = tensor
         size += tensor.nbytes
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
-        weight_map.update({name: file_name for name in shard})
-        total += sum(t.nbytes for t in shard.values())
+        total += tensor.nbytes
+    flush()
+    weight_map = {}
+    for i, shard_names in enumerate(names):
+        file_name = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        (folder / f"part-{i + 1}.safetensors").rename(folder / file_name)
+        weight_map.update(dict.fromkeys(shard_names, file_name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (folder / "config.json").write_text(json.dumps(config, indent=2))

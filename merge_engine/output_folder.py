@@ -95,6 +95,13 @@ def copy_side_files(work: Path, source_dir: Path, config_updates: Mapping[str, A
         else:
             shutil.copyfile(source, work / name)
         copied.append(name)
+    rows = config_updates.get("vocab_size")
+    if rows is not None and any(n in copied for n in TOKENIZER_FILES):
+        source_rows = json.loads((source_dir / "config.json").read_text("utf-8")).get("vocab_size")
+        if source_rows != rows:
+            logger.warning("tokenizer copied from %s (vocab_size %s) but the merged embeddings have %d rows; pass "
+                           "--copy_config_from with the index of a model that has the added tokens", source_dir,
+                           source_rows, rows)
     if "config.json" not in copied:
         logger.warning("%s has no config.json; the merged folder will not load with transformers", source_dir)
     return copied
@@ -121,6 +128,8 @@ def write_model_card(work: Path, merge_config: Mapping[str, Any]) -> None:
 
 def publish(work: Path, output_dir: Path) -> None:
     """Rename the finished work folder to ``output_dir`` (replacing an old one only at the very end)."""
+    for path in work.iterdir():
+        path.chmod(0o644)  # atomic writes go through mkstemp (0600); the model must be readable by servers
     old = None
     if output_dir.exists():
         old = output_dir.parent / f".{output_dir.name}.old"

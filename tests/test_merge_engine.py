@@ -200,6 +200,7 @@ def test_output_folder_loads_with_transformers(llama_family, tmp_path):
     assert {"config.json", "merge_config.json", "README.md", "model.safetensors.index.json",
             "tokenizer_config.json"} <= names
     assert not any(n.endswith(".tmp") for n in names)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir()), "files must be readable by others"
     assert not (tmp_path / ".merged.incomplete").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     merged = load_merged(out)
