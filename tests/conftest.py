@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -53,10 +54,10 @@ def tiny_llama_config(**overrides):
 def make_family(model_cls, config, num_finetuned: int = 2, delta_std: float = 0.01, seed: int = 0):
     """A base model and ``num_finetuned`` copies with seeded Gaussian deltas on every float parameter."""
     torch.manual_seed(seed)
-    base = model_cls(config).eval()
+    base = model_cls(copy.deepcopy(config)).eval()
     finetuned = []
     for i in range(num_finetuned):
-        model = model_cls(config).eval()
+        model = model_cls(copy.deepcopy(config)).eval()  # own config: resizing one must not touch the others
         model.load_state_dict(base.state_dict())
         generator = torch.Generator().manual_seed(1000 + i)
         with torch.no_grad():
