@@ -10,8 +10,8 @@ Order of work:
 4. write the index, config/tokenizer files, ``merge_config.json`` and the model card, then rename the work
    folder to ``output_dir``.
 
-Peak memory is about ``(num_threads + 1) x (num_models + method temporaries) x`` the largest unit (a tensor,
-or a row chunk of ``chunk_numel`` elements), and never includes an output shard.
+Peak memory is about ``(2 x num_threads + 2) x (num_models + method temporaries) x`` the largest unit (a
+tensor, or a row chunk of ``chunk_numel`` elements), and never includes an output shard.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _stream_tensors(runner: UnitRunner, units, writer: ShardedWriter, done_names
     written = 0
     bar = tqdm(total=sum(1 for u in todo if u.last), desc="merging tensors", unit="tensor", disable=not progress)
     with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="merge") as pool:
-        for unit, tensor in ordered_map(runner.run, todo, pool, depth=num_workers + 1):
+        for unit, tensor in ordered_map(runner.run, todo, pool, depth=2 * num_workers + 2):
             if unit.rows is None:
                 writer.write(unit.job.name, tensor)
             else:
