@@ -22,6 +22,7 @@ import resource
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,41 @@ def _summary(tensors: int, writer: ShardedWriter, start: float, output_dir: Path
     return summary
 
 
+@dataclass(frozen=True)
+class _Models:
+    dirs: list[Path]
+    indexes: list[CheckpointIndex]
+    configs: list[dict]
+    jobs: list[TensorJob]
+    output: Path
+
+
+def _validate_models(labels: Sequence[str], output: Path, plan, exclude: Sequence[str], vocab_policy: str,
+                     out_dtype: torch.dtype | None, statistics) -> _Models:
+    """Resolve and index every model, then check location, architectures, names, shapes and statistics."""
+    dirs, indexes, configs = _index_models(labels)
+    check_output_location(output, dirs)
+    check_architectures(configs, labels)
+    jobs = build_tensor_jobs(indexes, labels, merge_names=_merge_names(indexes[0], exclude),
+                             vocab_policy=vocab_policy, dtype=out_dtype)
+    check_statistics(statistics, plan.statistics, {j.name: j.out_shape for j in jobs if j.merge})
+    return _Models(dirs, indexes, configs, jobs, output)
+
+
+def _run(runner: UnitRunner, units, writer: ShardedWriter, done_names: set[str], num_workers: int,
+         progress: bool) -> int:
+    """Whole-model passes, then the merge; torch's own threads are off while the workers run."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1 if num_workers > 1 else torch_threads)  # parallelism comes from the workers
+    try:
+        run_global_passes(runner, units, progress=progress)
+        return _stream_tensors(runner, units, writer, done_names, num_workers=num_workers, progress=progress)
+    finally:
+        torch.set_num_threads(torch_threads)
+        for reader in runner.readers:
+            reader.close()
+
+
 def merge_checkpoints(
     pretrained_model: str,
     finetuned_models: Sequence[str],
@@ -187,37 +223,24 @@ def merge_checkpoints(
     hyperparameters = dict(hyperparameters or {})
     plan = build_merge_plan(merging_method_name, len(finetuned_models), **hyperparameters)
     _check_options(vocab_policy, device, num_threads, len(finetuned_models), copy_config_from)
-    out_dtype = parse_dtype(dtype)
     statistics = open_statistics(statistics_files, statistics_kind=plan.statistics,
                                  num_models=len(finetuned_models), method_name=plan.method.name)
     labels = [pretrained_model, *finetuned_models]
-    dirs, indexes, configs = _index_models(labels)
-    output = Path(output_dir).expanduser().resolve()
-    check_output_location(output, dirs)
-    check_architectures(configs, labels)
-    jobs = build_tensor_jobs(indexes, labels, merge_names=_merge_names(indexes[0], exclude_param_names_regex),
-                             vocab_policy=vocab_policy, dtype=out_dtype)
-    check_statistics(statistics, plan.statistics, {j.name: j.out_shape for j in jobs if j.merge})
-    units = plan_units(jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
-    readers = [TensorReader(index) for index in indexes]
-    runner = UnitRunner(plan, readers, labels, vocab_policy=vocab_policy, statistics=statistics, device=device,
-                        strict=strict)
-    record = build_merge_record(labels, dirs, indexes, merging_method_name, hyperparameters, plan.seed,
+    setup = _validate_models(labels, Path(output_dir).expanduser().resolve(), plan, exclude_param_names_regex,
+                             vocab_policy, parse_dtype(dtype), statistics)
+    runner = UnitRunner(plan, [TensorReader(index) for index in setup.indexes], labels, vocab_policy=vocab_policy,
+                        statistics=statistics, device=device, strict=strict)
+    record = build_merge_record(labels, setup.dirs, setup.indexes, merging_method_name, hyperparameters, plan.seed,
                                 exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
                                 statistics_files)
-    shards, work, writer, done_names = _open_work(output, record, jobs, max_shard_bytes, overwrite, resume)
+    shards, work, writer, done_names = _open_work(setup.output, record, setup.jobs, max_shard_bytes, overwrite,
+                                                  resume)
+    units = plan_units(setup.jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
     num_workers = num_threads or (2 if runner.device.type == "cuda" else os.cpu_count() or 1)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1 if num_workers > 1 else torch_threads)  # parallelism comes from the workers
-    try:
-        run_global_passes(runner, units, progress=progress)
-        tensors = _stream_tensors(runner, units, writer, done_names, num_workers=num_workers, progress=progress)
-    finally:
-        torch.set_num_threads(torch_threads)
-        for reader in readers:
-            reader.close()
+    tensors = _run(runner, units, writer, done_names, num_workers, progress)
     write_index(work, shards)
-    copy_side_files(work, dirs[copy_config_from], _config_updates(jobs, configs[copy_config_from], out_dtype))
+    config_updates = _config_updates(setup.jobs, setup.configs[copy_config_from], parse_dtype(dtype))
+    copy_side_files(work, setup.dirs[copy_config_from], config_updates)
     write_model_card(work, record)
-    publish(work, output)
-    return _summary(tensors, writer, start, output)
+    publish(work, setup.output)
+    return _summary(tensors, writer, start, setup.output)
