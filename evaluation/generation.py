@@ -8,28 +8,21 @@ never contains the prompt).
   to ONE ``LLM.generate`` call. Asking for a second model in the same process is an error: MergeLM built one
   engine per task in one process, which needs ``num_models x tensor_parallel_size`` GPUs and fails with vLLM's
   "data parallel group is already initialized". Evaluate each model in its own process instead
-  (:func:`run_in_subprocess`, or ``python -m evaluation.generation --request request.json``).
+  (``evaluation.generation_subprocess.run_in_subprocess``, or
+  ``python -m evaluation.generation_subprocess --request request.json``).
 * ``backend="hf"``: ``model.generate`` in left-padded batches sorted by prompt length, stop strings checked on
   the decoded tail of every row; runs on CPU.
 * ``backend="auto"``: vLLM when it is importable and CUDA is available, else Hugging Face.
 
-Incremental saving: :func:`generate_to_jsonl` appends one JSON line per finished example to a generations file
-and, with ``resume=True``, skips examples whose id already has a line (a truncated last line left by a killed
-run is dropped and regenerated).
+Incremental saving and resume of a generations file: ``evaluation.generations_file.generate_to_jsonl``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import logging
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -272,7 +265,8 @@ def get_vllm_engine(
 
     Raises:
         ValueError: an engine for a different model (or settings) already exists in this process; vLLM cannot
-            host two engines in one process, so run each model in its own process (:func:`run_in_subprocess`).
+            host two engines in one process, so run each model in its own process
+            (``evaluation.generation_subprocess.run_in_subprocess``).
     """
     global _VLLM_ENGINE
     if tensor_parallel_size < 1:
@@ -284,7 +278,8 @@ def get_vllm_engine(
             raise ValueError(
                 f"this process already holds a vLLM engine for {_VLLM_ENGINE[0]}, got a request for {key}; "
                 "vLLM cannot run two engines in one process: evaluate each model in its own process with "
-                "evaluation.generation.run_in_subprocess(...) or `python -m evaluation.generation --request ...`"
+                "evaluation.generation_subprocess.run_in_subprocess(...) or "
+                "`python -m evaluation.generation_subprocess --request ...`"
             )
         return _VLLM_ENGINE[1]
     from vllm import LLM  # imported lazily: vLLM initialises CUDA on import
@@ -318,188 +313,3 @@ def generate_vllm(
         for index, text in enumerate(texts):
             on_result(index, text)
     return texts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Generations files: one JSON line per finished example, with resume
-
-
-def load_finished_generations(
-    path: str | os.PathLike, *, id_field: str = "id"
-) -> tuple[dict[Any, dict[str, Any]], int]:
-    """Records of a generations JSONL file by ``record[id_field]``, and the byte length of its valid part.
-
-    A last line without a newline or not valid JSON (a run killed mid-write) is ignored; its bytes are not
-    counted, so the caller can truncate the file there. A broken line before the last one is an error.
-    """
-    records: dict[Any, dict[str, Any]] = {}
-    valid_bytes = 0
-    if not os.path.exists(path):
-        return records, 0
-    with open(path, "rb") as handle:
-        lines = handle.readlines()
-    for number, raw in enumerate(lines, start=1):
-        is_last = number == len(lines)
-        try:
-            record = json.loads(raw) if raw.endswith(b"\n") or not is_last else None
-        except json.JSONDecodeError as error:
-            if not is_last:
-                raise ValueError(
-                    f"{path}: line {number} is not valid JSON ({error}); delete the file to start over"
-                ) from error
-            record = None
-        if record is None:
-            logger.warning("%s: ignoring a truncated last line (%d bytes)", path, len(raw))
-            break
-        if not isinstance(record, dict) or id_field not in record:
-            raise ValueError(f"{path}: line {number} must be a JSON object with {id_field!r}, got {raw[:80]!r}")
-        records[record[id_field]] = record
-        valid_bytes += len(raw)
-    return records, valid_bytes
-
-
-def _check_examples(examples: Sequence[Mapping[str, Any]], id_field: str) -> None:
-    seen: set[Any] = set()
-    for example in examples:
-        if id_field not in example or "prompt" not in example:
-            raise ValueError(f"each example needs {id_field!r} and 'prompt' keys, got keys {sorted(example)}")
-        key = example[id_field]
-        if not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise ValueError(f"example {id_field} values must be str or int (JSON round-trips them), got {key!r}")
-        if key in seen:
-            raise ValueError(f"example {id_field} values must be unique, got {key!r} twice")
-        seen.add(key)
-
-
-def _check_resumed(
-    path: str | os.PathLike, examples: Sequence[Mapping[str, Any]], done: Mapping[Any, Any], id_field: str
-) -> None:
-    for example in examples:
-        record = done.get(example[id_field])
-        if record is not None and record.get("prompt") != example["prompt"]:
-            raise ValueError(
-                f"{path}: {id_field} {example[id_field]!r} was generated from a different prompt; the file belongs "
-                "to another configuration, delete it or write to a new file"
-            )
-
-
-def generate_to_jsonl(
-    examples: Sequence[Mapping[str, Any]],
-    generations_path: str | os.PathLike,
-    *,
-    resume: bool = True,
-    id_field: str = "id",
-    **generate_kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Generate for ``examples`` and append one JSON line per finished example to ``generations_path``.
-
-    Args:
-        examples: dicts with a unique id (str or int) under ``id_field`` and a ``prompt``; all keys are copied
-            into the line, which also gets ``completion``.
-        generations_path: the JSONL file (created with its folder if missing).
-        resume: keep lines already in the file and generate only the missing ids (a truncated last line is
-            dropped); with ``False`` an existing file is replaced.
-        id_field: key of the example id; ``evaluation.tasks`` uses ``idx`` (gsm8k, MATH) and ``task_id`` (code),
-            which makes the file readable by ``evaluation.generations_file.read_generations``.
-        **generate_kwargs: passed to :func:`generate` (``model_path``, ``backend``, ``max_tokens``, ``stop``, ...).
-    Returns:
-        One record per example, in the order of ``examples``.
-    """
-    _check_examples(examples, id_field)
-    path = Path(generations_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done, valid_bytes = load_finished_generations(path, id_field=id_field) if resume else ({}, 0)
-    _check_resumed(path, examples, done, id_field)
-    todo = [example for example in examples if example[id_field] not in done]
-    logger.info(
-        "%s: %d of %d examples already generated, %d to go", path, len(examples) - len(todo), len(examples), len(todo)
-    )
-    with open(path, "r+b" if path.exists() else "wb") as handle:
-        handle.truncate(valid_bytes)  # drops a truncated last line, or everything when not resuming
-
-    with open(path, "a", encoding="utf-8") as handle:
-
-        def write(index: int, text: str) -> None:
-            record = {**todo[index], "completion": text}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            done[record[id_field]] = record
-
-        if todo:
-            generate([example["prompt"] for example in todo], on_result=write, **generate_kwargs)
-    return [done[example[id_field]] for example in examples]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One engine per process: run a generation job in a fresh Python process
-
-
-def run_in_subprocess(
-    examples: Sequence[Mapping[str, Any]],
-    generations_path: str | os.PathLike,
-    *,
-    resume: bool = True,
-    id_field: str = "id",
-    timeout_s: float | None = None,
-    python: str = sys.executable,
-    **generate_kwargs: Any,
-) -> list[dict[str, Any]]:
-    """:func:`generate_to_jsonl` in a fresh Python process, so each model gets its own vLLM engine and GPUs.
-
-    The child writes the generations file incrementally; when it fails or is killed, what it finished stays in
-    the file and a later call with ``resume=True`` continues from there. ``on_result`` cannot cross processes.
-
-    Raises:
-        RuntimeError: the child exited with a non-zero status.
-    """
-    if "on_result" in generate_kwargs:
-        raise ValueError("on_result cannot be used with run_in_subprocess; read the generations file instead")
-    request = {
-        "examples": [dict(e) for e in examples],
-        "generations_path": os.path.abspath(generations_path),
-        "resume": resume,
-        "id_field": id_field,
-        "generate": generate_kwargs,
-    }
-    repo_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory(prefix="generation-request-") as tmp:
-        request_path = Path(tmp, "request.json")
-        request_path.write_text(json.dumps(request), encoding="utf-8")
-        command = [python, "-m", "evaluation.generation", "--request", str(request_path)]
-        completed = subprocess.run(command, cwd=repo_root, env=env, timeout=timeout_s, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"generation subprocess for {generate_kwargs.get('model_path')} exited with status {completed.returncode} "
-            f"(its log is above); finished examples are kept in {generations_path}, rerun with resume=True"
-        )
-    records, _ = load_finished_generations(generations_path, id_field=id_field)
-    return [records[example[id_field]] for example in examples]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m evaluation.generation --request request.json``.
-
-    ``request.json`` = ``{"examples": [{"id", "prompt", ...}], "generations_path": str, "resume": bool,
-    "id_field": str (default "id"), "generate": {keyword arguments of generate(): "model_path", "backend",
-    "max_tokens", "stop", ...}}``.
-    """
-    from utils.logging_setup import setup_logging
-
-    parser = argparse.ArgumentParser(description="Generate completions for one model in this process.")
-    parser.add_argument("--request", required=True, help="JSON request file (see evaluation.generation.main)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    request = json.loads(Path(args.request).read_text(encoding="utf-8"))
-    generate_to_jsonl(
-        request["examples"],
-        request["generations_path"],
-        resume=request.get("resume", True),
-        id_field=request.get("id_field", "id"),
-        **request["generate"],
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,18 +1,30 @@
-"""Read a generations JSONL file and line it up with the test records.
+"""The generations file: one JSON line per example, written incrementally with resume, read back for scoring.
 
 Format: one JSON object per line with ``completion`` (raw model text, prompt excluded) and the example id:
 ``idx`` (0-based line number in the test file) for gsm8k and MATH, ``task_id`` for human_eval
 (``"HumanEval/0"``) and mbpp (``11``..``510``). A subset of the test set may be given; each id at most once.
+
+* Writing: :func:`generate_to_jsonl` appends one line per finished example (the example's keys plus
+  ``completion``) and, with ``resume=True``, skips examples whose id already has a line.
+* Reading while writing: :func:`load_finished_generations` tolerates a truncated last line (a killed run) and
+  reports where the valid part ends, so a resumed run can cut the file there.
+* Reading for scoring: :func:`read_generations` wants a complete file and lines it up with the test records.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from evaluation import generation
 from evaluation.data import read_jsonl
 from evaluation.tasks import TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
 
 
 def _record_key(task: TaskSpec, record: Mapping[str, Any], position: int) -> Any:
@@ -73,3 +85,115 @@ def read_generations(
     if not rows:
         raise ValueError(f"{path} must contain at least one generation, got an empty file")
     return align_generations(task, records, rows, source=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing with resume: one JSON line per finished example
+
+
+def load_finished_generations(
+    path: str | os.PathLike, *, id_field: str = "id"
+) -> tuple[dict[Any, dict[str, Any]], int]:
+    """Records of a generations JSONL file by ``record[id_field]``, and the byte length of its valid part.
+
+    A last line without a newline or not valid JSON (a run killed mid-write) is ignored; its bytes are not
+    counted, so the caller can truncate the file there. A broken line before the last one is an error.
+    """
+    records: dict[Any, dict[str, Any]] = {}
+    valid_bytes = 0
+    if not os.path.exists(path):
+        return records, 0
+    with open(path, "rb") as handle:
+        lines = handle.readlines()
+    for number, raw in enumerate(lines, start=1):
+        is_last = number == len(lines)
+        try:
+            record = json.loads(raw) if raw.endswith(b"\n") or not is_last else None
+        except json.JSONDecodeError as error:
+            if not is_last:
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON ({error}); delete the file to start over"
+                ) from error
+            record = None
+        if record is None:
+            logger.warning("%s: ignoring a truncated last line (%d bytes)", path, len(raw))
+            break
+        if not isinstance(record, dict) or id_field not in record:
+            raise ValueError(f"{path}: line {number} must be a JSON object with {id_field!r}, got {raw[:80]!r}")
+        records[record[id_field]] = record
+        valid_bytes += len(raw)
+    return records, valid_bytes
+
+
+def _check_examples(examples: Sequence[Mapping[str, Any]], id_field: str) -> None:
+    seen: set[Any] = set()
+    for example in examples:
+        if id_field not in example or "prompt" not in example:
+            raise ValueError(f"each example needs {id_field!r} and 'prompt' keys, got keys {sorted(example)}")
+        key = example[id_field]
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise ValueError(f"example {id_field} values must be str or int (JSON round-trips them), got {key!r}")
+        if key in seen:
+            raise ValueError(f"example {id_field} values must be unique, got {key!r} twice")
+        seen.add(key)
+
+
+def _check_resumed(
+    path: str | os.PathLike, examples: Sequence[Mapping[str, Any]], done: Mapping[Any, Any], id_field: str
+) -> None:
+    for example in examples:
+        record = done.get(example[id_field])
+        if record is not None and record.get("prompt") != example["prompt"]:
+            raise ValueError(
+                f"{path}: {id_field} {example[id_field]!r} was generated from a different prompt; the file belongs "
+                "to another configuration, delete it or write to a new file"
+            )
+
+
+def generate_to_jsonl(
+    examples: Sequence[Mapping[str, Any]],
+    generations_path: str | os.PathLike,
+    *,
+    resume: bool = True,
+    id_field: str = "id",
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Generate for ``examples`` and append one JSON line per finished example to ``generations_path``.
+
+    Args:
+        examples: dicts with a unique id (str or int) under ``id_field`` and a ``prompt``; all keys are copied
+            into the line, which also gets ``completion``.
+        generations_path: the JSONL file (created with its folder if missing).
+        resume: keep lines already in the file and generate only the missing ids (a truncated last line is
+            dropped); with ``False`` an existing file is replaced.
+        id_field: key of the example id; ``evaluation.tasks`` uses ``idx`` (gsm8k, MATH) and ``task_id`` (code),
+            which makes the file readable by :func:`read_generations`.
+        **generate_kwargs: passed to ``evaluation.generation.generate`` (``model_path``, ``backend``,
+            ``max_tokens``, ``stop``, ...).
+    Returns:
+        One record per example, in the order of ``examples``.
+    """
+    _check_examples(examples, id_field)
+    path = Path(generations_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done, valid_bytes = load_finished_generations(path, id_field=id_field) if resume else ({}, 0)
+    _check_resumed(path, examples, done, id_field)
+    todo = [example for example in examples if example[id_field] not in done]
+    logger.info(
+        "%s: %d of %d examples already generated, %d to go", path, len(examples) - len(todo), len(examples), len(todo)
+    )
+    with open(path, "r+b" if path.exists() else "wb") as handle:
+        handle.truncate(valid_bytes)  # drops a truncated last line, or everything when not resuming
+
+    with open(path, "a", encoding="utf-8") as handle:
+
+        def write(index: int, text: str) -> None:
+            record = {**todo[index], "completion": text}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            done[record[id_field]] = record
+
+        if todo:
+            # looked up on the module at call time: a patched evaluation.generation.generate is used here too
+            generation.generate([example["prompt"] for example in todo], on_result=write, **generate_kwargs)
+    return [done[example[id_field]] for example in examples]

@@ -10,16 +10,9 @@ import torch
 from conftest import tiny_llama_config
 
 from evaluation import generation
-from evaluation.generation import (
-    cut_at_stop,
-    generate,
-    generate_to_jsonl,
-    get_vllm_engine,
-    load_finished_generations,
-    resolve_backend,
-    run_in_subprocess,
-    vllm_available,
-)
+from evaluation.generation import cut_at_stop, generate, get_vllm_engine, resolve_backend, vllm_available
+from evaluation.generation_subprocess import run_in_subprocess
+from evaluation.generations_file import generate_to_jsonl, load_finished_generations
 from utils.model_loading import smollm2_gguf_path
 
 WORDS = [f"w{i:02d}" for i in range(60)]

@@ -11,17 +11,9 @@ import torch
 from conftest import tiny_llama_config
 
 from merge_engine.shard_index import index_checkpoint
-from utils.model_loading import (
-    FINETUNED_TO_BACKBONE,
-    MODEL_HUB_IDS,
-    TASK_TO_MODEL,
-    backbone_for,
-    parse_model_path_overrides,
-    recover_wizardlm_7b,
-    resolve_model,
-    smollm2_gguf_path,
-    split_gguf_path,
-)
+from utils.model_loading import parse_model_path_overrides, resolve_model, smollm2_gguf_path, split_gguf_path
+from utils.model_names import FINETUNED_TO_BACKBONE, MODEL_HUB_IDS, TASK_TO_MODEL, backbone_for
+from utils.weight_diff import recover_wizardlm_7b
 
 # --- names and maps ---------------------------------------------------------------------------------------------
 

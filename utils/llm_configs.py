@@ -17,7 +17,7 @@ from typing import Any
 
 from model_merging_methods import accepted_hyperparameters, build_merge_plan
 from utils.llm_pipeline import TASK_DATASETS, EvaluationSettings
-from utils.model_loading import FINETUNED_TO_BACKBONE, TASK_TO_MODEL, backbone_for
+from utils.model_names import FINETUNED_TO_BACKBONE, TASK_TO_MODEL, backbone_for
 from utils.run_dir import hyperparameter_dirname, run_dir_for
 
 logger = logging.getLogger(__name__)

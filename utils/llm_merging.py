@@ -35,7 +35,9 @@ from utils.llm_pipeline import (
     run_benchmark,
     warn_if_unscored,
 )
-from utils.model_loading import TASK_TO_MODEL, WEIGHT_DIFF_MODELS, recover_wizardlm_7b, resolve_model
+from utils.model_loading import resolve_model
+from utils.model_names import TASK_TO_MODEL, WEIGHT_DIFF_MODELS
+from utils.weight_diff import recover_wizardlm_7b
 
 logger = logging.getLogger(__name__)
 

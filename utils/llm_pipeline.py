@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.data import find_data_file, load_records
-from evaluation.generation import generate_to_jsonl, load_finished_generations, resolve_backend, run_in_subprocess
+from evaluation.generation import resolve_backend
+from evaluation.generation_subprocess import run_in_subprocess
+from evaluation.generations_file import generate_to_jsonl, load_finished_generations
 from evaluation.output_formats import write_alpaca_eval_outputs, write_human_eval_samples, write_mbpp_generations
 from evaluation.scoring import score_completions
 from evaluation.tasks import TaskSpec, build_prompt, get_task
