@@ -157,7 +157,8 @@ def _run(runner: UnitRunner, units, writer: ShardedWriter, done_names: set[str],
          progress: bool) -> int:
     """Whole-model passes, then the merge; torch's own threads are off while the workers run."""
     torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1 if num_workers > 1 else torch_threads)  # parallelism comes from the workers
+    # parallelism comes from the workers; intra-op (OpenMP) teams started from worker threads spin and compete
+    torch.set_num_threads(1)
     try:
         run_global_passes(runner, units, progress=progress)
         return _stream_tensors(runner, units, writer, done_names, num_workers=num_workers, progress=progress)
