@@ -10,8 +10,9 @@ Order of work:
 4. write the index, config/tokenizer files, ``merge_config.json`` and the model card, then rename the work
    folder to ``output_dir``.
 
-Peak memory is about ``(2 x num_threads + 2) x (num_models + method temporaries) x`` the largest unit (a
-tensor, or a row chunk of ``chunk_numel`` elements), and never includes an output shard.
+Peak memory is about ``num_threads x (num_models + method temporaries) x`` the largest unit (a tensor, or a row
+chunk of ``chunk_numel`` elements) plus up to ``4 x num_threads + 4`` finished units waiting to be written; it
+never includes an output shard.
 """
 
 from __future__ import annotations
@@ -92,6 +93,19 @@ def _config_updates(jobs: Sequence[TensorJob], config: dict, dtype: torch.dtype 
     return updates
 
 
+READAHEAD_UNITS = 16
+
+
+def _with_readahead(runner: UnitRunner, units: Sequence, ahead: int = READAHEAD_UNITS):
+    """Yield ``units`` in order, asking the kernel to read unit ``i + ahead`` when unit ``i`` is handed out."""
+    for unit in units[:ahead]:
+        runner.prefetch(unit)
+    for i, unit in enumerate(units):
+        if i + ahead < len(units):
+            runner.prefetch(units[i + ahead])
+        yield unit
+
+
 def _stream_tensors(runner: UnitRunner, units, writer: ShardedWriter, done_names: set[str], *,
                     num_workers: int, progress: bool) -> int:
     """Merge and write every unit not already in a completed shard; returns the number of tensors written."""
@@ -99,7 +113,8 @@ def _stream_tensors(runner: UnitRunner, units, writer: ShardedWriter, done_names
     written = 0
     bar = tqdm(total=sum(1 for u in todo if u.last), desc="merging tensors", unit="tensor", disable=not progress)
     with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="merge") as pool:
-        for unit, tensor in ordered_map(runner.run, todo, pool, depth=2 * num_workers + 2):
+        # results wait here (a few MB each) while a write blocks on the disk, so workers keep computing
+        for unit, tensor in ordered_map(runner.run, _with_readahead(runner, todo), pool, depth=4 * num_workers + 4):
             if unit.rows is None:
                 writer.write(unit.job.name, tensor)
             else:

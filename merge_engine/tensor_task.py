@@ -112,6 +112,12 @@ class UnitRunner:
                 self._warned.add((label, name))
                 logger.warning("%s; they propagate into the merged tensor (pass --strict to stop)", message)
 
+    def prefetch(self, unit: WorkUnit) -> None:
+        """Start the disk reads of ``unit`` in the background (see ``TensorReader.prefetch``)."""
+        models = len(self.readers) if unit.job.merge else 1
+        for reader, source in zip(self.readers[:models], unit.job.sources[:models]):
+            reader.prefetch(source, unit.rows if unit.job.target_rows is None else None)
+
     def statistics_for(self, unit: WorkUnit) -> list[torch.Tensor] | None:
         stats = self.plan.statistics_for(unit.job.name, self.statistics)
         if stats is not None and self.device.type != "cpu":
