@@ -12,8 +12,9 @@ The merge is DARE (p = 0.9, rescale) + task arithmetic (lambda = 1) of 2 fine-tu
 * naive: every model loaded whole in float32, ``merge_state_dicts`` in memory, then saved (the original
   MergeLM approach, without transformers' model objects).
 
-Runs are interleaved (ours, mergekit, naive, ours, ...) on warm page caches; each process's peak RSS comes
-from ``wait4``. Results go to ``<work_dir>/results_<size>.json`` and a Markdown table on stdout.
+Runs are interleaved (ours, mergekit, naive, ours, ...) on warm page caches, after an ``os.sync()``; each
+process's peak RSS comes from ``wait4``. Results go to ``<work_dir>/results_<size>.json`` and a Markdown
+table on stdout.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def commands(folders: Sequence[Path], work: Path, mergekit_exe: Path, threads: i
 
 
 def run_process(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one process; raises on failure."""
+    """(wall seconds, peak RSS bytes) of one process; raises on failure.
+
+    ``os.sync()`` first, so no run pays for writing back the previous run's output.
+    """
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

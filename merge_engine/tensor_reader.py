@@ -31,7 +31,7 @@ def _pread_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
 
 
 class TensorReader:
-    """Lazy tensor access for one checkpoint; safe to call from one prefetch thread at a time per model."""
+    """Lazy tensor access for one checkpoint; thread-safe (safetensors reads run concurrently)."""
 
     def __init__(self, index: CheckpointIndex) -> None:
         self.index = index
@@ -49,10 +49,17 @@ class TensorReader:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Return tensor ``name`` (rows ``[start, stop)`` of dim 0 when given) as a new, writable CPU tensor."""
         info = self.info(name)
+        if self.index.format == "safetensors":
+            return self._read_safetensors(info, rows)  # positional reads: no lock around the copy
         with self._lock:
-            if self.index.format == "safetensors":
-                return self._read_safetensors(info, rows)
             return self._read_bin(info, rows)
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
 
     def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Ask the kernel to start reading ``name`` (rows ``[start, stop)``) into the page cache, without waiting.
@@ -66,12 +73,8 @@ class TensorReader:
         if rows is not None and info.shape and info.shape[0]:
             row_bytes = nbytes // info.shape[0]
             offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        with self._lock:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         if nbytes:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._fd(info.file), offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def _read_safetensors(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
         shape, offset, nbytes = list(info.shape), info.offset, info.nbytes
@@ -82,10 +85,7 @@ class TensorReader:
             nbytes = shape[0] * row_bytes
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            _pread_into(fd, memoryview(buffer.numpy()), offset, info.file)
+            _pread_into(self._fd(info.file), memoryview(buffer.numpy()), offset, info.file)
         return buffer.view(info.dtype).reshape(shape)
 
     def _read_bin(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
