@@ -141,6 +141,53 @@ def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool 
     return delta
 
 
+def _apply_keep_blocks(flat: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
+                       name: str, element_offset: int, source=None) -> None:
+    """In place on a float32 array: (optionally ``flat[lo:hi] = source(lo, hi)`` first) then ``x * keep / (1 - p)``."""
+    # block by block, so the draws, flags and data slice stay in cache; x * keep as MergeLM's x * (1 - mask)
+    for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
+        part = flat[lo:hi]
+        if source is not None:
+            source(lo, hi)
+        np.multiply(part, flags, out=part)
+        if use_weight_rescale:
+            np.divide(part, np.float32(1.0 - drop_rate), out=part)
+
+
+def dare_delta(
+    finetuned: Tensor,
+    base: Tensor,
+    *,
+    drop_rate: float,
+    use_weight_rescale: bool,
+    seed: int,
+    model_index: int,
+    name: str,
+    element_offset: int = 0,
+) -> Tensor:
+    """``DARE(float32(finetuned) - base)`` with the random strategy, as a new float32 tensor.
+
+    Same values as ``mask_tensor(finetuned.float() - base, ...)``; on the CPU the subtraction is fused into the
+    block loop so every element is touched while in cache.
+    """
+    fused = finetuned.device.type == "cpu" and finetuned.is_contiguous() and base.is_contiguous()
+    if not fused or drop_threshold(drop_rate) == 0 or base.dtype != torch.float32:
+        delta = torch.sub(finetuned, base) if finetuned.dtype != base.dtype else finetuned - base
+        return mask_tensor(delta.float(), drop_rate=drop_rate, use_weight_rescale=use_weight_rescale,
+                           mask_strategy="random", seed=seed, model_index=model_index, name=name,
+                           element_offset=element_offset)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    flat_out, flat_ft, flat_base = out.view(-1), finetuned.reshape(-1), base.reshape(-1)
+
+    def subtract(lo: int, hi: int) -> None:
+        # copy (exact upcast) then subtract in float32: faster than a mixed-dtype subtraction, same values
+        flat_out[lo:hi].copy_(flat_ft[lo:hi]).sub_(flat_base[lo:hi])
+
+    _apply_keep_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,
+                       source=subtract)
+    return out
+
+
 def mask_tensor(
     tensor: Tensor,
     *,
@@ -167,11 +214,5 @@ def mask_tensor(
         keep = random_keep_mask(tensor.numel(), drop_rate, seed=seed, model_index=model_index, name=name,
                                 element_offset=element_offset)
         return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
-    flat = tensor.view(-1).numpy()
-    # block by block, so the draws, flags and delta slice stay in cache; x * keep as MergeLM's x * (1 - mask)
-    for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
-        part = flat[lo:hi]
-        np.multiply(part, flags, out=part)
-        if use_weight_rescale:
-            np.divide(part, np.float32(1.0 - drop_rate), out=part)
+    _apply_keep_blocks(tensor.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset)
     return tensor

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model_merging_methods.dare import mask_tensor
+from model_merging_methods.dare import dare_delta, mask_tensor
 from model_merging_methods.fisher import fisher_model_coefficients, fisher_norm_squared, global_fisher_norms
 from model_merging_methods.registry import (
     DARE_HYPERPARAMETERS,
@@ -105,11 +105,18 @@ class MergePlan:
         """float32 deltas ``finetuned_i - base`` of one parameter (or chunk), after DARE when configured."""
         base32 = base.float()
         if self.dare is None:
-            return [ft.float() - base32 for ft in finetuned]
+            return [_subtract(ft, base32) for ft in finetuned]
         out = []
         for i, ft in enumerate(finetuned):
             masked_weight = self.dare.weight_format == "finetuned_weight"
-            tensor = ft.to(torch.float32, copy=True) if masked_weight else ft.float() - base32
+            if not masked_weight and self.dare.mask_strategy == "random":
+                out.append(dare_delta(
+                    ft, base32, drop_rate=self.dare.weight_mask_rates[i],
+                    use_weight_rescale=self.dare.use_weight_rescale, seed=self.seed,
+                    model_index=self.dare.model_indices[i], name=name, element_offset=element_offset,
+                ))
+                continue
+            tensor = ft.to(torch.float32, copy=True) if masked_weight else _subtract(ft, base32)
             tensor = mask_tensor(
                 tensor,
                 drop_rate=self.dare.weight_mask_rates[i],
@@ -207,6 +214,11 @@ class MergePlan:
         """DARE (if any) then the method, for one parameter or row chunk; returns float32."""
         deltas = self.deltas(name, base, finetuned, element_offset=element_offset)
         return self.merge_deltas(name, base, deltas, statistics=statistics, global_state=global_state)
+
+
+def _subtract(finetuned: Tensor, base32: Tensor) -> Tensor:
+    # one pass: a bf16/fp16 operand is promoted to float32 inside the subtraction (exact, no temporary copy)
+    return torch.sub(finetuned, base32) if finetuned.is_floating_point() else finetuned.float() - base32
 
 
 def _check_rate(name: str, value: Any, *, upper_inclusive: bool = False) -> float:

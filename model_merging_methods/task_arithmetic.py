@@ -9,8 +9,8 @@ from torch import Tensor
 
 def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     """``delta_0 + delta_1 + ...`` summed left to right (MergeLM's order), as a new tensor."""
-    total = deltas[0].clone()
-    for delta in deltas[1:]:
+    total = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0].clone()
+    for delta in deltas[2:]:
         total.add_(delta)
     return total
 
@@ -25,4 +25,5 @@ def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], *, scaling_coefficie
         deltas: float32 task vectors (possibly DARE-processed), one per model.
         scaling_coefficient: lambda; MergeLM flag ``--scaling_coefficient`` (GLUE grid 0.1 ... 1.0).
     """
-    return base + scaling_coefficient * sum_deltas(deltas)
+    # (lambda * sum) + base in place on the fresh sum: same operations as base + lambda * sum, no temporaries
+    return sum_deltas(deltas).mul_(scaling_coefficient).add_(base)
