@@ -76,26 +76,31 @@ def _variant(config: Mapping[str, Any]) -> str:
         name += "-magnitude"
     if dare.get("weight_format") == "finetuned_weight":
         name += "-finetuned_weight"
+    if config.get("max_eval_samples") is not None:
+        name += f"-n{config['max_eval_samples']}"  # sweeps on different test caps are not comparable
     return name
 
 
 def sweep_series(runs: Sequence[dict]) -> dict[tuple[str, str], dict[float, float | None]]:
     """``{(task, variant): {rate: test primary metric}}``; rate 0 (no drop) is shared by every variant."""
     series: dict[tuple[str, str], dict[float, float | None]] = defaultdict(dict)
-    zero: dict[str, float | None] = {}
+    zero: dict[tuple[str, Any], float | None] = {}
+    caps: dict[tuple[str, str], Any] = {}
     for run in runs:
         config, task = run["config"], run["config"]["dataset_name"]
         rate, score = float(config["weight_mask_rate"]), _primary(task, run["metrics"][task].get("test"))
+        cap = config.get("max_eval_samples")
         if rate == 0.0:
-            zero[task] = score
+            zero[(task, cap)] = score
         else:
             series[(task, _variant(config))][rate] = score
-    for (task, _), points in series.items():
-        if task in zero:
-            points[0.0] = zero[task]
-    for task, score in zero.items():
-        if not any(t == task for t, _ in series):
-            series[(task, "DARE")][0.0] = score
+            caps[(task, _variant(config))] = cap
+    for (task, variant), points in series.items():
+        if (task, caps[(task, variant)]) in zero:
+            points[0.0] = zero[(task, caps[(task, variant)])]
+    for (task, cap), score in zero.items():
+        if not any(t == task and c == cap for (t, _), c in caps.items()):
+            series[(task, "DARE" + (f"-n{cap}" if cap is not None else ""))][0.0] = score
     return dict(series)
 
 
