@@ -115,8 +115,12 @@ def test_merge_grid_selects_on_the_requested_split(workspace, select_on):
 
 
 def test_all_five_methods_and_summary(workspace):
+    import inference_plms_glue
     import merge_plms_glue
     import summarize_results
+
+    inference_plms_glue.main([*workspace["common"], "--dataset_names", "rte", "--use_weight_rescale",
+                              "--weight_mask_rate", "0.0", "0.5", "--overwrite"])
 
     out = merge_plms_glue.main([*workspace["common"], "--dataset_pairs", "rte,mrpc", "--grid", "none",
                                 "--merging_method_name", "average_merging", "fisher_merging", "regmean_merging",
