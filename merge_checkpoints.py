@@ -8,7 +8,7 @@ Example (DARE p=0.9 + task arithmetic of two fine-tunes):
         --vocab_policy mergelm --output_dir merged/wizard-lm-math
 
 Single-model DARE: one fine-tuned model with ``--merging_method_name mask_merging --mask_apply_method
-average_merging`` gives ``base + DARE(finetuned - base)``. See docs/readme_merge_engine.md.
+average_merging`` gives ``base + DARE(finetuned - base)``. See the README section "Streaming checkpoint merger".
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class LlmMergeConfig:
     """``merge_llms_instruct_math_code.py``: merge 2-3 of WizardLM-13B / WizardMath-13B / code-alpaca-13B.
 
     ``ties_trim_scope`` defaults to ``per_tensor`` here (MergeLM's GLUE TIES trims over the whole model): see
-    docs/readme_llm.md for why.
+    the README ("TIES scope for LLMs") for why.
     """
 
     merge_tasks: tuple[str, ...] = ()
