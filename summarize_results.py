@@ -6,7 +6,9 @@ Example:
 Writes into ``--output_dir`` (default ``<results_dir>/summary``): ``summary.md`` (every table, markdown),
 one CSV per table, and ``dare_sweep_<settings>.png`` (test metric vs drop rate, one line per task). GLUE runs get
 the fine-tuning table, the drop-rate sweep table and the pairwise merging table (target task x method, without
-and with DARE); runs of any other script are listed with their flattened top-level metrics.
+and with DARE); runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K,
+MATH, HumanEval, MBPP, see ``utils.results_tables``); runs of any other script are listed with their flattened
+top-level metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from utils.results_tables import is_llm_run, llm_table
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +192,16 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
     by_script = defaultdict(list)
     for run in runs:
         by_script[run["config"].get("script", "other")].append(run)
+    llm_runs = [r for rs in by_script.values() for r in rs if is_llm_run(r["config"])]
+    by_script = {s: [r for r in rs if not is_llm_run(r["config"])] for s, rs in by_script.items()}
     series = sweep_series(by_script.pop("inference_plms_glue", []))
     finetuned = finetune_table(by_script.pop("train_plms_glue", []))
     tables = {"finetune": ("Fine-tuned models (primary metric x100)", finetuned),
               "dare_sweep": ("Drop-rate sweep, test split (primary metric x100)", sweep_table(series)),
               "merging": ("Pairwise merging, test split (primary metric x100)",
                           merge_table(by_script.pop("merge_plms_glue", []))),
+              "llm": ("LLMs (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, x100; files = outputs for the "
+                      "external evaluator only)", llm_table(llm_runs)),
               "other": ("Other runs", other_table([r for rs in by_script.values() for r in rs]))}
     tables = {k: v for k, v in tables.items() if v[1][1]}
     markdown = "\n".join(to_markdown(title, table) for title, table in tables.values())

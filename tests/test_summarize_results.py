@@ -67,3 +67,117 @@ def test_files_written(tree):
 def test_empty_tree_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run folders"):
         summarize_results.summarize(tmp_path)
+
+
+# --- LLM table: config.json written from the scripts' own records, in the folders the scripts use ---------------
+
+def _llm_run(root: Path, config, metrics: dict) -> Path:
+    """A run folder as the LLM scripts leave it (``config.record()`` + ``{dataset: metrics}``)."""
+    folder = config.run_dir(str(root))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": config.record(), "argv": []}, default=str))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def _acc(value: float) -> dict:
+    return {"accuracy": value, "accuracy_flexible": value, "num_invalid": 0, "num_examples": 8, "version": "v1"}
+
+
+FILES_ONLY = {"num_examples": 8, "version": "v1"}  # alpaca_eval, or code without --allow_code_execution
+
+
+@pytest.fixture
+def llm_tree(tmp_path):
+    from utils.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
+    from utils.llm_pipeline import EvaluationSettings
+
+    root = tmp_path / "llm_results"
+    math = "WizardMath-7B-V1.0"
+    # (model, dataset, rate, rescale, extra config, metrics); one run folder per dataset, as the script writes
+    inference = [
+        (math, "gsm8k", 0.0, False, {}, _acc(0.5)), (math, "MATH", 0.0, False, {}, _acc(0.125)),
+        (math, "gsm8k", 0.9, True, {}, _acc(0.375)), (math, "MATH", 0.9, True, {}, _acc(0.0625)),
+        (math, "gsm8k", 0.9, False, {}, _acc(0.25)),
+        (math, "gsm8k", 0.5, True, {}, _acc(0.5)),
+        (math, "gsm8k", 0.5, True, {"mask_strategy": "magnitude"}, _acc(0.125)),
+        (math, "gsm8k", 0.9, True, {"weight_format": "finetuned_weight"}, _acc(0.0)),
+        (math, "gsm8k", 0.9, True, {"evaluation": EvaluationSettings(end_index=20)}, _acc(0.75)),
+        ("WizardCoder-Python-7B-V1.0", "human_eval", 0.0, False, {}, {"pass@1": 0.375, "num_examples": 8,
+                                                                        "version": "v1"}),
+        ("WizardCoder-Python-7B-V1.0", "mbpp", 0.0, False, {}, FILES_ONLY),
+        ("WizardLM-13B-V1.2", "alpaca_eval", 0.0, False, {}, FILES_ONLY),
+    ]
+    for model, dataset, rate, rescale, extra, metrics in inference:
+        config = LlmInferenceConfig(finetuned_model_name=model, dataset_name=dataset, weight_mask_rate=rate,
+                                    use_weight_rescale=rescale, **extra)
+        _llm_run(root, config, {dataset: metrics})
+    plain = LlmMergeConfig(merge_tasks=("math", "instruct"), merging_method_name="task_arithmetic")
+    _llm_run(root, plain, {"alpaca_eval": FILES_ONLY, "gsm8k": _acc(0.5), "MATH": _acc(0.0625)})
+    dare = LlmMergeConfig(merge_tasks=("instruct", "math"), merging_method_name="mask_merging",
+                          mask_apply_method="task_arithmetic", weight_mask_rate=0.2, use_weight_rescale=True)
+    # the DARE merge evaluated task by task from its kept folder: two runs, one row
+    _llm_run(root, DirectInferenceConfig(evaluate_task="math", merge=dare), {"gsm8k": _acc(0.625), "MATH": _acc(0.25)})
+    _llm_run(root, DirectInferenceConfig(evaluate_task="instruct", merge=dare), {"alpaca_eval": FILES_ONLY})
+    ties = LlmMergeConfig(merge_tasks=("instruct", "code"), merging_method_name="mask_merging",
+                          mask_apply_method="ties_merging", weight_mask_rate=0.5, use_weight_rescale=True)
+    _llm_run(root, ties, {"alpaca_eval": FILES_ONLY, "human_eval": {"pass@1": 0.25, "num_examples": 8,
+                                                                   "version": "v1"}, "mbpp": FILES_ONLY})
+    by_path = DirectInferenceConfig(evaluate_task="code", merged_model_path=str(tmp_path / "my_merge"))
+    _llm_run(root, by_path, {"human_eval": FILES_ONLY, "mbpp": {"pass@1": 0.5, "num_examples": 8,
+                                                               "version": "v1"}})
+    return root
+
+
+LLM_HEADER = ["model", "setting", "AlpacaEval", "GSM8K", "MATH", "HumanEval", "MBPP"]
+LLM_ROWS = [
+    ["WizardCoder-Python-7B-V1.0", "fine-tuned", None, None, None, 37.5, "files"],
+    ["WizardLM-13B-V1.2", "fine-tuned", "files", None, None, None, None],
+    ["WizardMath-7B-V1.0", "fine-tuned", None, 50.0, 12.5, None, None],
+    ["WizardMath-7B-V1.0", "+ DARE p=0.5", None, 50.0, None, None, None],
+    ["WizardMath-7B-V1.0", "+ DARE p=0.9", None, 37.5, 6.25, None, None],
+    ["WizardMath-7B-V1.0", "+ DARE p=0.9 [end_index=20]", None, 75.0, None, None, None],
+    ["WizardMath-7B-V1.0", "+ DropOnly p=0.9", None, 25.0, None, None, None],
+    ["WizardMath-7B-V1.0", "+ DARE-magnitude p=0.5", None, 12.5, None, None, None],
+    ["WizardMath-7B-V1.0", "+ DARE-finetuned_weight p=0.9", None, 0.0, None, None, None],
+    ["instruct+math", "task_arithmetic lambda=1.0", "files", 50.0, 6.25, None, None],
+    ["instruct+math", "task_arithmetic lambda=1.0 + DARE p=0.2", "files", 62.5, 25.0, None, None],
+    ["instruct+code", "ties_merging lambda=1.0 trim=0.8 + DARE p=0.5", "files", None, None, 25.0, "files"],
+    ["merged_model_path", "my_merge", None, None, None, "files", 50.0],
+]
+
+
+def test_llm_table_one_row_per_model_and_setting(llm_tree):
+    summary = summarize_results.summarize(llm_tree, llm_tree / "out")
+    assert summary["tables"]["llm"] == (LLM_HEADER, LLM_ROWS)
+    assert set(summary["tables"]) == {"llm"}  # no LLM run left in "Other runs"
+    with open(Path(summary["output_dir"]) / "llm.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == LLM_HEADER
+    assert rows[3] == ["WizardMath-7B-V1.0", "fine-tuned", "", "50.0", "12.5", "", ""]
+    assert "| WizardMath-7B-V1.0 | + DARE p=0.9 | – | 37.50 | 6.25 | – | – |" in summary["markdown"]
+    assert "| instruct+math | task_arithmetic lambda=1.0 + DARE p=0.2 | files | 62.50 | 25.00 | – | – |" in (
+        summary["markdown"])
+
+
+def test_llm_table_keeps_glue_tables_and_reads_old_records_as_other(tree, llm_tree):
+    import shutil
+
+    shutil.copytree(llm_tree, tree / "llm")
+    summary = summarize_results.summarize(tree, tree / "out")
+    assert list(summary["tables"]) == ["finetune", "dare_sweep", "merging", "llm", "other"]
+    assert summary["tables"]["llm"][1] == LLM_ROWS
+    # the fixture's bare merge_llms record (no merge fields) stays in "Other runs"
+    assert [row[0] for row in summary["tables"]["other"][1]] == ["merge_llms_instruct_math_code"]
+    assert summary["tables"]["merging"][1] == [["mrpc+rte", "mrpc", 70.0, 75.0], ["mrpc+rte", "rte", 70.0, 75.0]]
+
+
+def test_llm_cell_a_score_beats_files_and_the_later_score_wins(caplog):
+    from utils.results_tables import NOT_SCORED, _put
+
+    row: dict = {}
+    _put(row, "mbpp", 25.0, Path("a"))
+    _put(row, "mbpp", NOT_SCORED, Path("b"))
+    assert row == {"mbpp": 25.0}
+    _put(row, "mbpp", 50.0, Path("c"))
+    assert row == {"mbpp": 50.0} and "already has 25.0" in caplog.text
