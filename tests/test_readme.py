@@ -34,3 +34,4 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert len(commands) >= 5, commands
     for command in commands:
         assert command in ci, f"README command not run by .ci/run: {command}"
+

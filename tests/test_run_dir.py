@@ -1,0 +1,31 @@
+import os
+
+import pytest
+
+from utils.run_dir import atomic_write_json, hyperparameter_dirname, prepare_run_dir, read_json
+
+
+def test_atomic_write_leaves_no_temporary_and_is_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "metrics.json"
+        atomic_write_json(path, {"accuracy": 0.5})
+    finally:
+        os.umask(old)
+    assert read_json(path) == {"accuracy": 0.5}
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_run_dir_names_come_from_the_configuration():
+    assert hyperparameter_dirname({"weight_mask_rate": 0.9, "seed": 0, "rates": [0.1, 0.2]}) == (
+        "rates=0.1+0.2,seed=0,weight_mask_rate=0.9"
+    )
+    assert hyperparameter_dirname({}) == "default"
+
+
+def test_non_empty_run_dir_needs_overwrite_or_resume(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace it or --resume"):
+        prepare_run_dir(tmp_path)
+    assert prepare_run_dir(tmp_path, resume=True) == tmp_path
