@@ -48,17 +48,16 @@ class DareSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mask_strategy not in ("random", "magnitude"):
-            raise ValueError(f"mask_strategy must be 'random' or 'magnitude', got {self.mask_strategy!r}")
-        if self.weight_format not in ("delta_weight", "finetuned_weight"):
-            raise ValueError(f"weight_format must be 'delta_weight' or 'finetuned_weight', got {self.weight_format!r}")
+        check_drop_rates([0.0], self)
 
 
-def check_drop_rates(rates: Sequence[float]) -> list[float]:
-    """Rates must lie in [0, 1): 1.0 would drop every weight (and divide by zero when rescaling)."""
+def check_drop_rates(rates: Sequence[float], settings: DareSettings | None = None) -> list[float]:
+    """Validate drop rates (in [0, 1)) and DARE settings with the merging core's own checks, before any work."""
+    from model_merging_methods import build_merge_plan
+
+    options = {} if settings is None else asdict(settings)
     for rate in rates:
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"weight_mask_rate must be in [0, 1), got {rate}; use e.g. 0.99 for an extreme drop")
+        build_merge_plan("mask_merging", 1, weight_mask_rate=rate, **options)
     return list(rates)
 
 
