@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,5 +136,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def exit_without_teardown() -> None:
+    """End the process at once after a successful run, with status 0.
+
+    Every file is written, closed and renamed by then; the interpreter's teardown would only run torch's
+    operator-registry finalizers, about 0.4 s on a 2-core machine (``python -c "import torch"``: 1.9 s, 1.45 s
+    with ``os._exit``). Logs and standard streams are flushed first.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

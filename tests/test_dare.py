@@ -1,12 +1,16 @@
+import numpy as np
 import pytest
 import torch
 
 from model_merging_methods import apply_dare, merge_state_dicts
 from model_merging_methods.dare import (
     MASK_BLOCK_SIZE,
+    dare_delta,
     drop_and_rescale,
+    drop_threshold,
     magnitude_drop,
     mask_tensor,
+    name_hash,
     random_keep_mask,
 )
 
@@ -73,6 +77,47 @@ def test_mask_of_a_chunk_equals_the_slice_of_the_whole_mask():
     for start, stop in [(0, 10), (MASK_BLOCK_SIZE - 5, MASK_BLOCK_SIZE + 5), (n - 100, n), (17, n - 17)]:
         chunk = random_keep_mask(stop - start, 0.3, seed=0, model_index=0, name="embed", element_offset=start)
         assert torch.equal(chunk, whole[start:stop])
+
+
+def _reference_keep_mask(numel, p, *, seed, model_index, name):
+    """The documented mask, written plainly with NumPy's Generator API (no fast paths)."""
+    threshold = drop_threshold(p)
+    keep = []
+    for block in range((numel - 1) // MASK_BLOCK_SIZE + 1):
+        count = min(MASK_BLOCK_SIZE, numel - block * MASK_BLOCK_SIZE)
+
+        def gen(stream, block=block):
+            return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+                [seed, model_index, name_hash(name), block, stream])))
+
+        top = gen(0).integers(0, 256, size=count, dtype=np.uint8).astype(np.int64)
+        low = iter(gen(1).integers(0, 1 << 24, size=int((top == threshold >> 24).sum()), dtype=np.uint32).tolist())
+        u32 = [(t << 24) | next(low) if t == threshold >> 24 else t << 24 | 0xFFFFFF for t in top.tolist()]
+        keep += [u >= threshold for u in u32]
+    return torch.tensor(keep)
+
+
+@pytest.mark.parametrize("p", [0.37, 0.9, 0.5])
+def test_mask_equals_the_documented_definition(p):
+    n = MASK_BLOCK_SIZE + 3001  # two blocks, the second partial
+    expected = _reference_keep_mask(n, p, seed=5, model_index=2, name="model.layers.0.mlp.up_proj.weight")
+    got = random_keep_mask(n, p, seed=5, model_index=2, name="model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("offset", [0, 70_001, MASK_BLOCK_SIZE - 10])
+def test_fused_dare_delta_equals_subtract_then_mask(offset):
+    g = torch.Generator().manual_seed(0)
+    shape = (301, 700)  # not a multiple of the cache slice nor of the mask block
+    base = torch.randn(shape, generator=g)
+    finetuned = (base + 0.01 * torch.randn(shape, generator=g)).bfloat16()
+    kw = {"seed": 1, "model_index": 1, "name": "w", "element_offset": offset}
+    for rescale in (True, False):
+        fused = dare_delta(finetuned, base, drop_rate=0.9, use_weight_rescale=rescale, **kw)
+        plain = mask_tensor(finetuned.float() - base, drop_rate=0.9, use_weight_rescale=rescale,
+                            mask_strategy="random", **kw)
+        assert torch.equal(fused, plain)
+        assert fused.dtype == torch.float32 and fused.shape == shape
 
 
 def test_merge_masks_independent_of_visiting_order_and_other_tensors():

@@ -308,3 +308,19 @@ def test_tied_base_without_lm_head_writes_no_lm_head(tmp_path, caplog):
                           merging_method_name="average_merging", progress=False)
     assert "lm_head.weight" not in load_merged(tmp_path / "out")
     assert "tensor(s) the base lacks" in caplog.text
+
+
+@pytest.mark.parametrize("hp", [METHOD_CASES["mask_merging"],
+                                {"mask_apply_method": "average_merging", "weight_mask_rate": 0.9}])
+def test_bf16_output_of_larger_tensors_equals_cast_merge_state_dicts(hp, tmp_path):
+    """Tensors above a DARE cache slice (2**16 elements), written as bf16: the cast in-memory result."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(vocab_size=2100, hidden_size=64, intermediate_size=96)  # embeddings: 134,400
+    base, finetuned = make_family(LlamaForCausalLM, config)
+    folders = [save_sharded(sd, tmp_path / name, shard_bytes=2_000_000, config=config)
+               for sd, name in zip(state_dicts_of([base, *finetuned]), ["base", "ft1", "ft2"], strict=True)]
+    merge_checkpoints(str(folders[0]), [str(f) for f in folders[1:]], str(tmp_path / "out"),
+                      merging_method_name="mask_merging", hyperparameters=hp, dtype="bfloat16", progress=False)
+    expected = reference_merge("mask_merging", hp, folders, None)
+    assert_same_tensors(tmp_path / "out", {k: v.to(torch.bfloat16) for k, v in expected.items()})
