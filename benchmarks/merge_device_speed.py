@@ -30,16 +30,20 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.make_synthetic_llama import make_family  # noqa: E402
-from benchmarks.merge_speed import DROP_RATE, SCALING, run_process  # noqa: E402
+from benchmarks.merge_speed import DROP_RATE, SCALING, ensure_family, run_process  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-def drop_page_cache() -> None:
-    """Write dirty pages back and drop the page cache (needs root)."""
+def drop_page_cache() -> bool:
+    """Write dirty pages back and drop the page cache (needs root); False when the kernel refuses."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        logger.warning("could not drop the page cache (%s): timings are warm", error)
+        return False
+    return True
 
 
 def device_commands(folders: Sequence[Path], work: Path, devices: Sequence[str]) -> dict[str, list[str]]:
@@ -100,14 +104,14 @@ def benchmark(size: str, runs: int, work: Path, devices: Sequence[str], cold: bo
     family = work / f"llama-{size}"
     folders = [family / "base", family / "ft1", family / "ft2"]
     if not all((f / "model.safetensors.index.json").exists() for f in folders):
-        make_family(family, size, num_finetuned=2)
+        ensure_family(family, size)
     cmds = device_commands(folders, work, devices)
     input_bytes = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
     for run in range(runs):
         for name, cmd in cmds.items():
             if cold:
-                drop_page_cache()
+                cold = drop_page_cache()
             results[name].append(run_process(cmd))
             logger.info("run %d %s: %.1f s, %.2f GB", run + 1, name, results[name][-1][0], results[name][-1][1] / 1e9)
     summary = {name: {"wall_s": [r[0] for r in rs], "peak_rss_bytes": [r[1] for r in rs],

@@ -34,10 +34,19 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.make_synthetic_llama import make_family  # noqa: E402
 
 logger = logging.getLogger(__name__)
 DROP_RATE, SCALING = 0.9, 1.0
+
+
+def ensure_family(family: Path, size: str) -> None:
+    """Generate the synthetic family in a child process.
+
+    This process never imports torch: a child's peak RSS (``wait4``) includes the RSS of the parent it was forked
+    from, so a lean parent keeps every measured process's figure its own.
+    """
+    subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "make_synthetic_llama.py"), "--size", size,
+                    "--num_finetuned", "2", "--output_dir", str(family)], check=True)
 
 
 def ensure_mergekit(venv: Path) -> Path:
@@ -120,7 +129,7 @@ def benchmark(size: str, runs: int, work: Path, mergekit_venv: Path, tools: Sequ
     family = work / f"llama-{size}"
     folders = [family / "base", family / "ft1", family / "ft2"]
     if not all((f / "model.safetensors.index.json").exists() for f in folders):
-        make_family(family, size, num_finetuned=2)
+        ensure_family(family, size)
     exe = ensure_mergekit(mergekit_venv) if "mergekit" in tools else Path("mergekit-yaml")
     cmds = commands(folders, work, exe, threads)
     results: dict[str, list[tuple[float, int]]] = {tool: [] for tool in tools}

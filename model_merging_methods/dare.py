@@ -124,7 +124,9 @@ def drop_and_rescale(
     """
     delta.mul_(keep_mask.to(delta.device).view(delta.shape))
     if use_weight_rescale and drop_rate != 0.0:
-        delta.div_(1.0 - drop_rate)
+        # a true division by float32(1 - p), as on the CPU path: CUDA would turn a Python-number divisor into a
+        # multiplication by its reciprocal (1 ulp off for some values)
+        delta.div_(torch.tensor(1.0 - drop_rate, dtype=delta.dtype, device=delta.device))
     return delta
 
 
