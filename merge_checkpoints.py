@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the pretrained model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where the maths runs)")
-    p.add_argument("--num_threads", type=int, help="worker threads (default: CPU count; 2 with --device cuda)")
+    p.add_argument("--num_threads", type=int, help="worker threads (default: CPU count, at most 4)")
     p.add_argument("--vocab_policy", choices=VOCAB_POLICIES, default="error")
     p.add_argument("--copy_config_from", type=int, default=0,
                    help="index into [pretrained, *finetuned] of the model whose config/tokenizer are copied")

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_CHUNK_NUMEL = 1 << 20
+# Measured on a 16-core H200 machine (1.1B DARE + task arithmetic, warm cache): merge phase 11.2 / 7.0 / 4.6 /
+# 5.6 s with 1 / 2 / 4 / 8 CPU workers and 7.8 / 6.5 / 4.1 s with 1 / 2 / 4 CUDA workers; past 4 the workers
+# queue for the interpreter lock between their NumPy/torch calls.
+DEFAULT_MAX_WORKERS = 4
 
 
 def _check_options(vocab_policy: str, device: str, num_threads: int | None, num_models: int,
@@ -221,7 +225,7 @@ def merge_checkpoints(
         exclude_param_names_regex: names matched (``re.match``) are copied from the base, not merged.
         dtype: output dtype of floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps the base's.
         device: where the maths runs (``cpu``, ``cuda``, ``cuda:1``); reads and writes stay on the CPU.
-        num_threads: worker threads (default: the CPU count; 2 with a GPU).
+        num_threads: worker threads (default: the CPU count, at most ``DEFAULT_MAX_WORKERS``).
         vocab_policy: ``error``, ``mergelm`` or ``base`` (see ``merge_engine.vocab``).
         copy_config_from: index into ``[pretrained, *finetuned]`` of the model whose config, generation config
             and tokenizer files are copied (0 = the base).
@@ -252,7 +256,7 @@ def merge_checkpoints(
     shards, work, writer, done_names = _open_work(setup.output, record, setup.jobs, max_shard_bytes, overwrite,
                                                   resume)
     units = plan_units(setup.jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
-    num_workers = num_threads or (2 if runner.device.type == "cuda" else os.cpu_count() or 1)
+    num_workers = num_threads or min(os.cpu_count() or 1, DEFAULT_MAX_WORKERS)
     tensors = _run(runner, units, writer, done_names, num_workers, progress)
     write_index(work, shards)
     config_updates = _config_updates(setup.jobs, setup.configs[copy_config_from], parse_dtype(dtype))
