@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.merge_speed import DROP_RATE, SCALING, ensure_family, run_process  # noqa: E402
+from benchmarks.merge_speed import DROP_RATE, SCALING, ensure_family, run_process, summarize_runs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +113,9 @@ def benchmark(size: str, runs: int, work: Path, devices: Sequence[str], cold: bo
                 cold = drop_page_cache()
             results[name].append(run_process(cmd))
             logger.info("run %d %s: %.1f s, %.2f GB", run + 1, name, results[name][-1][0], results[name][-1][1] / 1e9)
-    summary = {name: {"wall_s": [r[0] for r in rs], "peak_rss_bytes": [r[1] for r in rs],
-                      "median_wall_s": statistics.median(r[0] for r in rs),
-                      "median_peak_rss_bytes": statistics.median(r[1] for r in rs)} for name, rs in results.items()}
     outputs = [Path(cmds[spec][cmds[spec].index("--output_dir") + 1]) for spec in devices]
     return {"size": size, "runs": runs, "cache": "cold" if cold else "warm", "input_bytes": input_bytes,
-            "machine": machine_description(), "results": summary,
+            "machine": machine_description(), "results": summarize_runs(results),
             "agreement": compare_outputs(outputs) if len(outputs) > 1 else []}
 
 
@@ -139,7 +135,7 @@ def table(record: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1.1b", help="271m, 1.1b, 3b or tiny (see make_synthetic_llama.py)")
+    parser.add_argument("--size", default="1.1b", help="271m, 1.1b or tiny (see make_synthetic_llama.py)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"],
                         help="merge devices, each optionally with a worker count: cpu cuda cuda=8")

@@ -98,6 +98,13 @@ def run_process(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
+def summarize_runs(results: dict[str, list[tuple[float, int]]]) -> dict[str, dict]:
+    """Per process name: every run's wall time and peak RSS, and their medians."""
+    return {name: {"wall_s": [r[0] for r in runs], "peak_rss_bytes": [r[1] for r in runs],
+                   "median_wall_s": statistics.median(r[0] for r in runs),
+                   "median_peak_rss_bytes": statistics.median(r[1] for r in runs)} for name, runs in results.items()}
+
+
 def naive_worker(folders: Sequence[str], output_dir: str) -> None:
     """Load every model whole in float32, merge in memory, save sharded (the original approach)."""
     import torch
@@ -138,10 +145,7 @@ def benchmark(size: str, runs: int, work: Path, mergekit_venv: Path, tools: Sequ
             results[tool].append(run_process(cmds[tool]))
             logger.info("run %d %s: %.1f s, %.2f GB", run + 1, tool, *results[tool][-1][:1],
                         results[tool][-1][1] / 1e9)
-    summary = {tool: {"wall_s": [r[0] for r in rs], "peak_rss_bytes": [r[1] for r in rs],
-                      "median_wall_s": statistics.median(r[0] for r in rs),
-                      "median_peak_rss_bytes": statistics.median(r[1] for r in rs)} for tool, rs in results.items()}
-    return {"size": size, "runs": runs, "machine": machine_description(), "results": summary}
+    return {"size": size, "runs": runs, "machine": machine_description(), "results": summarize_runs(results)}
 
 
 def table(record: dict) -> str:
