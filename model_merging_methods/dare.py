@@ -33,7 +33,7 @@ MaskStrategy = Literal["random", "magnitude"]
 WeightFormat = Literal["delta_weight", "finetuned_weight"]
 
 MASK_BLOCK_SIZE = 1 << 20
-CACHE_SLICE = 1 << 16  # elements per in-cache step of the fused loops (256 KiB of float32)
+CACHE_SLICE = 1 << 18  # elements per step of the fused DARE loop (1 MiB of float32)
 _TWO_POW_32 = 1 << 32
 
 
@@ -163,8 +163,9 @@ def masked_rescale_(part: np.ndarray, keep: np.ndarray, drop_rate: float, use_we
 def _apply_keep_blocks(flat: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
                        name: str, element_offset: int, source=None) -> None:
     """In place on a float32 array: (optionally ``flat[lo:hi] = source(lo, hi)`` first) then ``x * keep / (1 - p)``."""
-    # slices of CACHE_SLICE elements, so the data, flags and result stay in the core's L2 cache between the
-    # steps (about 2.5x faster than whole 2**20 blocks)
+    # slices of CACHE_SLICE elements: the data, flags and result stay in the core's L2 cache between the steps,
+    # with few enough calls per block that parallel workers rarely wait for the interpreter lock (measured on 2
+    # cores, 1.1B merge: 2**16-element slices 8.0 s, 2**18 6.7-7.0 s, whole 2**20 blocks 6.9-7.6 s)
     for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
         for start in range(lo, hi, CACHE_SLICE):
             stop = min(start + CACHE_SLICE, hi)
