@@ -189,3 +189,13 @@ def test_drop_and_rescale_in_place_with_given_mask():
 def test_bad_drop_rates_are_rejected(rate):
     with pytest.raises(ValueError, match="weight_mask_rate must be in \\[0, 1\\)"):
         apply_dare({"w": torch.zeros(2)}, {"w": torch.ones(2)}, weight_mask_rate=rate)
+
+
+def test_dare_over_several_slices_and_blocks_equals_plain_formula():
+    n = MASK_BLOCK_SIZE + 3 * 2**18 + 5  # crosses mask blocks and the fused loop's slices, ends mid-slice
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    keep = random_keep_mask(n, 0.9, seed=2, model_index=1, name="w", element_offset=77)
+    expected = torch.from_numpy(delta.numpy() * keep.numpy() / np.float32(0.1))
+    got = mask_tensor(delta.clone(), drop_rate=0.9, use_weight_rescale=True, mask_strategy="random", seed=2,
+                      model_index=1, name="w", element_offset=77)
+    assert torch.equal(got, expected)
