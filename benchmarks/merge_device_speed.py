@@ -7,7 +7,8 @@ The merge is the one of ``merge_speed.py``: DARE (p = 0.9, rescale) + task arith
 fine-tunes into the base, bf16 out. For each run the script times, as whole processes:
 
 * ``read``: ``cat`` of every input shard to ``/dev/null``, the floor any merge that reads its inputs has;
-* one merge per ``--devices`` entry (with ``--num_threads`` per device when given as ``cuda=8``).
+* one merge per ``--devices`` entry (with ``--num_threads`` per device when given as ``cuda=8``), each into a
+  fresh output folder (the previous run's output is deleted before it, untimed).
 
 With ``--drop_caches`` (root only) the page cache is dropped before every process, so each one reads from the
 disk ("cold"); without it inputs come from memory after the first run ("warm"). The outputs of the devices are
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +111,8 @@ def benchmark(size: str, runs: int, work: Path, devices: Sequence[str], cold: bo
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
     for run in range(runs):
         for name, cmd in cmds.items():
+            if "--output_dir" in cmd:  # a fresh output folder: deleting the last run's output is not timed
+                shutil.rmtree(cmd[cmd.index("--output_dir") + 1], ignore_errors=True)
             if cold:
                 cold = drop_page_cache()
             results[name].append(run_process(cmd))

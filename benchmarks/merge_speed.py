@@ -12,9 +12,10 @@ The merge is DARE (p = 0.9, rescale) + task arithmetic (lambda = 1) of 2 fine-tu
 * naive: every model loaded whole in float32, ``merge_state_dicts`` in memory, then saved (the original
   MergeLM approach, without transformers' model objects).
 
-Runs are interleaved (ours, mergekit, naive, ours, ...) on warm page caches, after an ``os.sync()``; each
-process's peak RSS comes from ``wait4``. Results go to ``<work_dir>/results_<size>.json`` and a Markdown
-table on stdout.
+Runs are interleaved (ours, mergekit, naive, ours, ...) on warm page caches, each into a fresh output folder
+(the previous run's output is deleted before the run, untimed; ``--replace_output`` times its replacement
+instead) and after an ``os.sync()``; each process's peak RSS comes from ``wait4``. Results go to
+``<work_dir>/results_<size>.json`` and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 logger = logging.getLogger(__name__)
 DROP_RATE, SCALING = 0.9, 1.0
+OUTPUT_DIRS = {"ours": "out_ours", "mergekit": "out_mergekit", "naive": "out_naive"}
 
 
 def ensure_family(family: Path, size: str) -> None:
@@ -73,12 +76,13 @@ def commands(folders: Sequence[Path], work: Path, mergekit_exe: Path, threads: i
     ours = [sys.executable, str(REPO_ROOT / "merge_checkpoints.py"), "--pretrained_model", str(folders[0]),
             "--finetuned_models", *map(str, folders[1:]), "--merging_method_name", "mask_merging",
             "--mask_apply_method", "task_arithmetic", "--weight_mask_rate", str(DROP_RATE), "--use_weight_rescale",
-            "--scaling_coefficient", str(SCALING), "--output_dir", str(work / "out_ours"), "--overwrite", "--quiet"]
+            "--scaling_coefficient", str(SCALING), "--output_dir", str(work / OUTPUT_DIRS["ours"]), "--overwrite",
+            "--quiet"]
     if threads:
         ours += ["--num_threads", str(threads)]
-    mergekit = [str(mergekit_exe), str(mergekit_config(folders, work / "mergekit.yml")), str(work / "out_mergekit"),
-                "--no-copy-tokenizer", "--quiet"]
-    naive = [sys.executable, __file__, "--naive_worker", *map(str, folders), str(work / "out_naive")]
+    mergekit = [str(mergekit_exe), str(mergekit_config(folders, work / "mergekit.yml")),
+                str(work / OUTPUT_DIRS["mergekit"]), "--no-copy-tokenizer", "--quiet"]
+    naive = [sys.executable, __file__, "--naive_worker", *map(str, folders), str(work / OUTPUT_DIRS["naive"])]
     return {"ours": ours, "mergekit": mergekit, "naive": naive}
 
 
@@ -132,7 +136,7 @@ def machine_description() -> str:
 
 
 def benchmark(size: str, runs: int, work: Path, mergekit_venv: Path, tools: Sequence[str],
-              threads: int | None) -> dict:
+              threads: int | None, replace_output: bool = False) -> dict:
     family = work / f"llama-{size}"
     folders = [family / "base", family / "ft1", family / "ft2"]
     if not all((f / "model.safetensors.index.json").exists() for f in folders):
@@ -142,10 +146,13 @@ def benchmark(size: str, runs: int, work: Path, mergekit_venv: Path, tools: Sequ
     results: dict[str, list[tuple[float, int]]] = {tool: [] for tool in tools}
     for run in range(runs):
         for tool in tools:
+            if not replace_output:  # a fresh output folder: deleting the last run's output is not timed
+                shutil.rmtree(work / OUTPUT_DIRS[tool], ignore_errors=True)
             results[tool].append(run_process(cmds[tool]))
             logger.info("run %d %s: %.1f s, %.2f GB", run + 1, tool, *results[tool][-1][:1],
                         results[tool][-1][1] / 1e9)
-    return {"size": size, "runs": runs, "machine": machine_description(), "results": summarize_runs(results)}
+    return {"size": size, "runs": runs, "output": "replaced in the timed run" if replace_output else "fresh folder",
+            "machine": machine_description(), "results": summarize_runs(results)}
 
 
 def table(record: dict) -> str:
@@ -166,6 +173,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tools", nargs="+", default=["ours", "mergekit", "naive"])
     parser.add_argument("--num_threads", type=int, help="passed to ours")
+    parser.add_argument("--replace_output", action="store_true",
+                        help="each run replaces the previous run's output inside the timed process (ours: "
+                             "--overwrite; mergekit: files overwritten in place); default: the previous output is "
+                             "deleted, untimed, before each run")
     parser.add_argument("--work_dir", default=str(REPO_ROOT / "bench_runs"))
     parser.add_argument("--mergekit_venv", default=str(REPO_ROOT / ".venv-mergekit"))
     parser.add_argument("--naive_worker", nargs="+", help=argparse.SUPPRESS)
@@ -180,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    record = benchmark(args.size, args.runs, work, Path(args.mergekit_venv), args.tools, args.num_threads)
+    record = benchmark(args.size, args.runs, work, Path(args.mergekit_venv), args.tools, args.num_threads,
+                       args.replace_output)
     (work / f"results_{args.size}.json").write_text(json.dumps(record, indent=2))
-    print(f"{args.size}, {record['runs']} runs, {record['machine']}\n{table(record)}")
+    print(f"{args.size}, {record['runs']} runs, output {record['output']}, {record['machine']}\n{table(record)}")
     return record
 
 
