@@ -124,10 +124,17 @@ def drop_and_rescale(
     """
     delta.mul_(keep_mask.to(delta.device).view(delta.shape))
     if use_weight_rescale and drop_rate != 0.0:
-        # a true division by float32(1 - p), as on the CPU path: CUDA would turn a Python-number divisor into a
-        # multiplication by its reciprocal (1 ulp off for some values)
-        delta.div_(torch.tensor(1.0 - drop_rate, dtype=delta.dtype, device=delta.device))
+        _divide_by_keep_rate_(delta, drop_rate)
     return delta
+
+
+def _divide_by_keep_rate_(delta: Tensor, drop_rate: float) -> None:
+    """``delta /= (1 - p)`` as a true division by the tensor-dtype value of ``1 - p``, on every device.
+
+    CUDA turns a Python-number divisor into a multiplication by its reciprocal (1 ulp off for some values); a
+    0-dim tensor divisor keeps the CPU's and the GPU's results identical.
+    """
+    delta.div_(torch.tensor(1.0 - drop_rate, dtype=delta.dtype, device=delta.device))
 
 
 def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool = False) -> Tensor:
@@ -144,7 +151,7 @@ def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool 
     kth_value = magnitudes.kthvalue(k).values
     delta.mul_((magnitudes > kth_value).view(delta.shape))
     if use_weight_rescale:
-        delta.div_(1.0 - drop_rate)
+        _divide_by_keep_rate_(delta, drop_rate)
     return delta
 
 
