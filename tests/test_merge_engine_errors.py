@@ -160,10 +160,14 @@ def test_unknown_vocab_policy_and_dtype(family_sds, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_device_matches_cpu(family_sds, tmp_path):
+@pytest.mark.parametrize("hp", [
+    {"mask_apply_method": "task_arithmetic", "weight_mask_rate": 0.3, "use_weight_rescale": True,
+     "scaling_coefficient": 0.7},
+    {"mask_apply_method": "average_merging", "weight_mask_rate": 0.6, "mask_strategy": "magnitude",
+     "use_weight_rescale": True},
+])
+def test_cuda_device_matches_cpu(hp, family_sds, tmp_path):
     folders = _save_all(*family_sds, tmp_path)
-    hp = {"mask_apply_method": "task_arithmetic", "weight_mask_rate": 0.3, "use_weight_rescale": True,
-          "scaling_coefficient": 0.7}
     for device in ("cpu", "cuda"):
         merge_checkpoints(folders[0], folders[1:], str(tmp_path / device), merging_method_name="mask_merging",
                           hyperparameters=hp, device=device, dtype="float32", progress=False)
