@@ -31,7 +31,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.merge_speed import DROP_RATE, SCALING, ensure_family, run_process, summarize_runs  # noqa: E402
+from benchmarks.merge_speed import ensure_family, ours_command, run_process, summarize_runs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +52,8 @@ def device_commands(folders: Sequence[Path], work: Path, devices: Sequence[str])
     cmds = {"read": ["cat", *shards]}
     for spec in devices:
         device, _, threads = spec.partition("=")
-        cmd = [sys.executable, str(REPO_ROOT / "merge_checkpoints.py"), "--pretrained_model", str(folders[0]),
-               "--finetuned_models", *map(str, folders[1:]), "--merging_method_name", "mask_merging",
-               "--mask_apply_method", "task_arithmetic", "--weight_mask_rate", str(DROP_RATE),
-               "--use_weight_rescale", "--scaling_coefficient", str(SCALING), "--device", device,
-               "--output_dir", str(work / f"out_{spec.replace('=', '_').replace(':', '_')}"), "--overwrite",
-               "--quiet"]
-        if threads:
-            cmd += ["--num_threads", threads]
-        cmds[spec] = cmd
+        output_dir = work / f"out_{spec.replace('=', '_').replace(':', '_')}"
+        cmds[spec] = ours_command(folders, output_dir, device=device, threads=threads or None)
     return cmds
 
 

@@ -72,14 +72,19 @@ def mergekit_config(folders: Sequence[Path], path: Path) -> Path:
     return path
 
 
+def ours_command(folders: Sequence[Path], output_dir: Path, *, device: str = "cpu",
+                 threads: int | str | None = None) -> list[str]:
+    """``merge_checkpoints.py`` for the benchmark's merge (DARE p, rescale, task arithmetic with lambda)."""
+    cmd = [sys.executable, str(REPO_ROOT / "merge_checkpoints.py"), "--pretrained_model", str(folders[0]),
+           "--finetuned_models", *map(str, folders[1:]), "--merging_method_name", "mask_merging",
+           "--mask_apply_method", "task_arithmetic", "--weight_mask_rate", str(DROP_RATE), "--use_weight_rescale",
+           "--scaling_coefficient", str(SCALING), "--device", device, "--output_dir", str(output_dir), "--overwrite",
+           "--quiet"]
+    return cmd + ["--num_threads", str(threads)] if threads else cmd
+
+
 def commands(folders: Sequence[Path], work: Path, mergekit_exe: Path, threads: int | None) -> dict[str, list[str]]:
-    ours = [sys.executable, str(REPO_ROOT / "merge_checkpoints.py"), "--pretrained_model", str(folders[0]),
-            "--finetuned_models", *map(str, folders[1:]), "--merging_method_name", "mask_merging",
-            "--mask_apply_method", "task_arithmetic", "--weight_mask_rate", str(DROP_RATE), "--use_weight_rescale",
-            "--scaling_coefficient", str(SCALING), "--output_dir", str(work / OUTPUT_DIRS["ours"]), "--overwrite",
-            "--quiet"]
-    if threads:
-        ours += ["--num_threads", str(threads)]
+    ours = ours_command(folders, work / OUTPUT_DIRS["ours"], threads=threads)
     mergekit = [str(mergekit_exe), str(mergekit_config(folders, work / "mergekit.yml")),
                 str(work / OUTPUT_DIRS["mergekit"]), "--no-copy-tokenizer", "--quiet"]
     naive = [sys.executable, __file__, "--naive_worker", *map(str, folders), str(work / OUTPUT_DIRS["naive"])]

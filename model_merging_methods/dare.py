@@ -155,11 +155,12 @@ def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool 
     return delta
 
 
-def masked_rescale_(part: np.ndarray, keep: np.ndarray, drop_rate: float, use_weight_rescale: bool) -> np.ndarray:
+def _masked_rescale_(part: np.ndarray, keep: np.ndarray, drop_rate: float, use_weight_rescale: bool) -> np.ndarray:
     """DARE's element step in place on a float32 array: ``x * keep / (1 - p)`` (DropOnly: ``x * keep``).
 
     ``x * keep`` as MergeLM's ``x * (1 - mask)``; the division is a true division by ``float32(1 - p)``. Every
-    random-strategy path (whole tensors, row chunks, cache slices) goes through this function.
+    CPU path of the random strategy (whole tensors, row chunks, fused with the subtraction) goes through it;
+    tensors on other devices use ``drop_and_rescale`` (same values, tested on CUDA).
     """
     np.multiply(part, keep, out=part)
     if use_weight_rescale:
@@ -170,15 +171,15 @@ def masked_rescale_(part: np.ndarray, keep: np.ndarray, drop_rate: float, use_we
 def _apply_keep_blocks(flat: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
                        name: str, element_offset: int, source=None) -> None:
     """In place on a float32 array: (optionally ``flat[lo:hi] = source(lo, hi)`` first) then ``x * keep / (1 - p)``."""
-    # slices of CACHE_SLICE elements: the data, flags and result stay in the core's L2 cache between the steps,
-    # with few enough calls per block that parallel workers rarely wait for the interpreter lock (measured on 2
-    # cores, 1.1B merge: 2**16-element slices 8.0 s, 2**18 6.7-7.0 s, whole 2**20 blocks 6.9-7.6 s)
+    # slices of CACHE_SLICE elements: the data mostly stays in cache between the steps, with few enough calls
+    # per block that parallel workers rarely wait for the interpreter lock (measured on 2 cores, 1.1B merge:
+    # 2**16-element slices 8.0 s, 2**18 6.7-7.0 s, whole 2**20 blocks 6.9-7.6 s)
     for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
         for start in range(lo, hi, CACHE_SLICE):
             stop = min(start + CACHE_SLICE, hi)
             if source is not None:
                 source(start, stop)
-            masked_rescale_(flat[start:stop], flags[start - lo:stop - lo], drop_rate, use_weight_rescale)
+            _masked_rescale_(flat[start:stop], flags[start - lo:stop - lo], drop_rate, use_weight_rescale)
 
 
 def dare_delta(
