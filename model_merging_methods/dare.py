@@ -14,10 +14,13 @@ The random mask of a tensor is a pure function of ``(seed, model_index, paramete
 position: elements are grouped in blocks of 2**20, block ``b`` draws 32-bit integers from a NumPy PCG64
 stream seeded by ``SeedSequence([seed, model_index, blake2b64(name), b, stream])``, and element ``j`` is dropped when
 a uniform 32-bit integer drawn for it is below ``round(p * 2**32)`` (drop probability exact to 2**-33;
-see ``_block_keep_flags`` for how the integer is drawn a byte first). Masks therefore do not depend on
+see ``_block_draws`` for how the integer is drawn a byte first). Masks therefore do not depend on
 the order tensors are visited, on thread counts, on the device, on which other tensors exist, or on
 whether a tensor is processed whole or in row chunks (``element_offset``). They differ from MergeLM's
 masks, which come from one global ``torch.bernoulli`` stream and change with any of those.
+
+On the CPU, masking and rescaling (fused with the subtraction of the base) run as compiled loops
+(``dare_kernels``, Numba); on other devices as torch operations with the same mask (``drop_and_rescale``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ MaskStrategy = Literal["random", "magnitude"]
 WeightFormat = Literal["delta_weight", "finetuned_weight"]
 
 MASK_BLOCK_SIZE = 1 << 20
-CACHE_SLICE = 1 << 18  # elements per step of the fused DARE loop (1 MiB of float32)
 _TWO_POW_32 = 1 << 32
 
 
@@ -51,48 +53,56 @@ def _block_bit_generator(seed: int, model_index: int, name_key: int, block: int,
     return np.random.PCG64(np.random.SeedSequence([seed, model_index, name_key, block, stream]))
 
 
-def _block_keep_flags(seed: int, model_index: int, name_key: int, block: int, count: int, threshold: int):
-    """Keep flags of the first ``count`` elements of a block: ``u32 >= threshold`` for uniform 32-bit ``u32``.
+def _block_draws(seed: int, model_index: int, name_key: int, block: int, count: int, threshold: int):
+    """``(top, fix)`` for the first ``count`` elements of a block; keep flags are ``top > threshold >> 24``
+    except at the positions ``fix``, which are kept too.
 
-    Bytes are four times cheaper to draw than 32-bit integers, so ``u32``'s top byte is drawn first (stream 0)
-    and decides 255 of 256 elements; only where it equals the threshold's top byte are the low 24 bits drawn
-    (stream 1, in element order). The result is exactly ``P(drop) = threshold / 2**32`` and each element's flag
-    does not depend on ``count``.
+    An element is kept when a uniform 32-bit integer ``u32`` drawn for it is ``>= threshold``. Bytes are four
+    times cheaper to draw than 32-bit integers, so ``u32``'s top byte is drawn first (stream 0) and decides 255
+    of 256 elements; only where it equals the threshold's top byte are the low 24 bits drawn (stream 1, in
+    element order), and ``fix`` lists those whose low bits are ``>= threshold & 0xFFFFFF``. The result is exactly
+    ``P(drop) = threshold / 2**32`` and each element's flag does not depend on ``count``.
 
     The bytes of stream 0 are the generator's raw 64-bit outputs read little-endian, which is exactly what
     ``Generator.integers(0, 256, dtype=np.uint8)`` returns (tested), three times faster.
     """
-    raw = _block_bit_generator(seed, model_index, name_key, block, 0).random_raw((count + 7) // 8)
-    top = raw.astype("<u8", copy=False).view(np.uint8)[:count]
-    threshold_top = np.uint8(threshold >> 24)
-    keep = top > threshold_top
-    undecided = np.flatnonzero(top == threshold_top)
+    from model_merging_methods import dare_kernels  # compiled on first use
+
+    bit_generator = _block_bit_generator(seed, model_index, name_key, block, 0)
+    raw = bit_generator.random_raw((count + 7) // 8).astype("<u8", copy=False)
+    undecided = dare_kernels.equal_byte_positions(raw, threshold >> 24, count)
+    fix = undecided[:0]
     if undecided.size:
         low = np.random.Generator(_block_bit_generator(seed, model_index, name_key, block, 1)).integers(
             0, 1 << 24, size=undecided.size, dtype=np.uint32
         )
-        keep[undecided] = low >= (threshold & 0xFFFFFF)
-    return keep
+        fix = undecided[low >= (threshold & 0xFFFFFF)]
+    return raw.view(np.uint8)[:count], fix
 
 
-def _keep_flag_blocks(numel: int, drop_rate: float, seed: int, model_index: int, name: str, element_offset: int):
-    """Yield ``(lo, hi, keep flags)`` for consecutive slices of ``[0, numel)`` (one per 2**20-element block)."""
+def _mask_blocks(numel: int, drop_rate: float, seed: int, model_index: int, name: str, element_offset: int):
+    """Yield ``(lo, hi, top, fix)`` for consecutive slices ``[lo, hi)`` of ``[0, numel)`` (one per 2**20-element
+    block), with ``top`` and ``fix`` (see ``_block_draws``) relative to ``lo``."""
     threshold = drop_threshold(drop_rate)
     name_key = name_hash(name)
     start, stop = element_offset, element_offset + numel
     for block in range(start // MASK_BLOCK_SIZE, (stop - 1) // MASK_BLOCK_SIZE + 1):
         block_start = block * MASK_BLOCK_SIZE
         lo, hi = max(start, block_start), min(stop, block_start + MASK_BLOCK_SIZE)
-        flags = _block_keep_flags(seed, model_index, name_key, block, hi - block_start, threshold)
-        yield lo - start, hi - start, flags[lo - block_start :]
+        top, fix = _block_draws(seed, model_index, name_key, block, hi - block_start, threshold)
+        skip = lo - block_start
+        yield lo - start, hi - start, top[skip:], fix[np.searchsorted(fix, skip):] - skip
 
 
 def _random_keep_flags(numel: int, drop_rate: float, seed: int, model_index: int, name: str, element_offset: int):
     keep = np.ones(numel, dtype=bool)
-    if drop_threshold(drop_rate) == 0 or numel == 0:
+    threshold = drop_threshold(drop_rate)
+    if threshold == 0 or numel == 0:
         return keep
-    for lo, hi, flags in _keep_flag_blocks(numel, drop_rate, seed, model_index, name, element_offset):
-        keep[lo:hi] = flags
+    for lo, hi, top, fix in _mask_blocks(numel, drop_rate, seed, model_index, name, element_offset):
+        flags = keep[lo:hi]
+        np.greater(top, np.uint8(threshold >> 24), out=flags)
+        flags[fix] = True
     return keep
 
 
@@ -155,31 +165,26 @@ def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool 
     return delta
 
 
-def _masked_rescale_(part: np.ndarray, keep: np.ndarray, drop_rate: float, use_weight_rescale: bool) -> np.ndarray:
-    """DARE's element step in place on a float32 array: ``x * keep / (1 - p)`` (DropOnly: ``x * keep``).
+def _apply_dare_blocks(out: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
+                       name: str, element_offset: int, finetuned: np.ndarray | None = None,
+                       base: np.ndarray | None = None) -> None:
+    """Random DARE on the CPU, one compiled pass per mask block (see ``dare_kernels``).
 
-    ``x * keep`` as MergeLM's ``x * (1 - mask)``; the division is a true division by ``float32(1 - p)``. Every
-    CPU path of the random strategy (whole tensors, row chunks, fused with the subtraction) goes through it;
-    tensors on other devices use ``drop_and_rescale`` (same values, tested on CUDA).
+    ``out[i] = DARE(out[i])`` in place, or ``DARE(float32(finetuned[i]) - base[i])`` when ``finetuned`` (float32,
+    or bfloat16 as uint16 bits) and ``base`` (float32) are given; all flat arrays of ``out.size`` elements.
     """
-    np.multiply(part, keep, out=part)
-    if use_weight_rescale:
-        np.divide(part, np.float32(1.0 - drop_rate), out=part)
-    return part
+    from model_merging_methods import dare_kernels  # compiled on first use
 
-
-def _apply_keep_blocks(flat: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
-                       name: str, element_offset: int, source=None) -> None:
-    """In place on a float32 array: (optionally ``flat[lo:hi] = source(lo, hi)`` first) then ``x * keep / (1 - p)``."""
-    # slices of CACHE_SLICE elements: the data mostly stays in cache between the steps, with few enough calls
-    # per block that parallel workers rarely wait for the interpreter lock (measured on 2 cores, 1.1B merge:
-    # 2**16-element slices 8.0 s, 2**18 6.7-7.0 s, whole 2**20 blocks 6.9-7.6 s)
-    for lo, hi, flags in _keep_flag_blocks(flat.size, drop_rate, seed, model_index, name, element_offset):
-        for start in range(lo, hi, CACHE_SLICE):
-            stop = min(start + CACHE_SLICE, hi)
-            if source is not None:
-                source(start, stop)
-            _masked_rescale_(flat[start:stop], flags[start - lo:stop - lo], drop_rate, use_weight_rescale)
+    q, threshold_top = np.float32(1.0 - drop_rate), np.uint8(drop_threshold(drop_rate) >> 24)
+    for lo, hi, top, fix in _mask_blocks(out.size, drop_rate, seed, model_index, name, element_offset):
+        if finetuned is None:
+            dare_kernels.dare_in_place(out[lo:hi], top, threshold_top, fix, q, use_weight_rescale)
+        elif finetuned.dtype == np.uint16:
+            dare_kernels.dare_subtract_bf16(out[lo:hi], finetuned[lo:hi], base[lo:hi], top, threshold_top, fix, q,
+                                            use_weight_rescale)
+        else:
+            dare_kernels.dare_subtract_f32(out[lo:hi], finetuned[lo:hi], base[lo:hi], top, threshold_top, fix, q,
+                                           use_weight_rescale)
 
 
 def dare_delta(
@@ -195,24 +200,21 @@ def dare_delta(
 ) -> Tensor:
     """``DARE(float32(finetuned) - base)`` with the random strategy, as a new float32 tensor.
 
-    Same values as ``mask_tensor(finetuned.float() - base, ...)``; on the CPU the subtraction is fused into the
-    block loop so every element is touched while in cache.
+    Same values as ``mask_tensor(finetuned.float() - base, ...)``; on the CPU the upcast and subtraction of a
+    float32 or bfloat16 fine-tuned tensor are fused into DARE's compiled pass.
     """
-    fused = finetuned.device.type == "cpu" and finetuned.is_contiguous() and base.is_contiguous()
-    if not fused or drop_threshold(drop_rate) == 0 or base.dtype != torch.float32:
+    fused = (finetuned.device.type == "cpu" and finetuned.is_contiguous() and base.is_contiguous()
+             and finetuned.dtype in (torch.float32, torch.bfloat16) and base.dtype == torch.float32)
+    if not fused or drop_threshold(drop_rate) == 0:
         delta = torch.sub(finetuned, base) if finetuned.dtype != base.dtype else finetuned - base
         return mask_tensor(delta.float(), drop_rate=drop_rate, use_weight_rescale=use_weight_rescale,
                            mask_strategy="random", seed=seed, model_index=model_index, name=name,
                            element_offset=element_offset)
     out = torch.empty(base.shape, dtype=torch.float32)
-    flat_out, flat_ft, flat_base = out.view(-1), finetuned.reshape(-1), base.reshape(-1)
-
-    def subtract(lo: int, hi: int) -> None:
-        # copy (exact upcast) then subtract in float32: faster than a mixed-dtype subtraction, same values
-        flat_out[lo:hi].copy_(flat_ft[lo:hi]).sub_(flat_base[lo:hi])
-
-    _apply_keep_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,
-                       source=subtract)
+    flat_ft = finetuned.reshape(-1)
+    flat_ft = flat_ft.view(torch.int16).numpy().view(np.uint16) if flat_ft.dtype == torch.bfloat16 else flat_ft.numpy()
+    _apply_dare_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,
+                       finetuned=flat_ft, base=base.reshape(-1).numpy())
     return out
 
 
@@ -242,5 +244,5 @@ def mask_tensor(
         keep = random_keep_mask(tensor.numel(), drop_rate, seed=seed, model_index=model_index, name=name,
                                 element_offset=element_offset)
         return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
-    _apply_keep_blocks(tensor.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset)
+    _apply_dare_blocks(tensor.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset)
     return tensor

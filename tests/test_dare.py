@@ -199,3 +199,51 @@ def test_dare_over_several_slices_and_blocks_equals_plain_formula():
     got = mask_tensor(delta.clone(), drop_rate=0.9, use_weight_rescale=True, mask_strategy="random", seed=2,
                       model_index=1, name="w", element_offset=77)
     assert torch.equal(got, expected)
+
+
+def test_equal_byte_positions_matches_numpy():
+    from model_merging_methods.dare_kernels import equal_byte_positions
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 1 << 64, size=4001, dtype=np.uint64)
+    data = words.view(np.uint8)
+    for byte in (0, 7, 0xE6, 255):
+        for count in (data.size, data.size - 5, 13, 0):
+            expected = np.flatnonzero(data[:count] == byte)
+            assert np.array_equal(equal_byte_positions(words, byte, count), expected)
+    same = np.full(3, 0xE6E6E6E6E6E6E6E6, dtype=np.uint64)  # every byte matches
+    assert np.array_equal(equal_byte_positions(same, 0xE6, 21), np.arange(21))
+    past_the_end = np.zeros(2, dtype=np.uint64)
+    past_the_end.view(np.uint8)[13] = 0xE6  # a match just past ``count`` is not reported
+    assert equal_byte_positions(past_the_end, 0xE6, 13).size == 0
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same float32 bit patterns (signed zeros included); any NaN matches any NaN."""
+    nan = np.isnan(a)
+    return np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("finetuned_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_compiled_dare_bit_identical_to_plain_formula_with_special_values(finetuned_dtype, rescale):
+    n, p, offset = MASK_BLOCK_SIZE + 4099, 0.9, 12_345
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, generator=g)
+    finetuned = base + 0.01 * torch.randn(n, generator=g)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-40, 3e38, -3e38])
+    finetuned[: special.numel()] = special
+    base[special.numel(): 2 * special.numel()] = special
+    finetuned = finetuned.to(finetuned_dtype)
+    keep = random_keep_mask(n, p, seed=4, model_index=1, name="w", element_offset=offset).numpy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = finetuned.float().numpy() - base.numpy()
+        expected = delta * keep
+        if rescale:
+            expected = expected / np.float32(1 - p)
+    kw = {"drop_rate": p, "use_weight_rescale": rescale, "seed": 4, "model_index": 1, "name": "w",
+          "element_offset": offset}
+    fused = dare_delta(finetuned, base, **kw)
+    in_place = mask_tensor(torch.from_numpy(delta.copy()), mask_strategy="random", **kw)
+    assert _bits_equal(fused.numpy(), expected)
+    assert _bits_equal(in_place.numpy(), expected)
