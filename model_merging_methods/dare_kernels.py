@@ -16,7 +16,17 @@ The kernels are compiled on first use and cached next to this file (or in Numba'
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit as _njit
+
+
+def njit(**options):
+    """``numba.njit`` with the on-disk cache where a cache folder is writable, without it otherwise."""
+    def decorate(function):
+        try:
+            return _njit(**options)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install, no HOME)
+            return _njit(**{**options, "cache": False})(function)
+    return decorate
 
 
 @njit(nogil=True, cache=True, inline="always")

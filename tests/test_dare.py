@@ -247,3 +247,22 @@ def test_compiled_dare_bit_identical_to_plain_formula_with_special_values(finetu
     in_place = mask_tensor(torch.from_numpy(delta.copy()), mask_strategy="random", **kw)
     assert _bits_equal(fused.numpy(), expected)
     assert _bits_equal(in_place.numpy(), expected)
+
+
+def test_kernels_compile_without_a_writable_cache_folder(monkeypatch):
+    import numba
+
+    from model_merging_methods import dare_kernels
+
+    def no_cache_folder(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return numba.njit(**options)
+
+    monkeypatch.setattr(dare_kernels, "_njit", no_cache_folder)
+
+    @dare_kernels.njit(nogil=True, cache=True)
+    def add_one(x):
+        return x + 1
+
+    assert add_one(41) == 42
