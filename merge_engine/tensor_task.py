@@ -85,24 +85,25 @@ class UnitRunner:
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def read_inputs(self, unit: WorkUnit) -> list[torch.Tensor]:
-        """``[base, *finetuned]`` for the unit, vocabulary-aligned, checked for NaN/Inf."""
+    def read_inputs(self, unit: WorkUnit, *, check_finite: bool = True) -> list[torch.Tensor]:
+        """``[base, *finetuned]`` for the unit, vocabulary-aligned, checked for NaN/Inf unless told not to."""
         job = unit.job
         models = len(self.readers) if job.merge else 1  # copied tensors come from the base alone
         tensors = [reader.read(src, unit.rows) for reader, src in zip(self.readers[:models], job.sources[:models])]
         if job.target_rows is not None:
             base = align_rows(tensors[0], job.target_rows, self.vocab_policy)
             tensors = [base] + [align_rows(t, job.target_rows, self.vocab_policy, base) for t in tensors[1:]]
-        for label, tensor in zip(self.labels[1:], tensors[1:]):
-            self._check_finite(job.name, label, tensor)
+        if check_finite:
+            self.check_finite(job.name, tensors)
         return tensors
 
-    def _check_finite(self, name: str, label: str, tensor: torch.Tensor) -> None:
-        if tensor.numel() == 0:
-            return
-        # fast path: a sum is finite when every value is (the exact check below runs only otherwise)
-        if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
-            return
+    def check_finite(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
+        """Warn (or raise with ``strict``) for each fine-tuned tensor of ``[base, *finetuned]`` with NaN/Inf."""
+        for label, tensor in zip(self.labels[1:], tensors[1:]):
+            if not _all_finite(tensor):
+                self._report_non_finite(name, label, tensor)
+
+    def _report_non_finite(self, name: str, label: str, tensor: torch.Tensor) -> None:
         count = int((~torch.isfinite(tensor)).sum())
         message = f"{label}: tensor {name!r} has {count} NaN/Inf value(s)"
         if self.strict:
@@ -127,13 +128,23 @@ class UnitRunner:
     def run(self, unit: WorkUnit, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The unit's output tensor, on the CPU, in the job's output dtype."""
         job = unit.job
-        tensors = self.read_inputs(unit) if tensors is None else tensors
+        # when every non-finite input shows in the output, one check of the output replaces the input checks
+        check_output = job.merge and self.plan.propagates_non_finite
+        tensors = self.read_inputs(unit, check_finite=not check_output) if tensors is None else tensors
         if not job.merge:
             return tensors[0].to(job.out_dtype)
+        inputs = tensors
         if self.device.type != "cpu":
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         merged = self.plan.process_tensor(
             job.name, tensors[0], tensors[1:], statistics=self.statistics_for(unit),
             global_state=self.global_state, element_offset=unit.element_offset, out_dtype=job.out_dtype,
-        )
-        return merged.cpu()
+        ).cpu()
+        if check_output and not _all_finite(merged):
+            self.check_finite(job.name, inputs)
+        return merged
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # fast path: a sum is finite when every value is (the exact check runs only otherwise)
+    return tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())

@@ -101,6 +101,16 @@ class MergePlan:
             return self.hyperparameters["ties_trim_scope"] == "global"
         return self.method.name in ("average_merging", "task_arithmetic", "fisher_merging")
 
+    @property
+    def propagates_non_finite(self) -> bool:
+        """True when a NaN/Inf in any input always leaves a NaN/Inf in the merged tensor.
+
+        Average merging and task arithmetic only add and scale, and every DARE variant multiplies by its mask
+        (``NaN * 0`` and ``Inf * 0`` are NaN), so checking the merged tensor finds every non-finite input; TIES,
+        Fisher and RegMean select or weight values and can hide one.
+        """
+        return self.method.name in ("average_merging", "task_arithmetic")
+
     def deltas(self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, element_offset: int = 0) -> list:
         """float32 deltas ``finetuned_i - base`` of one parameter (or chunk), after DARE when configured."""
         base32 = base.float()

@@ -11,6 +11,7 @@ from conftest import make_family, tiny_bert_config, tiny_llama_config
 from test_merge_engine import read_back, save_bin, save_sharded, state_dicts_of
 
 from merge_engine import merge_checkpoints
+from model_merging_methods.dare import random_keep_mask
 
 TA = {"merging_method_name": "task_arithmetic", "progress": False}
 
@@ -95,21 +96,45 @@ def test_corrupt_bin_file(family_sds, tmp_path):
         merge_checkpoints(folders[0], [str(bin_dir)], str(tmp_path / "out"), **TA)
 
 
-def test_nan_in_finetuned_warns_with_name(family_sds, tmp_path, caplog):
+NAN_CASES = {
+    "task_arithmetic": {},
+    "average_merging": {},
+    "ties_merging": {"param_value_mask_rate": 0.5},
+    "dare_task_arithmetic": {"mask_apply_method": "task_arithmetic", "weight_mask_rate": 0.9,
+                             "use_weight_rescale": True},
+    "dare_magnitude_average": {"mask_apply_method": "average_merging", "weight_mask_rate": 0.9,
+                               "mask_strategy": "magnitude"},
+}
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_in_finetuned_warns_with_name(family_sds, tmp_path, caplog, case):
     sds, config = family_sds
-    sds[1]["model.layers.0.self_attn.q_proj.weight"][3, 4] = float("nan")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    row, col = 3, 4
+    if case.startswith("dare_task"):  # a position DARE drops: NaN * 0 is still NaN in the merged tensor
+        keep = random_keep_mask(sds[1][name].numel(), 0.9, seed=0, model_index=0, name=name)
+        dropped = int(torch.nonzero(~keep)[0])
+        row, col = divmod(dropped, sds[1][name].shape[1])
+    sds[1][name][row, col] = float("nan")
     folders = _save_all(sds, config, tmp_path)
+    method = "mask_merging" if case.startswith("dare") else case
     with caplog.at_level(logging.WARNING):
-        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), **TA)
-    assert "model.layers.0.self_attn.q_proj.weight" in caplog.text and "NaN/Inf" in caplog.text
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), merging_method_name=method,
+                          hyperparameters=NAN_CASES[case], progress=False)
+    assert name in caplog.text and "ft1" in caplog.text and "1 NaN/Inf" in caplog.text
+    assert "ft2" not in caplog.text
 
 
-def test_inf_in_finetuned_is_an_error_with_strict(family_sds, tmp_path):
+@pytest.mark.parametrize("case", ["task_arithmetic", "ties_merging", "dare_task_arithmetic"])
+def test_inf_in_finetuned_is_an_error_with_strict(family_sds, tmp_path, case):
     sds, config = family_sds
     sds[2]["model.norm.weight"][0] = float("inf")
     folders = _save_all(sds, config, tmp_path)
+    method = "mask_merging" if case.startswith("dare") else case
     with pytest.raises(ValueError, match=r"model.norm.weight.*NaN/Inf"):
-        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), strict=True, **TA)
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), strict=True, merging_method_name=method,
+                          hyperparameters=NAN_CASES[case], progress=False)
     assert not (tmp_path / "out").exists()
 
 
