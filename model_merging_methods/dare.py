@@ -211,10 +211,10 @@ def dare_delta(
                            mask_strategy="random", seed=seed, model_index=model_index, name=name,
                            element_offset=element_offset)
     out = torch.empty(base.shape, dtype=torch.float32)
-    flat_ft = finetuned.reshape(-1)
+    flat_ft = finetuned.detach().reshape(-1)  # values only: parameters that require grad are fine too
     flat_ft = flat_ft.view(torch.int16).numpy().view(np.uint16) if flat_ft.dtype == torch.bfloat16 else flat_ft.numpy()
     _apply_dare_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,
-                       finetuned=flat_ft, base=base.reshape(-1).numpy())
+                       finetuned=flat_ft, base=base.detach().reshape(-1).numpy())
     return out
 
 
@@ -244,5 +244,6 @@ def mask_tensor(
         keep = random_keep_mask(tensor.numel(), drop_rate, seed=seed, model_index=model_index, name=name,
                                 element_offset=element_offset)
         return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
-    _apply_dare_blocks(tensor.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset)
+    _apply_dare_blocks(tensor.detach().view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name,
+                       element_offset)
     return tensor

@@ -266,3 +266,13 @@ def test_kernels_compile_without_a_writable_cache_folder(monkeypatch):
         return x + 1
 
     assert add_one(41) == 42
+
+
+def test_dare_accepts_parameters_that_require_grad():
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Parameter(torch.randn(64, 32, generator=g))
+    finetuned = torch.nn.Parameter((base.detach() + 0.01 * torch.randn(64, 32, generator=g)).bfloat16())
+    kw = {"drop_rate": 0.5, "use_weight_rescale": True, "seed": 0, "model_index": 0, "name": "w"}
+    got = dare_delta(finetuned, base, **kw)
+    expected = mask_tensor(finetuned.detach().float() - base.detach(), mask_strategy="random", **kw)
+    assert torch.equal(got, expected)
