@@ -26,6 +26,7 @@ On the CPU, masking and rescaling (fused with the subtraction of the base) run a
 from __future__ import annotations
 
 import hashlib
+import importlib
 from typing import Literal
 
 import numpy as np
@@ -49,6 +50,20 @@ def drop_threshold(drop_rate: float) -> int:
     return min(round(drop_rate * _TWO_POW_32), _TWO_POW_32 - 1)
 
 
+def _kernels():
+    """The compiled DARE loops (``dare_kernels``), imported on first use: loading Numba takes about 0.45 s."""
+    try:
+        dare_kernels = importlib.import_module("model_merging_methods.dare_kernels")
+    except ModuleNotFoundError as error:
+        if error.name != "numba" and not (error.name or "").startswith("numba."):
+            raise
+        raise ModuleNotFoundError(
+            "DARE's random masks need numba (compiled mask and rescale loops), which is not installed; "
+            "install the project's requirements: pip install -r requirements.txt", name="numba"
+        ) from error
+    return dare_kernels
+
+
 def _block_bit_generator(seed: int, model_index: int, name_key: int, block: int, stream: int) -> np.random.PCG64:
     return np.random.PCG64(np.random.SeedSequence([seed, model_index, name_key, block, stream]))
 
@@ -66,8 +81,7 @@ def _block_draws(seed: int, model_index: int, name_key: int, block: int, count: 
     The bytes of stream 0 are the generator's raw 64-bit outputs read little-endian, which is exactly what
     ``Generator.integers(0, 256, dtype=np.uint8)`` returns (tested), three times faster.
     """
-    from model_merging_methods import dare_kernels  # compiled on first use
-
+    dare_kernels = _kernels()
     bit_generator = _block_bit_generator(seed, model_index, name_key, block, 0)
     raw = bit_generator.random_raw((count + 7) // 8).astype("<u8", copy=False)
     undecided = dare_kernels.equal_byte_positions(raw, threshold >> 24, count)
@@ -173,8 +187,7 @@ def _apply_dare_blocks(out: np.ndarray, drop_rate: float, use_weight_rescale: bo
     ``out[i] = DARE(out[i])`` in place, or ``DARE(float32(finetuned[i]) - base[i])`` when ``finetuned`` (float32,
     or bfloat16 as uint16 bits) and ``base`` (float32) are given; all flat arrays of ``out.size`` elements.
     """
-    from model_merging_methods import dare_kernels  # compiled on first use
-
+    dare_kernels = _kernels()
     q, threshold_top = np.float32(1.0 - drop_rate), np.uint8(drop_threshold(drop_rate) >> 24)
     for lo, hi, top, fix in _mask_blocks(out.size, drop_rate, seed, model_index, name, element_offset):
         if finetuned is None:

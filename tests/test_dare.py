@@ -276,3 +276,12 @@ def test_dare_accepts_parameters_that_require_grad():
     got = dare_delta(finetuned, base, **kw)
     expected = mask_tensor(finetuned.detach().float() - base.detach(), mask_strategy="random", **kw)
     assert torch.equal(got, expected)
+
+
+def test_missing_numba_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "model_merging_methods.dare_kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now fails as if it were not installed
+    with pytest.raises(ModuleNotFoundError, match="pip install -r requirements.txt"):
+        random_keep_mask(10, 0.5, seed=0, model_index=0, name="w")
