@@ -139,10 +139,10 @@ class UnitRunner:
         merged = self.plan.process_tensor(
             job.name, tensors[0], tensors[1:], statistics=self.statistics_for(unit),
             global_state=self.global_state, element_offset=unit.element_offset, out_dtype=job.out_dtype,
-        ).cpu()
-        if check_output and not _all_finite(merged):
+        )
+        if check_output and not _all_finite(merged):  # on the compute device: a GPU checks its own output
             self.check_finite(job.name, inputs)
-        return merged
+        return merged.cpu()
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
