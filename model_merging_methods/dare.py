@@ -184,20 +184,17 @@ def _apply_dare_blocks(out: np.ndarray, drop_rate: float, use_weight_rescale: bo
                        base: np.ndarray | None = None) -> None:
     """Random DARE on the CPU, one compiled pass per mask block (see ``dare_kernels``).
 
-    ``out[i] = DARE(out[i])`` in place, or ``DARE(float32(finetuned[i]) - base[i])`` when ``finetuned`` (float32,
-    or bfloat16 as uint16 bits) and ``base`` (float32) are given; all flat arrays of ``out.size`` elements.
+    ``out[i] = DARE(out[i])`` in place, or ``DARE(float32(finetuned[i]) - base[i])`` when ``finetuned`` (bfloat16
+    as uint16 bits) and ``base`` (float32) are given; all flat arrays of ``out.size`` elements.
     """
     dare_kernels = _kernels()
     q, threshold_top = np.float32(1.0 - drop_rate), np.uint8(drop_threshold(drop_rate) >> 24)
     for lo, hi, top, fix in _mask_blocks(out.size, drop_rate, seed, model_index, name, element_offset):
         if finetuned is None:
             dare_kernels.dare_in_place(out[lo:hi], top, threshold_top, fix, q, use_weight_rescale)
-        elif finetuned.dtype == np.uint16:
+        else:
             dare_kernels.dare_subtract_bf16(out[lo:hi], finetuned[lo:hi], base[lo:hi], top, threshold_top, fix, q,
                                             use_weight_rescale)
-        else:
-            dare_kernels.dare_subtract_f32(out[lo:hi], finetuned[lo:hi], base[lo:hi], top, threshold_top, fix, q,
-                                           use_weight_rescale)
 
 
 def dare_delta(
@@ -214,18 +211,18 @@ def dare_delta(
     """``DARE(float32(finetuned) - base)`` with the random strategy, as a new float32 tensor.
 
     Same values as ``mask_tensor(finetuned.float() - base, ...)``; on the CPU the upcast and subtraction of a
-    float32 or bfloat16 fine-tuned tensor are fused into DARE's compiled pass.
+    bfloat16 fine-tuned tensor (the usual LLM checkpoint) are fused into DARE's compiled pass; other dtypes are
+    subtracted first, then masked in place by the same compiled step.
     """
     fused = (finetuned.device.type == "cpu" and finetuned.is_contiguous() and base.is_contiguous()
-             and finetuned.dtype in (torch.float32, torch.bfloat16) and base.dtype == torch.float32)
+             and finetuned.dtype == torch.bfloat16 and base.dtype == torch.float32)
     if not fused or drop_threshold(drop_rate) == 0:
         delta = torch.sub(finetuned, base) if finetuned.dtype != base.dtype else finetuned - base
         return mask_tensor(delta.float(), drop_rate=drop_rate, use_weight_rescale=use_weight_rescale,
                            mask_strategy="random", seed=seed, model_index=model_index, name=name,
                            element_offset=element_offset)
     out = torch.empty(base.shape, dtype=torch.float32)
-    flat_ft = finetuned.detach().reshape(-1)  # values only: parameters that require grad are fine too
-    flat_ft = flat_ft.view(torch.int16).numpy().view(np.uint16) if flat_ft.dtype == torch.bfloat16 else flat_ft.numpy()
+    flat_ft = finetuned.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)  # bf16 bits; values only
     _apply_dare_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,
                        finetuned=flat_ft, base=base.detach().reshape(-1).numpy())
     return out

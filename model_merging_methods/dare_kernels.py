@@ -5,9 +5,10 @@ rescale), and without the interpreter lock, so parallel workers run it side by s
 random bytes and calls these kernels; tensors on other devices use ``dare.drop_and_rescale`` (same values,
 tested on CUDA).
 
-Every kernel computes ``_element(d, keep, q, rescale)`` for ``d = float32(finetuned) - base`` (or the value in
-place), with ``keep = top_byte > threshold_top`` in a branch-free loop, and then rewrites the few elements
-whose top byte equals the threshold's and whose low bits say "keep" (``fix_positions``, drawn by ``dare.py``).
+Both DARE kernels compute ``_element(d, keep, q, rescale)`` for ``d = float32(finetuned) - base`` with a
+bfloat16 ``finetuned`` (or for the float32 value in place), with ``keep = top_byte > threshold_top`` in a
+branch-free loop, and then rewrite the few elements whose top byte equals the threshold's and whose low bits say
+"keep" (``fix_positions``, drawn by ``dare.py``).
 Each operation rounds as NumPy's float32 operations do (a float64 intermediate rounded to float32 gives the
 same value for one subtraction, product or quotient), so the results are bit-identical to the plain formula.
 The kernels are compiled on first use and cached next to this file (or in Numba's user cache directory).
@@ -79,17 +80,6 @@ def dare_in_place(x, top, threshold_top, fix_positions, q, rescale):
         x[i] = _element(x[i], top[i] > threshold_top, q, rescale)
     for j in range(fix_positions.size):
         x[fix_positions[j]] = _element(kept[j], True, q, rescale)
-    return 0
-
-
-@njit(nogil=True, cache=True)
-def dare_subtract_f32(out, finetuned, base, top, threshold_top, fix_positions, q, rescale):
-    """``out[i] = DARE(finetuned[i] - base[i])`` for float32 ``finetuned`` and ``base``."""
-    for i in range(out.size):
-        out[i] = _element(np.float32(finetuned[i] - base[i]), top[i] > threshold_top, q, rescale)
-    for j in range(fix_positions.size):
-        i = fix_positions[j]
-        out[i] = _element(np.float32(finetuned[i] - base[i]), True, q, rescale)
     return 0
 
 
