@@ -5,7 +5,7 @@
                                weight_mask_rate=0.9, use_weight_rescale=True, scaling_coefficient=1.0)
 """
 
-from model_merging_methods.fisher import compute_fisher_weights
+from model_merging_methods.fisher import FISHER_ESTIMATORS, compute_fisher_weights
 from model_merging_methods.merge_plan import MergePlan, accepted_hyperparameters, build_merge_plan
 from model_merging_methods.merge_state_dicts import apply_dare, merge_models, merge_state_dicts
 from model_merging_methods.registry import MERGE_METHODS, MERGING_METHOD_NAMES, MergeMethod, get_merge_method
@@ -19,6 +19,7 @@ __all__ = [
     "accepted_hyperparameters",
     "apply_dare",
     "build_merge_plan",
+    "FISHER_ESTIMATORS",
     "compute_fisher_weights",
     "compute_gram_matrices",
     "get_merge_method",

@@ -1,8 +1,11 @@
 """Fisher merging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832).
 
-Two separate steps, as MergeLM computes them:
+Two separate steps:
 
-* ``compute_fisher_weights(model, dataloader, num_examples)``: the diagonal Fisher of one model from data.
+* ``compute_fisher_weights(model, dataloader, num_examples, estimator=...)``: the diagonal Fisher of one model
+  from data, either as MergeLM computes it (``"mergelm"``: the squared gradient of one batch objective, which
+  mixes examples and classes) or exactly (``"exact"``: ``E_x sum_y p(y|x) (d log p(y|x) / d theta)**2``, per
+  example).
 * ``fisher_merging(base, deltas, fisher_weights, model_coefficients)``: the per-parameter combine
   ``theta = sum_i c_i (F_i + eps) theta_i / sum_i c_i (F_i + eps)``, with the per-model coefficients from
   ``fisher_model_coefficients`` (optionally normalised by each model's global Fisher norm).
@@ -37,6 +40,27 @@ def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, T
     return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
 
 
+FISHER_ESTIMATORS = ("mergelm", "exact")
+
+
+def _exact_example_fisher(model: nn.Module, example: Mapping[str, Tensor], params: Mapping[str, Tensor],
+                          fisher: dict[str, Tensor]) -> None:
+    """Add ``sum_y p(y|x) g_y**2`` (classification) or ``(d f / d theta)**2`` (regression) of one example."""
+    logits = model(**example).logits.squeeze(0)
+    names = list(params)
+    tensors = [params[n] for n in names]
+    if logits.numel() == 1:  # regression head: Gaussian likelihood with unit variance -> (df/dtheta)^2
+        targets = [(1.0, logits.reshape(()))]
+    else:
+        log_p = torch.log_softmax(logits, dim=-1)
+        targets = [(float(w), log_p[y]) for y, w in enumerate(log_p.detach().exp())]
+    for index, (weight, output) in enumerate(targets):
+        grads = torch.autograd.grad(output, tensors, retain_graph=index + 1 < len(targets), allow_unused=True)
+        for name, grad in zip(names, grads, strict=True):
+            if grad is not None:
+                fisher[name].add_(grad.detach().float().pow(2), alpha=weight)
+
+
 def compute_fisher_weights(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Tensor]],
@@ -44,31 +68,50 @@ def compute_fisher_weights(
     num_examples: int,
     device: str | torch.device | None = None,
     batch_size: int | None = None,
+    estimator: str = "mergelm",
 ) -> dict[str, Tensor]:
-    """Diagonal Fisher of ``model`` over about ``num_examples`` training examples, as MergeLM computes it.
+    """Diagonal Fisher of ``model`` over about ``num_examples`` training examples.
 
-    For each batch (a dict of tensors with ``labels``; the model is called with the other keys and must
-    return ``logits``): ``grad**2`` of the batch objective (classification: ``sum sqrt(p) log p``; regression:
-    MSE with the labels), summed over batches and divided by the number of examples counted. As in MergeLM,
-    batches are taken while fewer than ``num_examples`` examples were counted, and each batch counts its
-    nominal ``batch_size`` (default: the first batch's size). Gradients are cleared afterwards.
+    Each batch is a dict of tensors with ``labels``; the model is called with the other keys and must return
+    ``logits`` (one column = a regression head).
+
+    ``estimator="mergelm"`` (MergeLM's): ``grad**2`` of the batch objective (classification: ``sum`` over batch
+    and classes of ``sqrt(p) log p`` with ``p`` detached; regression: MSE with the labels), summed over batches
+    and divided by the number of examples counted. Cross terms between examples and classes make this differ
+    from the Fisher (at ``p = (0.5, 0.5)`` it can be 0 where the Fisher is 0.25). As in MergeLM, batches are
+    taken while fewer than ``num_examples`` examples were counted, and each batch counts its nominal
+    ``batch_size`` (default: the first batch's size).
+
+    ``estimator="exact"``: ``(1/N) sum_x sum_y p(y|x) (d log p(y|x)/d theta)**2`` with one backward pass per
+    example and class (labels unused); for a regression head the Fisher of a unit-variance Gaussian,
+    ``(1/N) sum_x (d f(x)/d theta)**2``. Exactly ``num_examples`` examples are used (fewer if the loader ends).
+    Gradients are cleared afterwards.
 
     Returns:
         ``{parameter name: float32 Fisher diagonal}`` for every parameter that requires grad.
     """
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if estimator not in FISHER_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {FISHER_ESTIMATORS}, got {estimator!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     was_training, counted = model.training, 0
     model.eval()
-    for batch in tqdm(dataloader, desc="fisher", leave=False):
+    for batch in tqdm(dataloader, desc=f"fisher ({estimator})", leave=False):
         if counted >= num_examples:
             break
         batch = _to_device(batch, device)
         labels = batch.pop("labels", None)
         model.zero_grad(set_to_none=True)
+        if estimator == "exact":
+            size = len(next(iter(batch.values())))
+            for i in range(min(size, num_examples - counted)):
+                example = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
+                _exact_example_fisher(model, example, params, fisher)
+                counted += 1
+            continue
         _fisher_objective(model(**batch).logits, labels).backward()
         for name, p in params.items():
             if p.grad is not None:
@@ -79,7 +122,8 @@ def compute_fisher_weights(
     if counted == 0:
         raise ValueError("the dataloader yielded no batches; Fisher weights need at least one example")
     if counted != num_examples:
-        logger.warning("Fisher: num_examples=%d is not a multiple of the batch size; used %d", num_examples, counted)
+        logger.warning("Fisher: num_examples=%d is not a multiple of the batch size or exceeds the data; used %d",
+                       num_examples, counted)
     return {name: value / counted for name, value in fisher.items()}
 
 

@@ -66,20 +66,78 @@ def _loader(x, y, batch_size):
     return [{"x": x[i:i + batch_size], "labels": y[i:i + batch_size]} for i in range(0, len(x), batch_size)]
 
 
-def test_compute_fisher_classification_matches_manual_gradient():
+class _OneWeight(nn.Module):
+    """logits = [w * x, 0]: p0 = sigmoid(w x), d log p0 / dw = x (1 - p0), d log p1 / dw = -x p0."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w]))
+
+    def forward(self, x):
+        return type("Out", (), {"logits": torch.stack([self.w * x, torch.zeros_like(x)], dim=-1)})()
+
+
+def test_compute_fisher_mergelm_hand_computed_with_cross_terms():
+    # x = 2, w = ln(3)/2 -> p = (3/4, 1/4); per example d/dw of sqrt(p0) log p0 + sqrt(p1) log p1
+    # = sqrt(3/4) * 2/4 + sqrt(1/4) * (-2 * 3/4) = (sqrt(3) - 3) / 4
+    model = _OneWeight(math.log(3.0) / 2)
+    x = torch.tensor([2.0, 2.0])
+    per_example = (math.sqrt(3.0) - 3.0) / 4
+    one_batch = compute_fisher_weights(model, [{"x": x, "labels": torch.tensor([0, 1])}], num_examples=2)
+    assert model.w.grad is None  # gradients cleared afterwards
+    # both examples in one batch: the gradients add before squaring -> (2 g)^2 / 2
+    assert one_batch["w"].item() == pytest.approx((2 * per_example) ** 2 / 2, rel=1e-5)
+    separate = compute_fisher_weights(model, _loader(x, torch.tensor([0, 1]), 1), num_examples=2)
+    assert separate["w"].item() == pytest.approx(per_example ** 2, rel=1e-5)
+
+
+def test_exact_fisher_hand_computed_where_mergelm_gives_zero():
+    # p = (0.5, 0.5) at w = 0, x = 0.5: the Fisher is p0 p1 x^2 * ... = 0.5 (x/2)^2 + 0.5 (x/2)^2 = x^2/4 = 1/16;
+    # MergeLM's sqrt(p)-weighted gradients cancel to exactly 0.
+    model = _OneWeight(0.0)
+    loader = [{"x": torch.tensor([0.5]), "labels": torch.tensor([0])}]
+    assert compute_fisher_weights(model, loader, num_examples=1, estimator="exact")["w"].item() == \
+        pytest.approx(1 / 16)
+    assert compute_fisher_weights(model, loader, num_examples=1)["w"].item() == 0.0
+    # x = 2, p = (3/4, 1/4): sum_y p_y g_y^2 = p0 p1 x^2 = 3/4
+    model = _OneWeight(math.log(3.0) / 2)
+    loader = [{"x": torch.tensor([2.0, 2.0]), "labels": torch.tensor([0, 1])}]
+    assert compute_fisher_weights(model, loader, num_examples=2, estimator="exact")["w"].item() == \
+        pytest.approx(0.75, rel=1e-5)
+
+
+def _brute_force_fisher(model, x, regression=False):
+    """Per example and class, in float64 with torch.autograd.grad: (1/N) sum_x sum_y p(y|x) g_y^2."""
+    model = model.double()
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for row in x.double():
+        for y in range(1 if regression else model.linear.out_features):
+            logits = model.linear(row)  # a fresh graph per (example, class)
+            weight = 1.0 if regression else float(torch.softmax(logits.detach(), -1)[y])
+            value = logits[0] if regression else torch.log_softmax(logits, -1)[y]
+            grads = torch.autograd.grad(value, list(model.parameters()))
+            for (name, _), g in zip(model.named_parameters(), grads, strict=True):
+                out[name] += weight * g ** 2
+    return {n: (v / len(x)).float() for n, v in out.items()}
+
+
+@pytest.mark.parametrize("classes", [3, 1])
+def test_exact_fisher_equals_brute_force_per_example(classes):
     torch.manual_seed(0)
-    model = _Head(3)
-    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 1])
-    fisher = compute_fisher_weights(model, _loader(x, y, 2), num_examples=4)
-    assert model.linear.weight.grad is None  # gradients cleared afterwards
-    expected = torch.zeros_like(model.linear.weight)
-    for i in range(0, 4, 2):
-        model.zero_grad()
-        logits = model.linear(x[i:i + 2])
-        p = torch.softmax(logits, -1).detach()
-        (p.sqrt() * torch.log_softmax(logits, -1)).sum().backward()
-        expected += model.linear.weight.grad ** 2
-    assert_close(fisher["linear.weight"], expected / 4)
+    model = _Head(classes)
+    x, y = torch.randn(7, 2), torch.randint(0, max(classes, 2), (7,)).float()
+    fisher = compute_fisher_weights(model, _loader(x, y, 3), num_examples=5, estimator="exact")
+    expected = _brute_force_fisher(_copy(model), x[:5], regression=classes == 1)  # exactly 5, mid-batch
+    for name in expected:
+        assert_close(fisher[name], expected[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        compute_fisher_weights(model, _loader(x, y, 3), num_examples=5, estimator="empirical")
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
 
 
 def test_compute_fisher_regression_uses_mse_and_counts_nominal_batches():
