@@ -29,6 +29,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
 from merge_engine.tensor_plan import DTYPES  # noqa: E402
 from model_merging_methods import MERGE_METHODS, MERGING_METHOD_NAMES, accepted_hyperparameters  # noqa: E402
+from utils.cli_command import command_from_args  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ _HYPERPARAMETER_FLAGS = (
     "use_weight_rescale", "mask_strategy", "weight_format", "seed", "normalize_fisher_weight",
     "minimal_fisher_weight", "fisher_scaling_coefficients", "reduce_non_diagonal_ratio",
 )
+_NOT_RECORDED_FLAGS = ("overwrite", "resume", "quiet", "log_file")
 
 
 def parse_size(text: str) -> int:
@@ -49,7 +51,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model", required=True, help="base model folder or hub id")
     p.add_argument("--finetuned_models", nargs="+", required=True, help="fine-tuned model folders or hub ids")
@@ -84,7 +86,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="NaN/Inf in an input tensor is an error, not a warning")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log_file", help="also log to this file")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def rerun_command(args: argparse.Namespace) -> str:
+    """The command recorded in ``merge_config.json``: every flag that differs from its default, from the parser's
+    own definitions (output folder written as ``OUT``; the folder's handling and logging flags left out)."""
+    return command_from_args(build_parser(), args, program=("python", "merge_checkpoints.py"),
+                             skip=_NOT_RECORDED_FLAGS, replace={"output_dir": "OUT"})
 
 
 def hyperparameters_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,8 +146,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         exclude_param_names_regex=args.exclude_param_names_regex, dtype=args.dtype, device=args.device,
         num_threads=args.num_threads, vocab_policy=args.vocab_policy, copy_config_from=args.copy_config_from,
         overwrite=args.overwrite, resume=args.resume, strict=args.strict, max_shard_bytes=args.max_shard_size,
-        statistics_files=args.statistics_files, progress=not args.quiet,
+        statistics_files=args.statistics_files, progress=not args.quiet, command=rerun_command(args),
     )
+    if summary.get("already_complete"):
+        print(f"--resume: {summary['output_dir']} already holds this merge; nothing to do")
+        return summary
     print(f"merged {summary['tensors']} tensors, {summary['bytes'] / 1e9:.3f} GB in {summary['seconds']:.1f} s, "
           f"peak RSS {summary['peak_rss_bytes'] / 1e9:.2f} GB -> {summary['output_dir']}")
     return summary

@@ -6,7 +6,6 @@ The record holds no timestamps, so two runs of the same merge (or a resumed one)
 from __future__ import annotations
 
 import platform
-import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -45,32 +44,15 @@ def _describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[st
             "files": files}
 
 
-def command_line(labels: Sequence[str], method: str, hyperparameters: Mapping[str, Any],
-                 exclude: Sequence[str], dtype: str | None, vocab_policy: str) -> str:
-    """The ``merge_checkpoints.py`` command that redoes the merge (output folder left as ``OUT``)."""
-    args = ["python", "merge_checkpoints.py", "--pretrained_model", labels[0], "--finetuned_models", *labels[1:],
-            "--merging_method_name", method]
-    for key, value in sorted(hyperparameters.items()):
-        if isinstance(value, bool):
-            args += [f"--{key}"] if value else ([f"--no_{key}"] if key == "use_weight_rescale" else [])
-        elif isinstance(value, (list, tuple)):
-            args += [f"--{key}", *map(str, value)]
-        elif value is not None:
-            args += [f"--{key}", str(value)]
-    if exclude:
-        args += ["--exclude_param_names_regex", *exclude]
-    if dtype:
-        args += ["--dtype", dtype]
-    if vocab_policy != "error":
-        args += ["--vocab_policy", vocab_policy]
-    return shlex.join(args + ["--output_dir", "OUT"])
-
-
 def build_merge_record(labels: Sequence[str], dirs: Sequence[Path], indexes: Sequence[CheckpointIndex],
                        method: str, hyperparameters: Mapping[str, Any], seed: int, exclude: Sequence[str],
                        dtype: str | None, vocab_policy: str, copy_config_from: int, max_shard_bytes: int,
-                       statistics_files: Sequence[str] | None) -> dict[str, Any]:
-    """The ``merge_config.json`` content (also the fingerprint ``--resume`` compares)."""
+                       statistics_files: Sequence[str] | None, command: str | None = None) -> dict[str, Any]:
+    """The ``merge_config.json`` content (also the fingerprint ``--resume`` compares, less ``command``/``versions``).
+
+    ``command`` is the caller's command line that redoes the merge (``merge_checkpoints.py`` builds it from its
+    parser); None for a call through the Python API, whose arguments the record holds in full.
+    """
     described = [_describe_input(lab, d, i) for lab, d, i in zip(labels, dirs, indexes, strict=True)]
     return {
         "inputs": {"pretrained_model": labels[0], "finetuned_models": list(labels[1:]), "models": described},
@@ -83,6 +65,6 @@ def build_merge_record(labels: Sequence[str], dirs: Sequence[Path], indexes: Seq
         "copy_config_from": copy_config_from,
         "max_shard_bytes": max_shard_bytes,
         "statistics_files": [str(Path(f).resolve()) for f in statistics_files or []],
-        "command": command_line(labels, method, hyperparameters, exclude, dtype, vocab_policy),
+        "command": command,
         "versions": versions(),
     }

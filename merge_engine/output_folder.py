@@ -2,7 +2,8 @@
 
 Everything is written into ``<parent>/.<name>.incomplete/`` and renamed to ``<parent>/<name>`` only when the
 last file is done, so a killed run never leaves a folder that looks complete. ``resume`` continues in the
-same work folder if its ``merge_config.json`` describes the same merge.
+same work folder if its ``merge_config.json`` describes the same merge, and a finished folder of the same merge
+is left as it is (so a grid script can pass ``resume`` blindly).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TOKENIZER_FILES = (
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
 )
 MERGE_CONFIG = "merge_config.json"
-_UNCOMPARED_KEYS = ("versions",)
+_UNCOMPARED_KEYS = ("versions", "command")  # neither changes the merged tensors
 
 
 def work_dir_for(output_dir: Path) -> Path:
@@ -46,9 +47,32 @@ def check_output_location(output_dir: Path, input_dirs: Sequence[Path]) -> None:
                              f"{folder}; choose another output folder")
 
 
+def _differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    new = json.loads(json.dumps(new, default=str))
+    return sorted(k for k in set(old) | set(new) if k not in _UNCOMPARED_KEYS and old.get(k) != new.get(k))
+
+
 def _same_merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    strip = lambda record: {k: v for k, v in record.items() if k not in _UNCOMPARED_KEYS}  # noqa: E731
-    return strip(old) == strip(json.loads(json.dumps(new, default=str)))
+    return not _differing_keys(old, new)
+
+
+def finished_merge_matches(output_dir: Path, merge_config: Mapping[str, Any], *, overwrite: bool) -> bool:
+    """For ``resume``: True when ``output_dir`` holds a finished merge with this record (nothing left to do).
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a finished merge with another record, without ``overwrite``.
+    """
+    record_path = output_dir / MERGE_CONFIG
+    if not record_path.is_file():
+        return False
+    differing = _differing_keys(json.loads(record_path.read_text("utf-8")), merge_config)
+    if not differing:
+        return True
+    if overwrite:
+        return False
+    raise FileExistsError(f"{output_dir} holds a finished merge with other settings ({', '.join(differing)} differ "
+                          f"from {record_path}); --resume only reuses the same merge: pass --overwrite to replace "
+                          "it, or choose another output_dir")
 
 
 def prepare_work_dir(output_dir: Path, merge_config: Mapping[str, Any], *, overwrite: bool, resume: bool) -> Path:
@@ -120,8 +144,10 @@ def write_model_card(work: Path, merge_config: Mapping[str, Any]) -> None:
         f"* hyperparameters: `{json.dumps(merge_config['hyperparameters'], sort_keys=True)}`",
         f"* excluded parameters (regex): `{merge_config['exclude_param_names_regex']}`",
         f"* output dtype: `{merge_config['dtype']}`; vocabulary policy: `{merge_config['vocab_policy']}`", "",
-        "## Reproduce", "", "```bash", merge_config["command"], "```", "",
-        f"`{MERGE_CONFIG}` holds the full recipe and the software versions.", "",
+        "## Reproduce", "",
+        *(["```bash", merge_config["command"], "```"] if merge_config.get("command") else
+          ["Merged through the Python API (`merge_engine.merge_checkpoints`), with the arguments recorded below."]),
+        "", f"`{MERGE_CONFIG}` holds the full recipe and the software versions.", "",
     ]
     atomic_write_text(work / "README.md", "\n".join(lines))
 

@@ -36,6 +36,7 @@ from merge_engine.model_source import resolve_model_dir
 from merge_engine.output_folder import (
     check_output_location,
     copy_side_files,
+    finished_merge_matches,
     prepare_work_dir,
     publish,
     write_model_card,
@@ -142,12 +143,12 @@ def _open_work(output_dir: Path, record: Mapping[str, Any], jobs: Sequence[Tenso
     return shards, work, ShardedWriter(work, shards, skip=complete), done_names
 
 
-def _summary(tensors: int, writer: ShardedWriter, start: float, output_dir: Path) -> dict[str, Any]:
+def _summary(tensors: int, bytes_written: int, start: float, output_dir: Path) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    summary = {"tensors": tensors, "bytes": writer.bytes_written, "seconds": round(time.perf_counter() - start, 3),
+    summary = {"tensors": tensors, "bytes": bytes_written, "seconds": round(time.perf_counter() - start, 3),
                "peak_rss_bytes": peak, "output_dir": str(output_dir)}
     logger.info("merged %d tensors, wrote %.2f GB in %.1f s, peak RSS %.2f GB -> %s", tensors,
-                writer.bytes_written / 1e9, summary["seconds"], peak / 1e9, output_dir)
+                bytes_written / 1e9, summary["seconds"], peak / 1e9, output_dir)
     return summary
 
 
@@ -207,6 +208,7 @@ def merge_checkpoints(
     statistics_files: Sequence[str] | None = None,
     progress: bool = True,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Merge Hugging Face checkpoints tensor by tensor into a sharded safetensors folder.
 
@@ -236,8 +238,10 @@ def merge_checkpoints(
         statistics_files: Fisher/RegMean statistics, one file per fine-tuned model.
         progress: show tqdm bars.
         chunk_numel: tensors above this many elements are merged in row chunks when the method allows it.
+        command: the command line that redoes the merge, recorded in ``merge_config.json`` (the CLI's own).
     Returns:
-        Summary: ``tensors`` written, ``bytes`` written, ``seconds``, ``peak_rss_bytes``, ``output_dir``.
+        Summary: ``tensors`` written, ``bytes`` written, ``seconds``, ``peak_rss_bytes``, ``output_dir``; with
+        ``resume`` on a finished folder of the same merge nothing is written and ``already_complete`` is True.
     """
     start = time.perf_counter()
     hyperparameters = dict(hyperparameters or {})
@@ -248,11 +252,14 @@ def merge_checkpoints(
     labels = [pretrained_model, *finetuned_models]
     setup = _validate_models(labels, Path(output_dir).expanduser().resolve(), plan, exclude_param_names_regex,
                              vocab_policy, parse_dtype(dtype), statistics)
-    runner = UnitRunner(plan, [TensorReader(index) for index in setup.indexes], labels, vocab_policy=vocab_policy,
-                        statistics=statistics, device=device, strict=strict)
     record = build_merge_record(labels, setup.dirs, setup.indexes, merging_method_name, hyperparameters, plan.seed,
                                 exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
-                                statistics_files)
+                                statistics_files, command)
+    if resume and finished_merge_matches(setup.output, record, overwrite=overwrite):
+        logger.info("--resume: %s already holds this merge; nothing to do", setup.output)
+        return {**_summary(0, 0, start, setup.output), "already_complete": True}
+    runner = UnitRunner(plan, [TensorReader(index) for index in setup.indexes], labels, vocab_policy=vocab_policy,
+                        statistics=statistics, device=device, strict=strict)
     shards, work, writer, done_names = _open_work(setup.output, record, setup.jobs, max_shard_bytes, overwrite,
                                                   resume)
     units = plan_units(setup.jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
@@ -263,4 +270,4 @@ def merge_checkpoints(
     copy_side_files(work, setup.dirs[copy_config_from], config_updates)
     write_model_card(work, record)
     publish(work, setup.output)
-    return _summary(tensors, writer, start, setup.output)
+    return _summary(tensors, writer.bytes_written, start, setup.output)
