@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from utils.paper_table1 import write_side_by_side
 from utils.results_tables import is_llm_run, llm_table
 
 logger = logging.getLogger(__name__)
@@ -217,11 +218,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results_dir", default="results")
     parser.add_argument("--output_dir", default=None, help="default: <results_dir>/summary")
+    parser.add_argument("--paper_table1", action="store_true",
+                        help="only the paper's Table 1 next to ours (table1.md, table1.csv; utils/paper_table1.py)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.paper_table1:
+        markdown = write_side_by_side(args.results_dir, args.output_dir or Path(args.results_dir) / "summary")
+        sys.stdout.write(markdown)
+        return {"markdown": markdown}
     summary = summarize(args.results_dir, args.output_dir)
     sys.stdout.write(summary["markdown"])
     return summary

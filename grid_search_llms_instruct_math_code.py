@@ -1,0 +1,155 @@
+"""The paper's LLM selection protocol: grid over lambda / p / TIES retain ratio on a 10 % validation sample of each
+benchmark, the best setting per benchmark, then its scores on the other 90 % and on the full set.
+
+Examples:
+    # the author's stated settings for one Table 1 row (no grid needed), on one GPU
+    python grid_search_llms_instruct_math_code.py --preset table1/lm+math/task_arithmetic+dare \
+        --allow_code_execution --model_path Llama-2-13b-hf=/models/Llama-2-13b-hf ...
+    # a grid of Task Arithmetic + DARE (paper ranges: lambda 0.5..1.0, p 0.1..0.9): plan and GPU estimate only
+    python grid_search_llms_instruct_math_code.py --merge_instruct --merge_math \
+        --merging_methods mask_merging+task_arithmetic --tokens_per_second 2000 --dry_run
+    # the same grid on 8 GPUs, one job per GPU, then the selection once every shard has finished
+    for i in 0 1 2 3 4 5 6 7; do CUDA_VISIBLE_DEVICES=$i python grid_search_llms_instruct_math_code.py \
+        --merge_instruct --merge_math --merging_methods mask_merging+task_arithmetic --stage grid --shard $i/8 & done
+    wait; python grid_search_llms_instruct_math_code.py --merge_instruct --merge_math \
+        --merging_methods mask_merging+task_arithmetic --stage select
+
+Every grid point is one streamed merge, evaluated on every benchmark's validation sample; a finished point
+(``result.json``) is never redone, so a killed job is simply started again. ``--list_presets`` shows the Table 1
+presets and their sources. Folders and files: see ``utils/llm_grid_search.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from utils.llm_cli import add_common_args, settings_from_args
+from utils.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER
+from utils.llm_grid import (
+    GRID_METHODS,
+    PAPER_PARAM_VALUE_MASK_RATES,
+    PAPER_SCALING_COEFFICIENTS,
+    PAPER_WEIGHT_MASK_RATES,
+    expand_grid,
+    parse_shard,
+)
+from utils.llm_grid_search import (
+    GridSearchConfig,
+    compute_plan_text,
+    grid_model_paths,
+    run_grid_search,
+    selection_folder,
+)
+from utils.llm_presets import describe_presets, get_preset, table1_row_for
+from utils.logging_setup import setup_logging
+from utils.model_loading import parse_model_path_overrides
+from utils.run_dir import write_config
+from utils.seeding import set_random_seed
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None, help="a Table 1 preset (models, method, stated settings)")
+    parser.add_argument("--list_presets", action="store_true", help="print the presets and their sources, then exit")
+    for task in MERGE_TASK_ORDER:
+        parser.add_argument(f"--merge_{task}", action="store_true", help=f"merge the {task} model")
+    parser.add_argument("--merging_methods", nargs="+", default=None, choices=list(GRID_METHODS),
+                        help="methods of the grid (mask_merging+X = DARE then X)")
+    parser.add_argument("--scaling_coefficients", nargs="+", type=float, default=list(PAPER_SCALING_COEFFICIENTS),
+                        help="lambda values (paper: [0.5, 1.0])")
+    parser.add_argument("--weight_mask_rates", nargs="+", type=float, default=list(PAPER_WEIGHT_MASK_RATES),
+                        help="DARE drop rates p")
+    parser.add_argument("--param_value_mask_rates", nargs="+", type=float,
+                        default=list(PAPER_PARAM_VALUE_MASK_RATES), help="TIES trim rates (1 - retain ratio)")
+    parser.add_argument("--ties_trim_scope", default="per_tensor", choices=["per_tensor", "global"])
+    parser.add_argument("--datasets", nargs="+", default=None, choices=LLM_DATASET_NAMES,
+                        help="benchmarks (default: the merged tasks', or the preset's)")
+    parser.add_argument("--validation_fraction", type=float, default=0.1, help="validation sample (paper: 10%%)")
+    parser.add_argument("--split_seed", type=int, default=0, help="seed of the validation sample")
+    parser.add_argument("--shard", default="0/1", help="i/N: run grid points i, i+N, ... (with --stage grid)")
+    parser.add_argument("--stage", default="all", choices=["all", "grid", "select"],
+                        help="grid = validation runs only; select = selection + test/full runs of the selected")
+    parser.add_argument("--tokens_per_second", type=float, default=None,
+                        help="generation rate for the estimate (default: measured on finished points)")
+    parser.add_argument("--merge_seconds", type=float, default=None, help="seconds per merge for the estimate")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
+    parser.add_argument("--save_merge_models_dir", default="save_merge_models", help="merged-model folders")
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def _grid_values(args: argparse.Namespace) -> dict[str, list[float]]:
+    return {"scaling_coefficients": args.scaling_coefficients, "weight_mask_rates": args.weight_mask_rates,
+            "param_value_mask_rates": args.param_value_mask_rates}
+
+
+def _search_definition(args: argparse.Namespace) -> dict[str, Any]:
+    """Models, grid, stated settings and label, from ``--preset`` or from the flags."""
+    tasks = tuple(t for t in MERGE_TASK_ORDER if getattr(args, f"merge_{t}"))
+    if args.preset is None:
+        if not args.merging_methods:
+            raise ValueError("a grid needs --merging_methods (or --preset), got neither; see --list_presets")
+        return {"merge_tasks": tasks, "points": expand_grid(args.merging_methods, **_grid_values(args)),
+                "datasets": tuple(args.datasets or ()), "label": ",".join(args.merging_methods),
+                "table1_row": table1_row_for(tasks, args.merging_methods)}
+    preset = get_preset(args.preset)
+    if tasks or args.merging_methods:
+        raise ValueError(f"--preset {preset.name} sets the models and methods, got --merge_* / --merging_methods "
+                         "too; drop them or leave out --preset")
+    datasets = tuple(d for d in preset.datasets if not args.datasets or d in args.datasets)
+    points = preset.grid_points or expand_grid(preset.methods, **_grid_values(args))
+    if all(d in preset.fixed for d in datasets):
+        points = ()
+    return {"merge_tasks": preset.merge_tasks, "points": points, "datasets": datasets,
+            "fixed": {d: s for d, s in preset.fixed.items() if d in datasets}, "label": preset.name,
+            "table1_row": preset.table1_row}
+
+
+def build_config(args: argparse.Namespace) -> GridSearchConfig:
+    """Flags -> validated configuration (no model is touched)."""
+    if args.overwrite:
+        raise ValueError("a grid folder is never replaced (finished points are kept), got --overwrite; delete the "
+                         "folder to start over")
+    return GridSearchConfig(
+        **_search_definition(args), validation_fraction=args.validation_fraction, split_seed=args.split_seed,
+        shard=parse_shard(args.shard), seed=args.seed, ties_trim_scope=args.ties_trim_scope,
+        model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
+        save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
+        evaluation=settings_from_args(args),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.list_presets:
+        sys.stdout.write(describe_presets())
+        return {}
+    config = build_config(args)
+    if config.shard != (0, 1) and args.stage != "grid":
+        raise ValueError(f"--shard {args.shard} runs part of the grid, got --stage {args.stage}; pass --stage grid, "
+                         "then --stage select once every shard has finished")
+    grid_dir = config.grid_dir(args.results_dir)
+    plan = compute_plan_text(config, grid_dir, tokens_per_second=args.tokens_per_second,
+                             merge_seconds=args.merge_seconds)
+    if args.dry_run:
+        sys.stdout.write(plan)
+        return {"plan": plan}
+    paths = grid_model_paths(config)
+    folder = selection_folder(config, grid_dir)
+    setup_logging(folder / "logs" / f"{args.stage}_shard{config.shard[0]}of{config.shard[1]}.log")
+    logger.info("argv: %s", " ".join(argv))
+    logger.info("plan:\n%s", plan)
+    set_random_seed(args.seed)
+    write_config(folder, {**config.record(), "resolved_model_paths": paths}, argv)
+    return run_grid_search(config, grid_dir, paths, args.stage)
+
+
+if __name__ == "__main__":
+    main()

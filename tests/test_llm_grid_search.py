@@ -1,0 +1,291 @@
+"""The paper's LLM selection protocol: split, grid, sharding, selection on validation only, resume, presets, estimate.
+
+End to end on the tiny Llama family of ``test_llm_merging.py`` (HF backend, 10 examples, 2 new tokens); the
+selection logic is also checked with a fake evaluation whose validation and test scores disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_llm_merging import family  # noqa: F401  (module fixture: the tiny base + instruct/math/code family)
+
+import grid_search_llms_instruct_math_code as grid_script
+from evaluation import generation
+from utils import llm_grid_search, llm_merging
+from utils.llm_compute_estimate import describe_plan, plan_compute
+from utils.llm_grid import GridPoint, expand_grid, parse_shard, shard_points
+from utils.llm_grid_search import GridSearchConfig, point_lock, run_grid_search, select_best
+from utils.llm_pipeline import EvaluationSettings
+from utils.llm_validation_split import split_positions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TA = "task_arithmetic"
+
+
+# --- validation / test split ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 10, 20, 1319])
+def test_split_is_disjoint_covers_the_set_and_takes_ten_percent(n):
+    split = split_positions(n, dataset_name="gsm8k")
+    assert not set(split.validation) & set(split.test)
+    assert sorted(split.validation + split.test) == list(range(n))
+    assert len(split.validation) == min(n - 1, max(1, round(0.1 * n)))
+    assert list(split.validation) == sorted(split.validation) and list(split.test) == sorted(split.test)
+
+
+def test_split_is_seeded_and_stable():
+    assert split_positions(20, dataset_name="gsm8k") == split_positions(20, dataset_name="gsm8k")
+    # pinned: a change of the sampling rule would silently change every published validation sample
+    assert split_positions(20, dataset_name="gsm8k").validation == (13, 14)
+    assert split_positions(20, dataset_name="gsm8k", seed=1).validation == (0, 8)
+    assert split_positions(1319, dataset_name="gsm8k").validation[:5] == (13, 14, 15, 20, 23)
+    assert split_positions(20, dataset_name="MATH").validation != (13, 14)  # each benchmark its own sample
+
+
+def test_split_rejects_what_cannot_be_split():
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        split_positions(1, dataset_name="gsm8k")
+    with pytest.raises(ValueError, match="validation_fraction must be in"):
+        split_positions(10, dataset_name="gsm8k", fraction=1.0)
+
+
+# --- grid and shards --------------------------------------------------------------------------------------------
+
+
+def test_grid_expands_the_paper_ranges():
+    assert len(expand_grid(["mask_merging+task_arithmetic"])) == 6 * 9
+    assert len(expand_grid(["mask_merging+ties_merging"])) == 6 * 9 * 3
+    assert expand_grid([TA, "average_merging"], scaling_coefficients=[0.5, 1.0]) == (
+        GridPoint(TA, scaling_coefficient=0.5), GridPoint(TA, scaling_coefficient=1.0), GridPoint("average_merging"))
+    with pytest.raises(ValueError, match="needs weight_mask_rate"):
+        GridPoint("mask_merging+task_arithmetic", scaling_coefficient=1.0)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 9])
+def test_shards_partition_the_points_disjointly_and_completely(count):
+    points = expand_grid([TA], scaling_coefficients=[0.1 * i for i in range(1, 8)])
+    shards = [shard_points(points, parse_shard(f"{i}/{count}")) for i in range(count)]
+    flat = [p for shard in shards for p in shard]
+    assert len(flat) == len(set(flat)) == len(points) and set(flat) == set(points)
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "a/2", "1"])
+def test_bad_shard_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="shard must be i/N"):
+        parse_shard(text)
+
+
+# --- selection looks at validation only --------------------------------------------------------------------------
+
+
+def test_select_best_takes_the_highest_score_and_the_earlier_point_on_ties():
+    a, b, c = (GridPoint(TA, scaling_coefficient=v) for v in (0.5, 0.7, 1.0))
+    assert select_best([(a, 10.0), (b, 30.0), (c, 30.0)]) == (b, 30.0)
+    assert select_best([(a, None), (b, None)]) is None
+
+
+# validation favours lambda=0.5, test favours lambda=1.0
+FAKE_SCORES = {"0.5": {"validation": 0.6, "test": 0.1, "full": 0.15}, "1.0": {"validation": 0.4, "test": 0.9,
+                                                                              "full": 0.85}}
+
+
+def _fake_config(tmp_path, **overrides) -> GridSearchConfig:
+    kwargs = dict(merge_tasks=("instruct", "math"), points=expand_grid([TA], scaling_coefficients=[0.5, 1.0]),
+                  datasets=("gsm8k",), save_merge_models_dir=str(tmp_path / "merged"),
+                  evaluation=EvaluationSettings(backend="hf"))
+    return GridSearchConfig(**{**kwargs, **overrides})
+
+
+@pytest.fixture
+def fake_evaluation(monkeypatch):
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    @contextlib.contextmanager
+    def merged_point(config, point, paths):
+        calls.append((f"merge {point.scaling_coefficient}", ()))
+        yield {task: Path("unused") for task in config.merge_tasks}, 0.0
+
+    def evaluate_parts(config, dataset, model_path, folder, parts, out):
+        value = folder.name.split("scaling_coefficient=")[1].split(",")[0]
+        calls.append((value, tuple(parts)))
+        metrics = {part: {"accuracy": FAKE_SCORES[value][part], "num_examples": 1, "ids": [0]} for part in parts}
+        return metrics, {"generation_seconds": 1.0, "generated_tokens": 10}
+
+    monkeypatch.setattr(llm_grid_search, "merged_point", merged_point)
+    monkeypatch.setattr(llm_grid_search, "evaluate_parts", evaluate_parts)
+    return calls
+
+
+def test_selection_uses_validation_and_never_peeks_at_test(fake_evaluation, tmp_path):
+    config = _fake_config(tmp_path)
+    result = run_grid_search(config, tmp_path / "grid", {})
+    assert result["selection"]["gsm8k"]["point"] == {"method": TA, "scaling_coefficient": 0.5,
+                                                     "weight_mask_rate": None, "param_value_mask_rate": None}
+    # grid: validation parts only; afterwards only the selected point is merged again and scored on the rest
+    assert fake_evaluation == [("merge 0.5", ()), ("0.5", ("validation",)), ("merge 1.0", ()),
+                               ("1.0", ("validation",)), ("merge 0.5", ()), ("0.5", ("validation", "test", "full"))]
+    assert result["final"]["gsm8k"]["test"]["accuracy"] == 0.1  # the selected point's test score, not the best test
+    folder = tmp_path / "grid" / "selections" / "custom"
+    grid_md = (folder / "grid.md").read_text()
+    assert "| task_arithmetic | 0.5 |  |  | finished | 60.00 | gsm8k |" in grid_md
+    assert "| task_arithmetic | 1.0 |  |  | finished | 40.00 |  |" in grid_md
+    assert (folder / "grid.csv").read_text().splitlines()[0] == "method,λ,p,retain,status,gsm8k,selected for"
+    assert json.loads((folder / "selection.json").read_text())["missing_points"] == []
+
+
+def test_a_point_held_by_another_job_is_skipped_and_reported_missing(fake_evaluation, tmp_path):
+    config = _fake_config(tmp_path)
+    held = tmp_path / "grid" / "points" / config.point_key(config.points[1])
+    with point_lock(held) as acquired:
+        assert acquired
+        result = run_grid_search(config, tmp_path / "grid", {})
+    assert result["missing_points"] == [config.point_key(config.points[1])]
+    assert "Missing points (1)" in result["markdown"]
+    assert ("1.0", ("validation",)) not in fake_evaluation
+
+
+def test_stated_settings_skip_the_grid(fake_evaluation, tmp_path):
+    stated = GridPoint(TA, scaling_coefficient=1.0)
+    config = _fake_config(tmp_path, points=(), fixed={"gsm8k": (stated, "A#39")})
+    result = run_grid_search(config, tmp_path / "grid", {})
+    assert fake_evaluation == [("merge 1.0", ()), ("1.0", ("validation", "test", "full"))]
+    assert result["selection"]["gsm8k"]["selected_by"] == "A#39"
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+
+
+def _preset_config(name: str, *flags: str) -> GridSearchConfig:
+    return grid_script.build_config(grid_script.parse_args(["--preset", name, *flags]))
+
+
+def test_presets_expand_to_the_stated_settings():
+    config = _preset_config("table1/lm+math/task_arithmetic+dare")
+    ta_dare = "mask_merging+task_arithmetic"
+    assert config.merge_tasks == ("instruct", "math") and config.points == ()
+    assert {d: (p.scaling_coefficient, p.weight_mask_rate) for d, (p, _) in config.fixed.items()} == {
+        "alpaca_eval": (1.0, 0.2), "gsm8k": (0.5, 0.6), "MATH": (0.5, 0.6), "human_eval": (0.5, 0.6),
+        "mbpp": (0.5, 0.6)}
+    assert all(p.method == ta_dare and "A#39" in source for p, source in config.fixed.values())
+    merge = config.merge_config(config.fixed["gsm8k"][0])
+    assert (merge.merging_method_name, merge.mask_apply_method, merge.use_weight_rescale) == (
+        "mask_merging", "task_arithmetic", True)
+    code = _preset_config("table1/math+code/task_arithmetic+dare")
+    assert {d: (p.scaling_coefficient, p.weight_mask_rate) for d, (p, _) in code.fixed.items()} == {
+        "gsm8k": (1.0, 0.5), "MATH": (1.0, 0.5), "human_eval": (0.5, 0.9), "mbpp": (0.5, 0.9)}
+    lm_code = _preset_config("table1/lm+code/task_arithmetic+dare")
+    assert {d: (p.scaling_coefficient, p.weight_mask_rate) for d, (p, _) in lm_code.fixed.items()} == {
+        "alpaca_eval": (1.0, 0.3), "human_eval": (1.0, 0.3), "mbpp": (0.5, 0.4)}
+
+
+def test_unknown_preset_cells_fall_back_to_the_grid():
+    config = _preset_config("table1/lm+math+code/task_arithmetic+dare")
+    assert set(config.fixed) == {"alpaca_eval", "gsm8k", "MATH"}
+    assert config.grid_datasets == ("human_eval", "mbpp") and len(config.points) == 54
+    a21 = _preset_config("table1/lm+math+code/average_or_task_arithmetic+dare")
+    assert [p.describe() for p in a21.points] == ["Average Merging + DARE, p=0.5",
+                                                  "Task Arithmetic + DARE, λ=1.0, p=0.1"]
+    assert _preset_config("table1/lm+math/task_arithmetic+dare", "--datasets", "gsm8k").datasets == ("gsm8k",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [(["--preset", "table1/lm+math/task_arithmetc+dare"], "Did you mean: table1/lm\\+math/task_arithmetic\\+dare"),
+     (["--preset", "table1/lm+math/task_arithmetic", "--merge_code"], "sets the models"),
+     (["--merge_instruct", "--merge_math"], "--merging_methods"),
+     (["--merge_instruct", "--merge_math", "--merging_methods", TA, "--overwrite"], "never replaced"),
+     (["--merge_instruct", "--merge_math", "--merging_methods", "mask_merging+task_arithmetic",
+       "--weight_mask_rates", "1.0"], "weight_mask_rate"),
+     (["--merge_instruct", "--merge_math", "--merging_methods", TA, "--shard", "0/2"], "--stage grid")],
+)
+def test_bad_flags_fail_before_any_work(argv, match, tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_merging, "merge_checkpoints", None)
+    with pytest.raises(ValueError, match=match):
+        grid_script.main([*argv, "--results_dir", str(tmp_path)])
+
+
+def test_list_presets_names_every_source(capsys):
+    grid_script.main(["--list_presets"])
+    out = capsys.readouterr().out
+    assert "table1/lm+math/task_arithmetic+dare" in out and "λ=0.5, p=0.6" in out and "A#39" in out
+    assert "unknown (A#39 is cut off here)" in out
+
+
+# --- compute estimate -------------------------------------------------------------------------------------------
+
+
+def test_estimate_counts_merges_examples_and_tokens():
+    plan = plan_compute(grid_points=3, grid_datasets=["gsm8k"], final_datasets={"gsm8k": 18, "MATH": 20},
+                        final_merges=2, validation_sizes={"gsm8k": 2}, max_new_tokens={"gsm8k": 10, "MATH": 100})
+    # 3 points x 2 validation examples + 18 test examples of gsm8k at 10 tokens; 20 MATH examples at 100 tokens
+    assert plan.examples == {"gsm8k": 24, "MATH": 20} and plan.tokens_upper_bound == 24 * 10 + 20 * 100
+    text = describe_plan(plan, tokens_per_second=56.0, tps_source="given", merge_seconds=10.0, merge_source="given")
+    assert "merges: 3 grid points + up to 2 selected" in text
+    assert "generation: at most 40 s at 56 tokens/s" in text and "merging: 50 s" in text
+    assert "total: at most 90 s" in text
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, shared_data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(llm_merging, "merge_checkpoints", None)
+    grid_script.main(["--merge_instruct", "--merge_math", "--merging_methods", "mask_merging+task_arithmetic",
+                      "--datasets", "gsm8k", "--tokens_per_second", "1000", "--dry_run", "--data_dir",
+                      str(shared_data_dir), "--results_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    # 54 points x 132 validation examples + 1187 test examples, 1024 tokens each
+    assert "examples to generate: gsm8k 8315" in out and f"{8315 * 1024:,}" in out
+    assert not any(tmp_path.iterdir())
+
+
+# --- end to end on the tiny family: one merge per point, kill and resume ------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_tiny_grid_merges_once_per_point_and_resumes_after_a_kill(family, tmp_path, shared_data_dir, monkeypatch):  # noqa: F811
+    overrides = [arg for name, path in family.items() for arg in ("--model_path", f"{name}={path}")]
+    argv = [*overrides, "--backend", "hf", "--data_dir", str(shared_data_dir), "--results_dir", str(tmp_path / "r"),
+            "--end_index", "10", "--max_new_tokens", "2", "--quiet", "--merge_instruct", "--merge_math",
+            "--merging_methods", TA, "--scaling_coefficients", "0.5", "1.0", "--datasets", "gsm8k", "MATH",
+            "--save_merge_models_dir", str(tmp_path / "merged")]
+    merges: list[str] = []
+    prompts: list[tuple[str, int]] = []
+    real_merge, real_generate = llm_merging.merge_checkpoints, generation.generate
+
+    def merge(*args, **kwargs):
+        merges.append(args[2])
+        return real_merge(*args, **kwargs)
+
+    def generate(batch, **kwargs):
+        if kill_at in kwargs["model_path"]:
+            raise Killed
+        prompts.append((kwargs["model_path"], len(batch)))
+        return real_generate(batch, **kwargs)
+
+    monkeypatch.setattr(llm_merging, "merge_checkpoints", merge)
+    monkeypatch.setattr(generation, "generate", generate)
+    kill_at = "scaling_coefficient_1.0"  # the second point is killed during its first generation
+    with pytest.raises(Killed):
+        grid_script.main([*argv, "--stage", "grid"])
+    assert len(merges) == 2 and len(prompts) == 2  # point 1: one merge, gsm8k + MATH validation (1 example each)
+    kill_at = "never"
+    merges.clear(), prompts.clear()
+    grid_script.main([*argv, "--stage", "grid"])
+    assert len(merges) == 1 and all("scaling_coefficient_1.0" in path for path, _ in prompts)  # point 1 not redone
+    merges.clear(), prompts.clear()
+    assert grid_script.main([*argv, "--stage", "grid"])["finished_points"] and merges == [] and prompts == []
+    result = grid_script.main([*argv, "--stage", "select"])
+    selected = {s["key"] for s in result["selection"].values()}
+    assert len(merges) == len(selected)  # one merge per selected point, shared by the benchmarks it won
+    assert sum(n for _, n in prompts) == 9 + 9  # only the test parts are generated; validation is reused
+    final = result["final"]
+    assert {d: [final[d][p]["num_examples"] for p in ("validation", "test", "full")] for d in final} == {
+        "gsm8k": [1, 9, 10], "MATH": [1, 9, 10]}
+    assert not any((tmp_path / "merged").rglob("*.safetensors"))  # merged folders are temporary

@@ -1,0 +1,471 @@
+"""The paper's LLM selection protocol: a validation grid per benchmark, then the selected setting on the rest.
+
+Protocol (first author, MergeLM issues 21, 39, 44): each benchmark is split into a seeded 10 % validation sample
+and the other 90 % (``utils.llm_validation_split``); every grid point (``utils.llm_grid``) is merged once by the
+streaming merger and evaluated on the validation sample of every benchmark; per benchmark the point with the best
+validation score is selected (ties: the earlier point of the grid) and only then evaluated on the test part; the
+full set (validation + test, what the paper reports) is scored from the same generations. Cells whose setting a
+preset states (``utils.llm_presets``) skip the grid and are evaluated with that setting.
+
+Folder ``<results>/grid_search_llms_instruct_math_code/<tasks>/<split settings>/``:
+
+* ``points/<method>/<hyperparameters>/``: one per grid point; ``generations/<dataset>.jsonl`` (resumable, shared
+  by the validation and the final runs), ``validation/`` and ``final/<part>/`` predictions and external files,
+  ``result.json`` (written atomically: the point is finished exactly when it exists, and is never redone),
+  ``final/<dataset>.json`` (test / full scores once selected), ``.lock`` (held while a job works on the point, so
+  overlapping shards skip it; released by the OS when a job dies);
+* ``external_scores/<dataset>.json``: ``{"<method>/<hyperparameters>": percent}`` for benchmarks scored outside
+  the repository (AlpacaEval, or code without ``--allow_code_execution``), read by the selection;
+* ``selections/<label>/``: ``grid.md`` / ``grid.csv`` (every point's validation score per benchmark),
+  ``selection.csv``, ``selection.json`` (everything, including the missing points), ``config.json``, logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from evaluation.generation import release_hf_model
+from evaluation.generations_file import load_finished_generations
+from evaluation.tasks import get_task
+from utils.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
+from utils.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER, LlmMergeConfig
+from utils.llm_grid import GridPoint, shard_points
+from utils.llm_grid_tables import grid_table, primary_score, selection_table, write_tables
+from utils.llm_merging import merge_llms, remove_model_dir, resolve_paths
+from utils.llm_pipeline import (
+    TASK_DATASETS,
+    EvaluationSettings,
+    check_datasets_available,
+    generate_examples,
+    score_examples,
+    select_examples,
+    write_external_file,
+)
+from utils.llm_validation_split import (
+    DEFAULT_VALIDATION_FRACTION,
+    ValidationSplit,
+    check_validation_fraction,
+    split_positions,
+)
+from utils.run_dir import atomic_write_json, atomic_write_text, hyperparameter_dirname, read_json, run_dir_for
+
+logger = logging.getLogger(__name__)
+
+SCRIPT = "grid_search_llms_instruct_math_code"
+RESULT_FILE = "result.json"
+PARTS = ("validation", "test", "full")
+
+
+@dataclass(frozen=True)
+class GridSearchConfig:
+    """A grid search (or a preset) over merges of ``merge_tasks``; validated before any model is read.
+
+    Attributes:
+        merge_tasks: two or three of instruct, math, code.
+        points: the validation grid, for the benchmarks without a stated setting.
+        datasets: evaluated benchmarks (default: the merged tasks', as MergeLM); a benchmark of a task that is
+            not merged is generated with the first merged task's tokenizer.
+        fixed: ``{dataset: (point, source)}``: settings stated by the paper or its author (no grid).
+        label: name of the selection folder (the preset name, or the methods).
+        table1_row: ``(models, method)`` of the paper's Table 1 row this search reproduces, if any.
+        validation_fraction, split_seed: the validation sample (``utils.llm_validation_split``).
+        shard: ``(i, N)``: this job runs points ``i, i+N, ...`` of the grid.
+        seed, ties_trim_scope, model_paths, save_merge_models_dir, save_dtype, keep_model, merge_num_threads:
+            as in ``LlmMergeConfig``.
+        evaluation: generation and scoring settings (always resumed).
+    """
+
+    merge_tasks: tuple[str, ...]
+    points: tuple[GridPoint, ...]
+    datasets: tuple[str, ...] = ()
+    fixed: Mapping[str, tuple[GridPoint, str]] = field(default_factory=dict)
+    label: str = "custom"
+    table1_row: tuple[str, str] | None = None
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+    split_seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    seed: int = 0
+    ties_trim_scope: str = "per_tensor"
+    model_paths: Mapping[str, str] = field(default_factory=dict)
+    save_merge_models_dir: str = "save_merge_models"
+    save_dtype: str = "bfloat16"
+    keep_model: bool = False
+    merge_num_threads: int | None = None
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+    def __post_init__(self) -> None:
+        tasks = tuple(t for t in MERGE_TASK_ORDER if t in self.merge_tasks)
+        object.__setattr__(self, "merge_tasks", tasks)
+        if not self.datasets:
+            object.__setattr__(self, "datasets", tuple(d for t in tasks for d in TASK_DATASETS[t]))
+        object.__setattr__(self, "evaluation", dataclasses.replace(self.evaluation, resume=True))
+        check_validation_fraction(self.validation_fraction)
+        for dataset in self.datasets:
+            if dataset not in LLM_DATASET_NAMES:
+                raise ValueError(f"datasets must be among {', '.join(LLM_DATASET_NAMES)}, got {dataset!r}")
+        extra = sorted(set(self.fixed) - set(self.datasets))
+        if extra:
+            raise ValueError(f"stated settings for {extra} which are not evaluated, got datasets {self.datasets}")
+        if self.grid_datasets and not self.points:
+            raise ValueError(f"{list(self.grid_datasets)} have no stated setting and the grid is empty; pass "
+                             "--merging_methods")
+        for point in {*self.points, *(p for p, _ in self.fixed.values())}:
+            self.merge_config(point)  # every recipe is checked (ranges, method) before any work
+
+    @property
+    def grid_datasets(self) -> tuple[str, ...]:
+        return tuple(d for d in self.datasets if d not in self.fixed)
+
+    def merge_config(self, point: GridPoint) -> LlmMergeConfig:
+        return LlmMergeConfig(
+            merge_tasks=self.merge_tasks, **point.merge_fields(), ties_trim_scope=self.ties_trim_scope,
+            seed=self.seed, model_paths=self.model_paths, save_merge_models_dir=self.save_merge_models_dir,
+            save_dtype=self.save_dtype, keep_model=self.keep_model, merge_num_threads=self.merge_num_threads,
+            evaluation=self.evaluation,
+        )
+
+    def point_key(self, point: GridPoint) -> str:
+        """``<method>/<hyperparameters>``: the point's folder below ``points/`` and its id in tables."""
+        merge = self.merge_config(point)
+        hyperparameters = {k: v for k, v in merge.hyperparameters().items() if k != "mask_apply_method"}
+        return f"{merge.method_dirname()}/{hyperparameter_dirname(hyperparameters)}"
+
+    def grid_dir(self, results_dir: str | os.PathLike) -> Path:
+        split = {"validation_fraction": self.validation_fraction, "split_seed": self.split_seed,
+                 **self.evaluation.naming()}
+        return run_dir_for(results_dir, SCRIPT, "_".join(self.merge_tasks), hyperparameter_dirname(split))
+
+    def record(self) -> dict[str, Any]:
+        return {"script": SCRIPT, "merge_tasks": list(self.merge_tasks), "label": self.label,
+                "table1_row": list(self.table1_row) if self.table1_row else None,
+                "datasets": list(self.datasets), "points": [p.as_dict() for p in self.points],
+                "fixed": {d: {"point": p.as_dict(), "source": s} for d, (p, s) in self.fixed.items()},
+                "validation_fraction": self.validation_fraction, "split_seed": self.split_seed,
+                "shard": list(self.shard), "seed": self.seed, "ties_trim_scope": self.ties_trim_scope,
+                "model_paths": dict(self.model_paths), "save_merge_models_dir": self.save_merge_models_dir,
+                "save_dtype": self.save_dtype, "evaluation": dataclasses.asdict(self.evaluation)}
+
+
+def grid_model_paths(config: GridSearchConfig) -> dict[str, str]:
+    """Resolve the backbone and the merged models, and check every benchmark's data (before any heavy work)."""
+    any_point = (config.points or tuple(p for p, _ in config.fixed.values()))[0]
+    merge = config.merge_config(any_point)
+    check_datasets_available(config.datasets, config.evaluation)
+    return resolve_paths([merge.backbone_name, *merge.finetuned_model_names], config.model_paths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits and evaluation of one merged model on parts of a benchmark
+
+
+@cache
+def dataset_split(dataset: str, settings: EvaluationSettings, fraction: float, seed: int):
+    """``(records, examples, split)`` of the ``[start_index:end_index]`` slice of ``dataset``."""
+    records, examples = select_examples(get_task(dataset), settings)
+    return records, examples, split_positions(len(examples), dataset_name=dataset, fraction=fraction, seed=seed)
+
+
+def part_positions(split: ValidationSplit, part: str) -> tuple[int, ...]:
+    if part == "full":
+        return tuple(sorted(split.validation + split.test))
+    return split.validation if part == "validation" else split.test
+
+
+def _count_tokens(model_path: str, texts: Sequence[str]) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def evaluate_parts(
+    config: GridSearchConfig, dataset: str, model_path: str, folder: Path, parts: Sequence[str], out: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Generate the examples of ``parts`` (resuming ``folder/generations``), score each part separately.
+
+    Returns ``({part: metrics}, {"generation_seconds", "generated_tokens"})``; predictions and external files go
+    to ``folder/<out>/<part>/``.
+    """
+    task = get_task(dataset)
+    records, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
+    needed = sorted({i for part in parts for i in part_positions(split, part)})
+    path = folder / "generations" / f"{task.name}.jsonl"
+    before = set(load_finished_generations(path, id_field=task.id_field)[0])
+    start = time.monotonic()
+    rows = generate_examples(task, [examples[i] for i in needed], model_path, path, config.evaluation)
+    seconds = time.monotonic() - start
+    new = [r["completion"] for r in rows if r[task.id_field] not in before]
+    stats = {"generation_seconds": seconds if new else 0.0,
+             "generated_tokens": _count_tokens(model_path, new) if new else 0}
+    completion = {r[task.id_field]: r["completion"] for r in rows}
+    metrics = {}
+    for part in parts:
+        positions = part_positions(split, part)
+        chosen = [examples[i] for i in positions]
+        part_metrics, predictions = score_examples(
+            task, [records[i] for i in positions], chosen, [completion[e[task.id_field]] for e in chosen],
+            config.evaluation)
+        target = folder / out / part
+        lines = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
+        atomic_write_text(target / "predictions" / f"{task.name}.jsonl", lines)
+        write_external_file(task, target, [records[i] for i in positions], predictions, str(folder))
+        metrics[part] = {**part_metrics, "ids": [e[task.id_field] for e in chosen]}
+    return metrics, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One grid point
+
+
+@contextlib.contextmanager
+def point_lock(folder: Path) -> Iterator[bool]:
+    """``True`` while this process holds the point (another live job holding it gives ``False``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def merged_point(config: GridSearchConfig, point: GridPoint, paths: Mapping[str, str]) -> Iterator[tuple[dict, float]]:
+    """Merge ``point`` once (reusing a finished merge of the same recipe); yields ``({task: folder}, seconds)``."""
+    merge = config.merge_config(point)
+    start = time.monotonic()
+    views = merge_llms(merge, paths)
+    try:
+        yield views, time.monotonic() - start
+    finally:
+        release_hf_model()
+        if not config.keep_model:
+            for folder in views.values():
+                remove_model_dir(folder, Path(config.save_merge_models_dir))
+
+
+def model_for(config: GridSearchConfig, views: Mapping[str, Path], dataset: str) -> str:
+    """The merged folder with the tokenizer of ``dataset``'s task (the first merged task's when not merged)."""
+    task = next((t for t in config.merge_tasks if dataset in TASK_DATASETS[t]), config.merge_tasks[0])
+    return str(views[task])
+
+
+def run_point(config: GridSearchConfig, grid_dir: Path, point: GridPoint, paths: Mapping[str, str]) -> dict | None:
+    """Validation scores of one point (``result.json``); a finished point is read, never redone."""
+    folder = grid_dir / "points" / config.point_key(point)
+    if (folder / RESULT_FILE).is_file():
+        return read_json(folder / RESULT_FILE)
+    with point_lock(folder) as held:
+        if not held:
+            logger.info("%s: another job is working on this point; skipped", config.point_key(point))
+            return None
+        if (folder / RESULT_FILE).is_file():
+            return read_json(folder / RESULT_FILE)
+        logger.info("grid point %s", point.describe())
+        result: dict[str, Any] = {"point": point.as_dict(), "key": config.point_key(point), "validation": {},
+                                  "generation_seconds": 0.0, "generated_tokens": 0}
+        with merged_point(config, point, paths) as (views, merge_seconds):
+            result["merge_seconds"] = merge_seconds
+            for dataset in config.grid_datasets:
+                metrics, stats = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
+                                                ["validation"], "validation")
+                result["validation"][dataset] = metrics["validation"]
+                result["generation_seconds"] += stats["generation_seconds"]
+                result["generated_tokens"] += stats["generated_tokens"]
+        atomic_write_json(folder / RESULT_FILE, result)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection (validation only) and the final evaluation of the selected points
+
+
+def load_point_results(config: GridSearchConfig, grid_dir: Path) -> tuple[dict[GridPoint, dict], list[GridPoint]]:
+    """Finished points' results and the points of the grid that have none yet."""
+    finished, missing = {}, []
+    for point in config.points:
+        path = grid_dir / "points" / config.point_key(point) / RESULT_FILE
+        if path.is_file():
+            finished[point] = read_json(path)
+        else:
+            missing.append(point)
+    return finished, missing
+
+
+def external_scores(grid_dir: Path, dataset: str) -> dict[str, float]:
+    """``external_scores/<dataset>.json``: ``{point key: percent}`` (e.g. AlpacaEval win rates)."""
+    path = grid_dir / "external_scores" / f"{dataset}.json"
+    return {str(k): float(v) for k, v in read_json(path).items()} if path.is_file() else {}
+
+
+def select_best(candidates: Sequence[tuple[GridPoint, float | None]]) -> tuple[GridPoint, float] | None:
+    """The candidate with the highest score (the earliest on ties); ``None`` when no candidate has a score."""
+    best: tuple[GridPoint, float] | None = None
+    for point, score in candidates:
+        if score is not None and (best is None or score > best[1]):
+            best = (point, score)
+    return best
+
+
+def validation_scores(
+    config: GridSearchConfig, grid_dir: Path, finished: Mapping[GridPoint, dict]
+) -> dict[str, dict[GridPoint, float | None]]:
+    """``{dataset: {point: validation score}}`` (in-repo metric, else ``external_scores``)."""
+    scores: dict[str, dict[GridPoint, float | None]] = {}
+    for dataset in config.grid_datasets:
+        external = external_scores(grid_dir, dataset)
+        scores[dataset] = {}
+        for point, result in finished.items():
+            metrics = result["validation"].get(dataset)
+            score = primary_score(metrics) if metrics is not None else None
+            scores[dataset][point] = score if score is not None else external.get(config.point_key(point))
+    return scores
+
+
+def select_settings(
+    config: GridSearchConfig, scores: Mapping[str, Mapping[GridPoint, float | None]]
+) -> dict[str, dict[str, Any]]:
+    """Per benchmark: the stated setting, or the validation best (only validation scores are looked at)."""
+    selection = {}
+    for dataset in config.datasets:
+        if dataset in config.fixed:
+            point, source = config.fixed[dataset]
+            selection[dataset] = {"point": point, "selected_by": source, "validation_score": None}
+            continue
+        best = select_best(list(scores[dataset].items()))
+        if best is None:
+            logger.warning("%s: no finished point has a validation score; write external_scores/%s.json (point key "
+                           "-> percent) or pass --allow_code_execution", dataset, dataset)
+            continue
+        selection[dataset] = {"point": best[0], "selected_by": "validation grid", "validation_score": best[1]}
+    return selection
+
+
+def run_final(
+    config: GridSearchConfig, grid_dir: Path, selection: Mapping[str, Mapping[str, Any]], paths: Mapping[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Validation / test / full scores of each benchmark's selected point: one merge per distinct point."""
+    final: dict[str, dict[str, Any]] = {}
+    by_point: dict[GridPoint, list[str]] = {}
+    for dataset, chosen in selection.items():
+        by_point.setdefault(chosen["point"], []).append(dataset)
+    for point, datasets in by_point.items():
+        folder = grid_dir / "points" / config.point_key(point)
+        todo = [d for d in datasets if not (folder / "final" / f"{d}.json").is_file()]
+        if todo:
+            with point_lock(folder) as held:
+                if not held:
+                    logger.info("%s: another job is working on this point; its final scores are skipped",
+                                config.point_key(point))
+                    continue
+                with merged_point(config, point, paths) as (views, _):
+                    for dataset in todo:
+                        metrics, _ = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
+                                                    PARTS, "final")
+                        record = {"point": point.as_dict(), "key": config.point_key(point),
+                                  "selected_by": selection[dataset]["selected_by"], **metrics}
+                        atomic_write_json(folder / "final" / f"{dataset}.json", record)
+        for dataset in datasets:
+            if (folder / "final" / f"{dataset}.json").is_file():
+                final[dataset] = read_json(folder / "final" / f"{dataset}.json")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan, estimate and the whole search
+
+
+def compute_plan_text(
+    config: GridSearchConfig, grid_dir: Path, *, tokens_per_second: float | None, merge_seconds: float | None
+) -> str:
+    """Points still to run in this shard, examples, token upper bound and time (given or measured rates)."""
+    check_datasets_available(config.datasets, config.evaluation)
+    finished, _ = load_point_results(config, grid_dir)
+    todo = [p for p in shard_points(config.points, config.shard) if p not in finished]
+    sizes, final, max_tokens = {}, {}, {}
+    for dataset in config.datasets:
+        _, _, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
+        sizes[dataset] = len(split.validation)
+        final[dataset] = len(split.test) if dataset in config.grid_datasets else len(split.validation + split.test)
+        max_tokens[dataset] = config.evaluation.max_new_tokens or get_task(dataset).sampling.max_tokens
+    fixed_points = {p for p, _ in config.fixed.values()}
+    final_merges = len(fixed_points) + min(len(config.grid_datasets), len(config.points))
+    plan = plan_compute(grid_points=len(todo), grid_datasets=config.grid_datasets, final_datasets=final,
+                        final_merges=final_merges, validation_sizes=sizes, max_new_tokens=max_tokens)
+    measured_tps, measured_merge = measured_rates(list(finished.values()))
+    tps, tps_source = tokens_per_second, "--tokens_per_second"
+    if tps is None and measured_tps is not None:
+        tps, tps_source = measured_tps, f"measured on {len(finished)} finished points"
+    merge_source = "--merge_seconds"
+    if merge_seconds is None:
+        merge_seconds, merge_source = DEFAULT_MERGE_SECONDS, "assumed for 13B; pass --merge_seconds"
+        if measured_merge is not None:
+            merge_seconds, merge_source = measured_merge, f"measured on {len(finished)} finished points"
+    header = (f"grid search {config.label}: {' + '.join(config.merge_tasks)}, {len(config.points)} grid points "
+              f"({len(finished)} finished, {len(todo)} to run in shard {config.shard[0]}/{config.shard[1]}), "
+              f"benchmarks {', '.join(config.datasets)} (stated settings: {', '.join(config.fixed) or 'none'})\n"
+              f"folder: {grid_dir}\n")
+    return header + describe_plan(plan, tokens_per_second=tps, tps_source=tps_source, merge_seconds=merge_seconds,
+                                  merge_source=merge_source)
+
+
+def selection_folder(config: GridSearchConfig, grid_dir: Path) -> Path:
+    return grid_dir / "selections" / config.label.replace("/", "_")
+
+
+def run_grid(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str]) -> list[GridPoint]:
+    """Validation runs of this shard's points; returns the points this job finished or found finished."""
+    done = []
+    for point in shard_points(config.points, config.shard):
+        if run_point(config, grid_dir, point, paths) is not None:
+            done.append(point)
+    return done
+
+
+def select_and_evaluate(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str]) -> dict[str, Any]:
+    """Select on the finished points (naming the missing ones), evaluate the selection, write the tables."""
+    finished, missing = load_point_results(config, grid_dir)
+    if missing:
+        logger.warning("%d of %d grid points are not finished; selecting among the finished ones. Missing: %s",
+                       len(missing), len(config.points), ", ".join(config.point_key(p) for p in missing))
+    scores = validation_scores(config, grid_dir, finished)
+    selection = select_settings(config, scores)
+    final = run_final(config, grid_dir, selection, paths)
+    record = {"label": config.label, "config": config.record(), "table1_row": config.table1_row,
+              "missing_points": [config.point_key(p) for p in missing],
+              "validation_scores": {d: {config.point_key(p): s for p, s in by_point.items()}
+                                    for d, by_point in scores.items()},
+              "selection": {d: {**s, "point": s["point"].as_dict(), "key": config.point_key(s["point"])}
+                            for d, s in selection.items()},
+              "final": {d: {part: {k: v for k, v in m.items() if k != "ids"} if isinstance(m, Mapping) else m
+                            for part, m in record.items()} for d, record in final.items()}}
+    grid = grid_table(config.points, config.grid_datasets, scores, finished, selection)
+    markdown = write_tables(selection_folder(config, grid_dir), grid, selection_table(selection, final), record)
+    return {**record, "markdown": markdown}
+
+
+def run_grid_search(
+    config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str], stage: str = "all"
+) -> dict[str, Any]:
+    """``grid``: this shard's validation runs; ``select``: selection + final evaluation; ``all``: both."""
+    if stage not in ("all", "grid", "select"):
+        raise ValueError(f"stage must be one of all, grid, select, got {stage!r}")
+    done = run_grid(config, grid_dir, paths) if stage in ("all", "grid") else []
+    if stage == "grid":
+        return {"finished_points": [config.point_key(p) for p in done]}
+    return select_and_evaluate(config, grid_dir, paths)
