@@ -97,21 +97,28 @@ class UnitRunner:
             self.check_finite(job.name, tensors)
         return tensors
 
-    def check_finite(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
-        """Warn (or raise with ``strict``) for each fine-tuned tensor of ``[base, *finetuned]`` with NaN/Inf."""
-        for label, tensor in zip(self.labels[1:], tensors[1:]):
+    def check_finite(self, name: str, tensors: Sequence[torch.Tensor]) -> bool:
+        """Warn (or raise with ``strict``) for each tensor of ``[base, *finetuned]`` (a copied tensor: ``[base]``)
+        with NaN/Inf; True when one was found."""
+        found = False
+        for index, (label, tensor) in enumerate(zip(self.labels, tensors)):
             if not _all_finite(tensor):
-                self._report_non_finite(name, label, tensor)
+                self._report_non_finite(name, f"{label} (base model)" if index == 0 else label, tensor)
+                found = True
+        return found
 
     def _report_non_finite(self, name: str, label: str, tensor: torch.Tensor) -> None:
         count = int((~torch.isfinite(tensor)).sum())
         message = f"{label}: tensor {name!r} has {count} NaN/Inf value(s)"
         if self.strict:
             raise ValueError(f"{message}; fix the checkpoint or drop --strict to merge anyway")
+        self._warn_once(label, name, f"{message}; they propagate into the output (pass --strict to stop)")
+
+    def _warn_once(self, key: str, name: str, message: str) -> None:
         with self._lock:
-            if (label, name) not in self._warned:
-                self._warned.add((label, name))
-                logger.warning("%s; they propagate into the merged tensor (pass --strict to stop)", message)
+            if (key, name) not in self._warned:
+                self._warned.add((key, name))
+                logger.warning(message)
 
     def prefetch(self, unit: WorkUnit) -> None:
         """Start the disk reads of ``unit`` in the background (see ``TensorReader.prefetch``)."""
@@ -140,8 +147,10 @@ class UnitRunner:
             job.name, tensors[0], tensors[1:], statistics=self.statistics_for(unit),
             global_state=self.global_state, element_offset=unit.element_offset, out_dtype=job.out_dtype,
         )
-        if check_output and not _all_finite(merged):  # on the compute device: a GPU checks its own output
-            self.check_finite(job.name, inputs)
+        if check_output and not _all_finite(merged) and not self.check_finite(job.name, inputs):
+            # on the compute device (a GPU checks its own output); every input finite: overflow in the maths or cast
+            self._warn_once("merged output", job.name, f"merged tensor {job.name!r} has NaN/Inf value(s) although "
+                            f"every input is finite: overflow in the maths or in the cast to {job.out_dtype}")
         return merged.cpu()
 
 

@@ -138,6 +138,54 @@ def test_inf_in_finetuned_is_an_error_with_strict(family_sds, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_in_base_warns_naming_the_base_model(family_sds, tmp_path, caplog, case):
+    sds, config = family_sds
+    name = "model.layers.1.mlp.down_proj.weight"
+    sds[0][name][2, 5] = float("nan")
+    folders = _save_all(sds, config, tmp_path)
+    method = "mask_merging" if case.startswith("dare") else case
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), merging_method_name=method,
+                          hyperparameters=NAN_CASES[case], progress=False)
+    assert f"{folders[0]} (base model): tensor {name!r} has 1 NaN/Inf value(s)" in caplog.text
+    assert "ft1" not in caplog.text and "ft2" not in caplog.text and "every input is finite" not in caplog.text
+
+
+@pytest.mark.parametrize("case", ["task_arithmetic", "ties_merging", "dare_task_arithmetic", "average_merging"])
+def test_inf_in_base_is_an_error_with_strict(family_sds, tmp_path, case):
+    sds, config = family_sds
+    sds[0]["model.norm.weight"][1] = float("-inf")
+    folders = _save_all(sds, config, tmp_path)
+    method = "mask_merging" if case.startswith("dare") else case
+    with pytest.raises(ValueError, match=r"base model\): tensor 'model.norm.weight' has 1 NaN/Inf.*--strict"):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), strict=True, merging_method_name=method,
+                          hyperparameters=NAN_CASES[case], progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_a_copied_base_tensor_warns(family_sds, tmp_path, caplog):
+    sds, config = family_sds
+    sds[0]["model.norm.weight"][0] = float("nan")
+    folders = _save_all(sds, config, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), exclude_param_names_regex=["model.norm"],
+                          **TA)
+    assert "(base model): tensor 'model.norm.weight' has 1 NaN/Inf" in caplog.text
+
+
+def test_overflow_with_finite_inputs_is_named(family_sds, tmp_path, caplog):
+    sds, config = family_sds
+    for sd in sds:
+        sd["model.norm.weight"][0] = 60000.0
+    sds[1]["model.norm.weight"][0] = 70000.0  # 60000 + (10000 + 0) = 70000 > float16's largest value (65504)
+    folders = _save_all(sds, config, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(folders[0], folders[1:], str(tmp_path / "out"), dtype="float16", **TA)
+    assert "merged tensor 'model.norm.weight' has NaN/Inf value(s) although every input is finite" in caplog.text
+    assert "base model" not in caplog.text
+
+
 def test_drop_rate_one_with_rescale_refused(family_sds, tmp_path):
     folders = _save_all(*family_sds, tmp_path)
     hp = {"mask_apply_method": "task_arithmetic", "weight_mask_rate": 1.0, "use_weight_rescale": True}
