@@ -85,7 +85,7 @@ def single_model_results(results_dir: Path) -> dict[tuple[str, str], dict[str, f
     return found
 
 
-def grid_results(results_dir: Path) -> list[tuple[tuple[str, str] | None, str, dict[str, float | str]]]:
+def grid_results(results_dir: Path) -> list[tuple[tuple[str, str], str, dict[str, float | str]]]:
     """``(table1_row, source, {dataset: score})`` of every grid-search selection (full set, else test part)."""
     found = []
     for path in sorted(results_dir.rglob("selections/*/selection.json")):
@@ -95,7 +95,7 @@ def grid_results(results_dir: Path) -> list[tuple[tuple[str, str] | None, str, d
             part = "full" if final.get("full") is not None else "test"
             cells[dataset] = _score(final.get(part))
             parts.add(part)
-        row = tuple(record["table1_row"]) if record.get("table1_row") else None
+        row = tuple(record["table1_row"]) if record.get("table1_row") else ("(not a Table 1 row)", record["label"])
         found.append((row, f"grid {record['label']} ({'/'.join(sorted(parts)) or 'nothing evaluated'})", cells))
     return found
 
@@ -115,7 +115,7 @@ def side_by_side(results_dir: str | Path) -> tuple[tuple[list[str], list[list[An
     for (model, source), cells in single_model_results(results_dir).items():
         sources.setdefault((model, "—"), []).append((source, cells))
     for row, source, cells in grid_results(results_dir):
-        sources.setdefault(row or ("(not a Table 1 row)", source), []).append((source, cells))
+        sources.setdefault(row, []).append((source, cells))
     wide, long = [], []
     for (models, method), found in sources.items():
         paper = PAPER_TABLE1.get((models, method), {})
