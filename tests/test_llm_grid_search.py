@@ -150,6 +150,15 @@ def test_a_point_held_by_another_job_is_skipped_and_reported_missing(fake_evalua
     assert ("1.0", ("validation",)) not in fake_evaluation
 
 
+def test_a_benchmark_added_later_is_evaluated_alone_on_finished_points(fake_evaluation, tmp_path):
+    run_grid_search(_fake_config(tmp_path), tmp_path / "grid", {}, stage="grid")
+    fake_evaluation.clear()
+    run_grid_search(_fake_config(tmp_path, datasets=("gsm8k", "MATH")), tmp_path / "grid", {}, stage="grid")
+    assert [c for c in fake_evaluation if c[1]] == [("0.5", ("validation",)), ("1.0", ("validation",))]
+    result = json.loads(next((tmp_path / "grid" / "points").rglob("result.json")).read_text())
+    assert set(result["validation"]) == {"gsm8k", "MATH"}
+
+
 def test_stated_settings_skip_the_grid(fake_evaluation, tmp_path):
     stated = GridPoint(TA, scaling_coefficient=1.0)
     config = _fake_config(tmp_path, points=(), fixed={"gsm8k": (stated, "A#39")})

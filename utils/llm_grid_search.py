@@ -265,23 +265,31 @@ def model_for(config: GridSearchConfig, views: Mapping[str, Path], dataset: str)
     return str(views[task])
 
 
+def _missing_datasets(config: GridSearchConfig, folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    result = read_json(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else None
+    done = result["validation"] if result is not None else {}
+    return result, [d for d in config.grid_datasets if d not in done]
+
+
 def run_point(config: GridSearchConfig, grid_dir: Path, point: GridPoint, paths: Mapping[str, str]) -> dict | None:
-    """Validation scores of one point (``result.json``); a finished point is read, never redone."""
+    """Validation scores of one point (``result.json``); a finished (point, benchmark) is read, never redone."""
     folder = grid_dir / "points" / config.point_key(point)
-    if (folder / RESULT_FILE).is_file():
-        return read_json(folder / RESULT_FILE)
+    result, missing = _missing_datasets(config, folder)
+    if not missing:
+        return result
     with point_lock(folder) as held:
         if not held:
             logger.info("%s: another job is working on this point; skipped", config.point_key(point))
             return None
-        if (folder / RESULT_FILE).is_file():
-            return read_json(folder / RESULT_FILE)
-        logger.info("grid point %s", point.describe())
-        result: dict[str, Any] = {"point": point.as_dict(), "key": config.point_key(point), "validation": {},
-                                  "generation_seconds": 0.0, "generated_tokens": 0}
+        result, missing = _missing_datasets(config, folder)
+        if not missing:
+            return result
+        logger.info("grid point %s: %s", point.describe(), ", ".join(missing))
+        result = result or {"point": point.as_dict(), "key": config.point_key(point), "validation": {},
+                            "generation_seconds": 0.0, "generated_tokens": 0}
         with merged_point(config, point, paths) as (views, merge_seconds):
             result["merge_seconds"] = merge_seconds
-            for dataset in config.grid_datasets:
+            for dataset in missing:
                 metrics, stats = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
                                                 ["validation"], "validation")
                 result["validation"][dataset] = metrics["validation"]
@@ -296,14 +304,14 @@ def run_point(config: GridSearchConfig, grid_dir: Path, point: GridPoint, paths:
 
 
 def load_point_results(config: GridSearchConfig, grid_dir: Path) -> tuple[dict[GridPoint, dict], list[GridPoint]]:
-    """Finished points' results and the points of the grid that have none yet."""
+    """Finished points' results and the points of the grid that lack a benchmark of this search."""
     finished, missing = {}, []
     for point in config.points:
-        path = grid_dir / "points" / config.point_key(point) / RESULT_FILE
-        if path.is_file():
-            finished[point] = read_json(path)
-        else:
+        result, datasets = _missing_datasets(config, grid_dir / "points" / config.point_key(point))
+        if datasets:
             missing.append(point)
+        else:
+            finished[point] = result
     return finished, missing
 
 
@@ -453,7 +461,7 @@ def select_and_evaluate(config: GridSearchConfig, grid_dir: Path, paths: Mapping
               "selection": {d: {**s, "point": s["point"].as_dict(), "key": config.point_key(s["point"])}
                             for d, s in selection.items()},
               "final": {d: {part: {k: v for k, v in m.items() if k != "ids"} if isinstance(m, Mapping) else m
-                            for part, m in record.items()} for d, record in final.items()}}
+                            for part, m in parts.items()} for d, parts in final.items()}}
     grid = grid_table(config.points, config.grid_datasets, scores, finished, selection)
     markdown = write_tables(selection_folder(config, grid_dir), grid, selection_table(selection, final), record)
     return {**record, "markdown": markdown}
