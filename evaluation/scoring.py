@@ -38,6 +38,10 @@ from evaluation.tasks import TaskSpec, build_prompt, get_task
 
 logger = logging.getLogger(__name__)
 
+# more programs than this fail to compile -> the completions are probably in another format (loud warning)
+NOT_COMPILING_WARNING_RATE = 0.9
+_NOT_COMPILING = ("failed: SyntaxError", "failed: IndentationError", "failed: TabError")
+
 
 def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
     """The program openai/human-eval executes: ``prompt + completion + "\\n" + test + "\\n" + check(entry)``."""
@@ -105,6 +109,30 @@ def _score_answers(
     return metrics, predictions
 
 
+def warn_if_nothing_compiles(task_name: str, results: Sequence[str], *, apply_postprocessing: bool) -> bool:
+    """Warn loudly when more than ``NOT_COMPILING_WARNING_RATE`` of the programs fail with a SyntaxError or an
+    IndentationError: the completions are then almost surely in another format than the one scored.
+
+    Returns:
+        True when the warning was emitted.
+    """
+    not_compiling = sum(r.startswith(_NOT_COMPILING) for r in results)
+    if not results or not_compiling <= NOT_COMPILING_WARNING_RATE * len(results):
+        return False
+    if task_name == "human_eval" and apply_postprocessing:
+        hint = ("they were cleaned with the paper's post-processing, which strips a completion's leading "
+                "indentation; a standard human-eval samples file (function bodies appended to the prompt as they "
+                "are) is scored with --completion_format human_eval")
+    elif task_name == "human_eval":
+        hint = ("they were appended to the prompt unchanged, as human-eval does; raw model generations (code "
+                "fences, whole functions, '### Response:') are scored with --completion_format paper")
+    else:
+        hint = "check that each completion is a whole program, as the paper's MBPP generations are"
+    logger.warning("%d of %d %s programs do not compile (SyntaxError/IndentationError): the completions are "
+                   "probably in another format; %s", not_compiling, len(results), task_name, hint)
+    return True
+
+
 def _score_code(
     task: TaskSpec, records: Sequence[Mapping[str, Any]], completions: Sequence[str], ids: Sequence[Any],
     execution_kwargs: dict[str, Any], apply_postprocessing: bool,
@@ -117,6 +145,7 @@ def _score_code(
         programs = [mbpp_program(r, c) for r, c in zip(records, cleaned, strict=True)]
         targets = [mbpp_tests(r) for r in records]
     results = execute_programs(programs, **execution_kwargs)
+    warn_if_nothing_compiles(task.name, results, apply_postprocessing=apply_postprocessing)
     predictions = [
         {"id": id_, "prompt": build_prompt(task, r), "completion": raw, "extracted": code, "target": target,
          "correct": result == PASSED, "result": result}
@@ -153,8 +182,9 @@ def score_completions(
         timeout_s: per-program wall-clock limit for code execution.
         show_progress: tqdm bars on stderr.
         apply_postprocessing: for code tasks, clean raw generations with MergeLM's rules (default). ``False``
-            executes the completions as given (e.g. HumanEval canonical solutions, whose leading indentation
-            MergeLM's ``strip`` would remove).
+            executes the completions as given (a human-eval samples file, e.g. HumanEval canonical solutions,
+            whose leading indentation MergeLM's ``strip`` would remove). When nearly every program fails to
+            compile, a warning names the other choice.
 
     Returns:
         ``(metrics, predictions)``; see the module docstring.
