@@ -7,8 +7,9 @@ Example:
 
 DARE = ``--use_weight_rescale`` (random drop + 1/(1-p) rescale); without it, DropOnly. ``--mask_strategy
 magnitude`` drops the smallest deltas; ``--weight_format finetuned_weight`` drops fine-tuned weights themselves.
-Every (task, rate) writes ``<output_dir>/inference_plms_glue/<task>/<model>/<fine-tuning run>/<settings>/``
-with ``config.json`` and ``metrics.json`` (``{task: {"test": metrics}}``).
+Every (task, rate, mask seed) writes ``<output_dir>/inference_plms_glue/<task>/<model>/<fine-tuning run>/<settings>/``
+with ``config.json`` and ``metrics.json`` (``{task: {"test": metrics}}``). ``--seeds 0 1 2`` repeats every random
+drop with three mask seeds (magnitude pruning has no randomness and runs once); ``--resume`` skips finished runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from utils.glue_data import GLUE_TASK_NAMES
 from utils.glue_finetune import add_checkpoint_args, resolve_checkpoints
 from utils.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
 from utils.logging_setup import setup_logging
-from utils.run_dir import prepare_run_dir, write_config, write_metrics
+from utils.run_dir import prepare_run_dir, read_json, write_config, write_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
     parser.add_argument("--weight_format", default="delta_weight", choices=["delta_weight", "finetuned_weight"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="several mask seeds (one run folder each; summarize_results.py reports mean +- std); "
+                             "overrides --seed")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
+    group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[float, dict[str, Any]]]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[float, int], dict[str, Any]]]:
+    """Returns ``{task: {(rate, seed): test metrics}}`` of the runs computed (and read back, with --resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     config = InferenceConfig(
@@ -52,21 +59,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[float, dict[str, A
         weight_mask_rates=tuple(args.weight_mask_rate),
         dare=DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed),
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_eval_samples=args.max_eval_samples,
-        glue_dir=args.glue_dir, device=device_for(args.gpu))
+        glue_dir=args.glue_dir, device=device_for(args.gpu), seeds=tuple(args.seeds or ()))
     checkpoints = resolve_checkpoints(args, config.dataset_names)
     setup_logging()
     tokenizer = load_tokenizer(args.language_model_name)
-    results: dict[str, dict[float, dict[str, Any]]] = {}
+    results: dict[str, dict[tuple[float, int], dict[str, Any]]] = {}
     for task in config.dataset_names:
-        run_dirs = {r: config.run_dir(args.output_dir, task, checkpoints[task], r) for r in config.weight_mask_rates}
-        for run_dir in run_dirs.values():
-            prepare_run_dir(run_dir, overwrite=args.overwrite)
-        results[task] = sweep_drop_rates(config, task, checkpoints[task], tokenizer)
-        for rate, run_dir in run_dirs.items():
-            record = {"script": SCRIPT_NAME, **asdict(config), "dataset_name": task, "weight_mask_rate": rate,
+        run_dirs = {(r, s): config.run_dir(args.output_dir, task, checkpoints[task], r, s)
+                    for s in config.mask_seeds for r in config.weight_mask_rates}
+        done = {point: read_json(d / "metrics.json")[task]["test"] for point, d in run_dirs.items()
+                if args.resume and (d / "metrics.json").exists()}
+        todo = [point for point in run_dirs if point not in done]
+        for point in todo:
+            prepare_run_dir(run_dirs[point], overwrite=args.overwrite, resume=args.resume)
+        logger.info("%s: %d runs to compute, %d finished", task, len(todo), len(done))
+        computed = sweep_drop_rates(config, task, checkpoints[task], tokenizer, todo) if todo else {}
+        results[task] = {**done, **computed}
+        for rate, seed in todo:
+            record = {"script": SCRIPT_NAME, **asdict(config), "dare": asdict(config.settings(seed)),
+                      "dataset_name": task, "weight_mask_rate": rate, "seed": seed,
                       "checkpoint": str(checkpoints[task])}
-            write_config(run_dir, record, argv)
-            write_metrics(run_dir, {task: {"test": results[task][rate]}})
+            write_config(run_dirs[(rate, seed)], record, argv)
+            write_metrics(run_dirs[(rate, seed)], {task: {"test": results[task][(rate, seed)]}})
     logger.info("all results: %s", results)
     return results
 

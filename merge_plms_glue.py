@@ -21,12 +21,15 @@ import argparse
 import itertools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from model_merging_methods import FISHER_ESTIMATORS
 from utils.encoder_models import device_for, load_tokenizer, model_short_name
 from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_finetune import add_checkpoint_args, resolve_checkpoints
+from utils.glue_finetune import add_checkpoint_args, checkpoints_tag, resolve_checkpoints
 from utils.glue_inference import DareSettings, check_drop_rates
 from utils.glue_merging import GRIDS, MERGING_METHODS, grid_search_pair, load_pair_merger
 from utils.logging_setup import setup_logging
@@ -34,6 +37,7 @@ from utils.run_dir import (
     atomic_write_json,
     hyperparameter_dirname,
     prepare_run_dir,
+    read_json,
     run_dir_for,
     write_config,
     write_metrics,
@@ -58,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=[256])
     parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=[1.0])
     parser.add_argument("--normalize_fisher_weight", action="store_true")
+    parser.add_argument("--fisher_estimator", nargs="+", default=["mergelm"], choices=FISHER_ESTIMATORS,
+                        help="Fisher estimator(s): MergeLM's batch objective, or the exact diagonal Fisher (one run "
+                             "folder each)")
     parser.add_argument("--minimal_fisher_weight", type=float, default=1e-6)
     parser.add_argument("--nums_regmean_examples", type=int, nargs="+", default=[256])
     parser.add_argument("--reduce_non_diagonal_ratio", type=float, default=1.0)
@@ -68,7 +75,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
     parser.add_argument("--weight_format", default="delta_weight", choices=["delta_weight", "finetuned_weight"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="several DARE mask seeds: every mask_merging run is repeated (selection included) per "
+                             "seed, one run folder each; overrides --seed")
+    parser.add_argument("--max_validation_samples", type=int, default=None,
+                        help="cap on the validation split only (selection); test stays whole")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
+    group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
     return parser.parse_args(argv)
 
 
@@ -83,11 +97,31 @@ def flag_grid(args: argparse.Namespace, method: str) -> dict[str, list]:
                              "param_value_mask_rate": [args.param_value_mask_rate]}}[method]
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """``(merging_method_name, applied method)`` for every requested run."""
+@dataclass(frozen=True)
+class Variant:
+    """One run of a pair: the method, the applied method (after DARE), the DARE seed, the Fisher estimator."""
+
+    name: str
+    method: str
+    seed: int | None = None
+    fisher_estimator: str | None = None
+
+    @property
+    def key(self) -> str:
+        key = f"{self.name}/{self.method}" if self.name == "mask_merging" else self.name
+        key += f"/fisher_estimator={self.fisher_estimator}" if self.fisher_estimator else ""
+        return key + (f"/seed={self.seed}" if self.seed is not None else "")
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """Every requested run: method x (DARE seeds for mask_merging) x (Fisher estimators for Fisher merging)."""
+    seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     out = []
     for name in args.merging_method_name:
-        out += [(name, m) for m in args.mask_apply_method] if name == "mask_merging" else [(name, name)]
+        for method in args.mask_apply_method if name == "mask_merging" else [name]:
+            for estimator in args.fisher_estimator if method == "fisher_merging" else [None]:
+                out += [Variant(name, method, seed, estimator) for seed in (seeds if name == "mask_merging" else
+                                                                            [None])]
     return out
 
 
@@ -110,29 +144,51 @@ def dataset_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     return list(itertools.combinations(args.dataset_names, 2))
 
 
-def run_dir_of(args: argparse.Namespace, pair: Sequence[str], name: str, method: str) -> Any:
-    methods = [name, method] if name == "mask_merging" else [name]
-    hyper = {"select_on": args.select_on, "grid": args.grid}
-    if name == "mask_merging":
+def run_dir_of(args: argparse.Namespace, pair: Sequence[str], variant: Variant, checkpoints: Mapping[str, Any]
+               ) -> Path:
+    """The run folder, named from every setting that changes the results.
+
+    ``checkpoints=<hash>`` identifies the fine-tuned models (their training runs: seed, learning rate, train
+    cap, or a ``--checkpoint`` folder; see ``checkpoint_tag``); Fisher options name Fisher runs; ``--grid none``
+    names its values; the DARE settings and seed name mask_merging runs.
+    """
+    methods = [variant.name, variant.method] if variant.name == "mask_merging" else [variant.name]
+    hyper: dict[str, Any] = {"select_on": args.select_on, "grid": args.grid,
+                             "checkpoints": checkpoints_tag(checkpoints, args.output_dir)}
+    if variant.name == "mask_merging":
         hyper.update(use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
-                     weight_format=args.weight_format, seed=args.seed)
-    if args.max_eval_samples is not None:
-        hyper["max_eval_samples"] = args.max_eval_samples
+                     weight_format=args.weight_format, seed=variant.seed)
+    if variant.method == "fisher_merging":
+        hyper.update(fisher_estimator=variant.fisher_estimator, normalize_fisher_weight=args.normalize_fisher_weight,
+                     minimal_fisher_weight=args.minimal_fisher_weight)
+    if args.grid == "none":
+        hyper.update({k: v[0] for k, v in flag_grid(args, variant.method).items()})
+        if variant.name == "mask_merging":
+            hyper["weight_mask_rate"] = args.weight_mask_rate
+    for cap in ("max_eval_samples", "max_validation_samples"):
+        if getattr(args, cap) is not None:
+            hyper[cap] = getattr(args, cap)
     return run_dir_for(args.output_dir, SCRIPT_NAME, "+".join(pair), model_short_name(args.language_model_name),
                        *methods, hyperparameter_dirname(hyper))
 
 
-def run_variant(args: argparse.Namespace, merger: Any, pair: Sequence[str], name: str, method: str,
+def run_variant(args: argparse.Namespace, merger: Any, pair: Sequence[str], variant: Variant,
                 argv: list[str]) -> dict[str, Any]:
     """Grid-search one (pair, method) with a loaded merger and write its run folder."""
-    run_dir = prepare_run_dir(run_dir_of(args, pair, name, method), overwrite=args.overwrite)
+    run_dir = prepare_run_dir(run_dir_of(args, pair, variant, merger.checkpoints), overwrite=args.overwrite,
+                              resume=args.resume)
     setup_logging(run_dir / "run.log")
     logger.info("argv: %s", " ".join(argv))
+    name, method = variant.name, variant.method
     grid, rates = search_space(args, name, method)
+    merger.dare = replace(merger.dare, seed=variant.seed if variant.seed is not None else args.seed)
+    merger.fisher_estimator = variant.fisher_estimator or "mergelm"
     config = {"script": SCRIPT_NAME, **vars(args), "merging_method_name": name, "applied_method": method,
+              "seed": variant.seed, "fisher_estimator": variant.fisher_estimator,
               "dataset_pair": list(pair), "grid_values": grid, "dare_rates": rates,
               "checkpoints": {t: str(p) for t, p in merger.checkpoints.items()}}
-    config.pop("mask_apply_method")
+    for key in ("mask_apply_method", "seeds"):
+        config.pop(key)
     write_config(run_dir, config, argv)
     first = len(merger.evaluations)
     metrics = grid_search_pair(merger, method, grid, dare_rates=rates, select_on=args.select_on)
@@ -142,29 +198,42 @@ def run_variant(args: argparse.Namespace, merger: Any, pair: Sequence[str], name
 
 
 def merge_pair(args: argparse.Namespace, pair: Sequence[str], tokenizer: Any, argv: list[str]) -> dict[str, Any]:
-    """Load one pair once and run every requested method on it (sharing statistics and scores)."""
+    """Load one pair once and run every requested method on it (sharing statistics and scores).
+
+    With ``--resume``, runs whose ``metrics.json`` exists are read back, and a pair with nothing left to do is
+    not loaded at all.
+    """
     checkpoints = resolve_checkpoints(args, pair)
+    results, todo = {}, []
+    for variant in variants(args):
+        metrics_path = run_dir_of(args, pair, variant, checkpoints) / "metrics.json"
+        if args.resume and metrics_path.exists():
+            results[variant.key] = read_json(metrics_path)
+        else:
+            todo.append(variant)
+    logger.info("%s: %d runs to compute, %d finished", "+".join(pair), len(todo), len(results))
+    if not todo:
+        return results
     merger = load_pair_merger(
         pair, checkpoints, tokenizer, language_model_name=args.language_model_name,
         dare=DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed),
         data_options={"glue_dir": args.glue_dir, "max_seq_length": args.max_seq_length,
-                      "max_eval_samples": args.max_eval_samples},
+                      "max_eval_samples": args.max_eval_samples,
+                      "max_validation_samples": args.max_validation_samples},
         batch_size=args.batch_size, device=device_for(args.gpu),
         fisher_options={"normalize_fisher_weight": args.normalize_fisher_weight,
                         "minimal_fisher_weight": args.minimal_fisher_weight})
-    results = {}
-    for name, method in variants(args):
-        key = f"{name}/{method}" if name == "mask_merging" else name
-        results[key] = run_variant(args, merger, pair, name, method, argv)
+    for variant in todo:
+        results[variant.key] = run_variant(args, merger, pair, variant, argv)
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Returns ``{"a+b": {method or "mask_merging/<method>": {target task: result}}}``."""
+    """Returns ``{"a+b": {Variant.key: {target task: result}}}``, e.g. ``"mask_merging/ties_merging/seed=0"``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    for name, method in variants(args):
-        search_space(args, name, method)
+    for variant in variants(args):
+        search_space(args, variant.name, variant.method)
     tokenizer = load_tokenizer(args.language_model_name)
     return {"+".join(pair): merge_pair(args, pair, tokenizer, argv) for pair in dataset_pairs(args)}
 

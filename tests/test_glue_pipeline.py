@@ -73,7 +73,7 @@ def test_inference_rate_zero_equals_finetuned_and_dare_changes_outputs(workspace
     results = inference_plms_glue.main([*workspace["common"], "--dataset_names", *TASKS, "--use_weight_rescale",
                                         "--weight_mask_rate", "0.0", "0.99"])
     for task in TASKS:
-        assert results[task][0.0] == workspace["trained"][task][task]["test"]
+        assert results[task][(0.0, 0)] == workspace["trained"][task][task]["test"]
     sweep = workspace["root"] / "results" / "inference_plms_glue" / "rte" / "tiny-bert"
     assert len(list(sweep.glob("*/*/metrics.json"))) == 2
 
@@ -107,7 +107,7 @@ def test_merge_grid_selects_on_the_requested_split(workspace, select_on):
         chosen = out["rte+mrpc"]["task_arithmetic"][task]
         assert chosen["hyperparameters"] == _best_in_grid(plain, task, select_on, primary)
         assert chosen["selected_on"] == select_on
-        dare_chosen = out["rte+mrpc"]["mask_merging/task_arithmetic"][task]["hyperparameters"]
+        dare_chosen = out["rte+mrpc"]["mask_merging/task_arithmetic/seed=0"][task]["hyperparameters"]
         assert dare_chosen["weight_mask_rate"] in (0.5, 0.9)
         assert dare_chosen == _best_in_grid(dare, task, select_on, primary)
         assert dare_chosen["scaling_coefficient"] == chosen["hyperparameters"]["scaling_coefficient"]
@@ -126,7 +126,8 @@ def test_all_five_methods_and_summary(workspace):
                                 "--merging_method_name", "average_merging", "fisher_merging", "regmean_merging",
                                 "ties_merging", "--nums_fisher_examples", "16", "--nums_regmean_examples", "16",
                                 "--overwrite"])
-    assert set(out["rte+mrpc"]) == {"average_merging", "fisher_merging", "regmean_merging", "ties_merging"}
+    assert set(out["rte+mrpc"]) == {"average_merging", "fisher_merging/fisher_estimator=mergelm", "regmean_merging",
+                                    "ties_merging"}
     summary = summarize_results.main(["--results_dir", str(workspace["root"] / "results")])
     header, rows = summary["tables"]["merging"]
     assert header[:2] == ["pair", "target task"]

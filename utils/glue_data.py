@@ -144,12 +144,15 @@ def load_glue_task(
     max_seq_length: int = 128,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    max_validation_samples: int | None = None,
 ) -> GlueSplits:
     """Load, split (90/10, seed 0), cap and tokenise one task.
 
     Args:
         max_train_samples: keep the first n examples of the (permuted) train part; None keeps all.
         max_eval_samples: keep the first n examples of the validation part and of the test split; None keeps all.
+        max_validation_samples: keep the first n examples of the validation part only (after
+            ``max_eval_samples``), so model selection on a large task stays cheap while test stays whole.
     """
     task = get_task(task_name)
     raw = load_raw_splits(task_name, glue_dir)
@@ -159,6 +162,8 @@ def load_glue_task(
         train = train[:max_train_samples]
     if max_eval_samples is not None:
         validation, test = validation[:max_eval_samples], test[:max_eval_samples]
+    if max_validation_samples is not None:
+        validation = validation[:max_validation_samples]
     logger.info("%s: %d train / %d validation / %d test examples", task_name, len(train), len(validation), len(test))
     tok = lambda rows: tokenize_records(rows, tokenizer, task, max_seq_length=max_seq_length)
     return GlueSplits(task=task, train=tok(train), validation=tok(validation), test=tok(test))
@@ -185,10 +190,17 @@ class GlueCollator:
 
 
 def make_dataloader(
-    features: Sequence[dict[str, Any]], tokenizer: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0
+    features: Sequence[dict[str, Any]], tokenizer: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0,
+    sort_by_length: bool = False,
 ) -> DataLoader:
-    """A DataLoader with dynamic padding; shuffling uses its own generator seeded with ``seed``."""
+    """A DataLoader with dynamic padding; shuffling uses its own generator seeded with ``seed``.
+
+    ``sort_by_length`` (evaluation only) batches examples of similar length together, which cuts padding (about
+    3x faster on GLUE dev sets on a CPU); the metrics do not depend on example order.
+    """
+    if shuffle and sort_by_length:
+        raise ValueError("shuffle and sort_by_length are exclusive: sort only evaluation loaders")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        list(features), batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=GlueCollator(tokenizer)
-    )
+    rows = sorted(features, key=lambda f: len(f["input_ids"])) if sort_by_length else list(features)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=GlueCollator(tokenizer))

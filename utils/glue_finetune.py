@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,26 @@ def find_finetuned_checkpoint(
         raise ValueError(f"several {task} checkpoints match {filters}: {[str(m) for m in matches]}; pass "
                          "--learning_rate/--max_train_samples/--seed to pick one, or --checkpoint TASK=PATH")
     return matches[0]
+
+
+def checkpoint_tag(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """A folder-name part that identifies a fine-tuned checkpoint.
+
+    A run of ``train_plms_glue.py`` under ``output_dir`` is named by its run folder (its hyperparameters, seed and
+    train cap); any other folder (``--checkpoint TASK=PATH``) by ``checkpoint-<hash of its resolved path>``, so
+    two different checkpoints never share a results folder.
+    """
+    path = Path(checkpoint).resolve()
+    train_root = Path(output_dir, SCRIPT_NAME).resolve()
+    if path.name == "model" and train_root in path.parents and len(path.relative_to(train_root).parts) == 4:
+        return path.parent.name
+    return "checkpoint-" + hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:10]
+
+
+def checkpoints_tag(checkpoints: Mapping[str, str | os.PathLike], output_dir: str | os.PathLike) -> str:
+    """One short tag for several checkpoints (a merge): the hash of their per-task :func:`checkpoint_tag`."""
+    text = json.dumps({task: checkpoint_tag(path, output_dir) for task, path in sorted(checkpoints.items())})
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
 
 
 def config_record(config: GlueTrainConfig) -> dict[str, Any]:

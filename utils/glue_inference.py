@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 
 from utils.encoder_models import load_finetuned_classifier, load_pretrained_classifier, model_short_name
 from utils.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from utils.glue_finetune import checkpoint_tag
 from utils.glue_training import evaluate_model
 from utils.run_dir import hyperparameter_dirname, run_dir_for
 
@@ -78,7 +79,7 @@ def dare_state_dict(
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """``inference_plms_glue.py``: tasks, drop rates and how the fine-tuned checkpoints are found."""
+    """``inference_plms_glue.py``: tasks, drop rates, mask seeds and how the fine-tuned checkpoints are found."""
 
     language_model_name: str = "roberta-base"
     dataset_names: tuple[str, ...] = GLUE_TASK_NAMES
@@ -89,34 +90,58 @@ class InferenceConfig:
     max_eval_samples: int | None = None
     glue_dir: str | None = None
     device: str = "cpu"
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in self.dataset_names:
             get_task(name)
         check_drop_rates(self.weight_mask_rates)
 
-    def run_dir(self, output_dir: str | os.PathLike, task: str, checkpoint: Path, rate: float) -> Path:
+    @property
+    def mask_seeds(self) -> tuple[int, ...]:
+        """The seeds to run: ``seeds`` (default: the one in ``dare``); one for magnitude pruning (no randomness)."""
+        seeds = tuple(dict.fromkeys(self.seeds or (self.dare.seed,)))
+        return seeds[:1] if self.dare.mask_strategy == "magnitude" else seeds
+
+    def settings(self, seed: int) -> DareSettings:
+        return replace(self.dare, seed=seed)
+
+    def run_dir(self, output_dir: str | os.PathLike, task: str, checkpoint: Path, rate: float,
+                seed: int | None = None) -> Path:
         """``<output>/inference_plms_glue/<task>/<model>/<fine-tuning run>/<drop settings>``."""
-        hyper = {"weight_mask_rate": rate, **asdict(self.dare)}
+        dare = self.dare if seed is None else self.settings(seed)
+        hyper = {"weight_mask_rate": rate, **asdict(dare)}
         if self.max_eval_samples is not None:
             hyper["max_eval_samples"] = self.max_eval_samples
         return run_dir_for(output_dir, SCRIPT_NAME, task, model_short_name(self.language_model_name),
-                           checkpoint.parent.name, hyperparameter_dirname(hyper))
+                           checkpoint_tag(checkpoint, output_dir), hyperparameter_dirname(hyper))
 
 
-def sweep_drop_rates(config: InferenceConfig, task: str, checkpoint: Path, tokenizer: Any) -> dict[float, dict]:
-    """Test metrics of one fine-tuned model at every rate of ``config.weight_mask_rates``."""
+def sweep_drop_rates(config: InferenceConfig, task: str, checkpoint: Path, tokenizer: Any,
+                     points: Sequence[tuple[float, int]] | None = None) -> dict[tuple[float, int], dict]:
+    """Test metrics of one fine-tuned model at every ``(rate, seed)`` point (default: every rate x mask seed).
+
+    Rate 0 (no drop) is evaluated once and shared by every seed.
+    """
+    if points is None:
+        points = [(r, s) for s in config.mask_seeds for r in config.weight_mask_rates]
     finetuned_model = load_finetuned_classifier(checkpoint)
     finetuned = {k: v.clone() for k, v in finetuned_model.state_dict().items()}
     pretrained = load_pretrained_classifier(config.language_model_name, GLUE_TASKS[task].num_labels).state_dict()
     data = load_glue_task(task, tokenizer, glue_dir=config.glue_dir, max_seq_length=config.max_seq_length,
                           max_eval_samples=config.max_eval_samples, max_train_samples=0)
-    loader = make_dataloader(data.test, tokenizer, batch_size=config.batch_size)
-    results = {}
-    for rate in config.weight_mask_rates:
-        finetuned_model.load_state_dict(dare_state_dict(pretrained, finetuned, rate, config.dare))
+    loader = make_dataloader(data.test, tokenizer, batch_size=config.batch_size, sort_by_length=True)
+    results: dict[tuple[float, int], dict] = {}
+    unmasked = None
+    for rate, seed in points:
+        if rate == 0.0 and unmasked is not None:
+            results[(rate, seed)] = unmasked
+            continue
+        finetuned_model.load_state_dict(dare_state_dict(pretrained, finetuned, rate, config.settings(seed)))
         finetuned_model.to(config.device)
-        results[rate] = evaluate_model(finetuned_model, loader, [task], device=config.device,
-                                       desc=f"{task} p={rate}")
-        logger.info("%s test performance at weight_mask_rate %s: %s", task, rate, results[rate])
+        results[(rate, seed)] = evaluate_model(finetuned_model, loader, [task], device=config.device,
+                                               desc=f"{task} p={rate} seed={seed}")
+        unmasked = results[(rate, seed)] if rate == 0.0 else unmasked
+        logger.info("%s test performance at weight_mask_rate %s, seed %s: %s", task, rate, seed,
+                    results[(rate, seed)])
     return results

@@ -72,11 +72,16 @@ class PairMerger:
     dare: DareSettings
     fisher_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    fisher_estimator: str = "mergelm"
     checkpoints: dict[str, Any] = field(default_factory=dict)
     _stats: dict[tuple, dict] = field(default_factory=dict)
     _scores: dict[tuple, dict] = field(default_factory=dict)
     _last: tuple[tuple, dict] | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def _dare_key(self, rate: float | None) -> tuple:
+        """What a DARE'd model depends on besides the rate: the mask seed (none without DARE)."""
+        return (rate, self.dare.seed) if rate else (None, None)
 
     def _dared(self, rate: float | None) -> list[dict[str, torch.Tensor]]:
         if not rate:
@@ -85,7 +90,8 @@ class PairMerger:
                 for i, sd in enumerate(self.finetuned)]
 
     def _statistics(self, kind: str, index: int, num_examples: int, rate: float | None, state: dict) -> dict:
-        key = (kind, index, num_examples, rate)
+        estimator = self.fisher_estimator if kind == "fisher" else None
+        key = (kind, index, num_examples, estimator, *self._dare_key(rate))
         if key not in self._stats:
             from model_merging_methods import compute_fisher_weights, compute_gram_matrices
 
@@ -93,8 +99,11 @@ class PairMerger:
             model.load_state_dict(state)
             train = self.loaders[self.tasks[index]]["train"]
             loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in train)
-            fn = compute_fisher_weights if kind == "fisher" else compute_gram_matrices
-            self._stats[key] = fn(model, loader, num_examples=num_examples, device=self.device)
+            if kind == "fisher":
+                self._stats[key] = compute_fisher_weights(model, loader, num_examples=num_examples,
+                                                          device=self.device, estimator=estimator)
+            else:
+                self._stats[key] = compute_gram_matrices(model, loader, num_examples=num_examples, device=self.device)
         return self._stats[key]
 
     def merge(self, method: str, setting: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -117,9 +126,10 @@ class PairMerger:
 
     def score(self, method: str, setting: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
         """Metrics of the merged model on ``task``/``split`` with ``task``'s own head (memoised)."""
-        key = (method, _key(setting), task, split)
+        fisher = self.fisher_estimator if method == "fisher_merging" else None
+        mkey = (method, fisher, _key(setting), *self._dare_key(setting.get("weight_mask_rate")))
+        key = (*mkey, task, split)
         if key not in self._scores:
-            mkey = (method, _key(setting))
             if self._last is None or self._last[0] != mkey:
                 self._last = (mkey, self.merge(method, setting))
             index = self.tasks.index(task)
@@ -130,7 +140,8 @@ class PairMerger:
                                      desc=f"{task} {split}")
             self._scores[key] = metrics
             self.evaluations.append({"method": method, "setting": dict(setting), "task": task, "split": split,
-                                     "metrics": metrics})
+                                     "dare_seed": self._dare_key(setting.get("weight_mask_rate"))[1],
+                                     "fisher_estimator": fisher, "metrics": metrics})
         return self._scores[key]
 
 
@@ -147,7 +158,7 @@ def load_pair_merger(
     for task in tasks:
         data = load_glue_task(task, tokenizer, max_train_samples=max_statistics_examples, **data_options)
         loaders[task] = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size,
-                                                shuffle=split == "train", seed=0)
+                                                shuffle=split == "train", seed=0, sort_by_length=split != "train")
                          for split in ("train", "validation", "test")}
     return PairMerger(list(tasks), finetuned, pretrained, models, loaders, dare, dict(fisher_options or {}),
                       device, dict(checkpoints))
@@ -155,12 +166,19 @@ def load_pair_merger(
 
 def select_best(merger: PairMerger, method: str, settings: Sequence[Mapping[str, Any]], task: str,
                 select_on: str) -> dict[str, Any]:
-    """The first setting with the highest primary metric on ``select_on`` (strictly-greater replaces)."""
+    """The first setting with the highest primary metric on ``select_on`` (strictly-greater replaces).
+
+    A NaN score (e.g. STS-B's correlation of a constant prediction) never wins; when every setting scores NaN the
+    first setting is selected, with a warning.
+    """
     best, best_score = None, -float("inf")
     for setting in tqdm(settings, desc=f"{method} grid ({task})", leave=False):
         score = primary_score(task, merger.score(method, setting, task, select_on))
-        if score > best_score:
-            best, best_score = dict(setting), score
+        if best is None or score > best_score:  # NaN > x is False: a NaN never replaces a number
+            best, best_score = dict(setting), score if score == score else -float("inf")
+    if best_score == -float("inf"):
+        logger.warning("%s on %s: every setting scored NaN on %s; selected the first, %s", method, task, select_on,
+                       best)
     return best
 
 
