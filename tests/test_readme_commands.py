@@ -1,9 +1,15 @@
-"""Every command of the original MergeLM README is accepted by these scripts (flag names, values, choices)."""
+"""Every command of the original MergeLM README is accepted by these scripts (flag names, values, choices), and
+each flag's value reaches the configuration the script would run (nothing is trained, merged or generated)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import shlex
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -49,13 +55,93 @@ ORIGINAL_README_COMMANDS = [
 ]
 
 
+class _Stop(Exception):
+    """Raised by a stand-in once the script has built what it would run."""
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted field name: value}`` of nested dataclasses and string-keyed dicts."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    elif isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        items = obj
+    else:
+        return {prefix.removesuffix("."): obj}
+    return {k: v for name, value in items.items() for k, v in _flatten(value, f"{prefix}{name}.").items()}
+
+
+def _raise_with(captured: list, value: Any) -> None:
+    captured.append(value)
+    raise _Stop
+
+
+def _what_the_script_would_run(module: ModuleType, argv: list[str], monkeypatch) -> list[Any]:
+    """The configuration objects ``main(argv)`` builds, caught before any model is touched."""
+    args, captured = module.parse_args(argv), []
+    name = module.__name__
+    if hasattr(module, "build_config"):
+        return [module.build_config(args)]
+    if name == "merge_llms_instruct_math_code":
+        return [module.merge_config_from_args(args, module.settings_from_args(args))]
+    if name == "train_plms_glue":
+        monkeypatch.setattr(module, "run_one", lambda config, *a, **k: captured.append(config) or {})
+    elif name == "inference_plms_glue":
+        real = module.InferenceConfig
+        monkeypatch.setattr(module, "InferenceConfig", lambda *a, **k: _raise_with(captured, real(*a, **k)))
+    elif name == "merge_plms_glue":
+        monkeypatch.setattr(module, "load_tokenizer", lambda *a, **k: None)
+        monkeypatch.setattr(module, "resolve_checkpoints", lambda a, pair: {t: Path("/absent", t) for t in pair})
+        monkeypatch.setattr(module, "load_pair_merger", lambda *a, **k: _raise_with(captured, k))
+        captured.append({"variants": module.variants(args)})
+    else:
+        raise AssertionError(f"no way to see what {name} would run; add one here")
+    try:
+        module.main(argv)
+    except _Stop:
+        pass
+    return captured
+
+
+def _same(config_value: Any, parsed: Any) -> bool:
+    if isinstance(parsed, list) and isinstance(config_value, (list, tuple)):
+        return tuple(config_value) == tuple(parsed)
+    if isinstance(parsed, list) and len(parsed) == 1:
+        return config_value == parsed[0]
+    return config_value == parsed
+
+
+def _check_derived_flag(flag: str, args: argparse.Namespace, configs: list[Any], fields: dict[str, list]) -> None:
+    """Flags that are no configuration field of their own name."""
+    if flag == "num_runs":  # one training configuration per run, seeds seed, seed + 1, ...
+        assert [c.seed for c in configs] == [args.seed + i for i in range(args.num_runs)]
+    elif flag.startswith("merge_"):  # --merge_instruct / --merge_math select the models to merge
+        assert any(flag.removeprefix("merge_") in tasks for tasks in fields["merge_tasks"]), flag
+    elif flag in ("merging_method_name", "mask_apply_method"):  # merge_plms_glue: one run per (method, applied)
+        runs = {(v.name, v.method) for c in configs if isinstance(c, dict) for v in c.get("variants", [])}
+        if flag == "merging_method_name":
+            assert {name for name, _ in runs} == set(args.merging_method_name)
+        else:
+            assert {method for name, method in runs if name == "mask_merging"} == set(args.mask_apply_method)
+    else:
+        raise AssertionError(f"--{flag} reaches no field of the configuration the script would run")
+
+
 @pytest.mark.parametrize("command", ORIGINAL_README_COMMANDS)
-def test_original_readme_command_is_accepted(command):
+def test_original_readme_command_reaches_the_configuration(command, monkeypatch):
     words = shlex.split(command)
     assert words[0] == "python"
     module = importlib.import_module(words[1].removesuffix(".py"))
     args = module.parse_args(words[2:])  # argparse exits (SystemExit) on an unknown flag or a bad choice
-    for flag in (w for w in words[2:] if w.startswith("--")):
-        assert hasattr(args, flag[2:]), flag
-    if hasattr(module, "build_config"):
-        module.build_config(args)  # the scripts' own validation accepts the original values
+    configs = _what_the_script_would_run(module, words[2:], monkeypatch)
+    assert configs, command
+    fields: dict[str, list] = {}
+    for config in configs:
+        for dotted, value in _flatten(config).items():
+            fields.setdefault(dotted.split(".")[-1], []).append(value)
+    for flag in (w[2:] for w in words[2:] if w.startswith("--")):
+        parsed = getattr(args, flag)
+        found = fields.get(flag, fields.get(f"{flag}s"))  # --weight_mask_rate -> weight_mask_rates (a sweep)
+        if found is None:
+            _check_derived_flag(flag, args, configs, fields)
+            continue
+        assert all(_same(value, parsed) for value in found), (flag, parsed, found)
