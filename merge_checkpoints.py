@@ -26,6 +26,7 @@ from typing import Any
 # starts a thread per core that competes with the merge workers: on 2 cores about 0.5-1 s per 1.1B merge.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from delta_analysis import check_homology  # noqa: E402
 from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
 from merge_engine.tensor_plan import DTYPES  # noqa: E402
 from model_merging_methods import MERGE_METHODS, MERGING_METHOD_NAMES, accepted_hyperparameters  # noqa: E402
@@ -40,7 +41,7 @@ _HYPERPARAMETER_FLAGS = (
     "use_weight_rescale", "mask_strategy", "weight_format", "seed", "normalize_fisher_weight",
     "minimal_fisher_weight", "fisher_scaling_coefficients", "reduce_non_diagonal_ratio",
 )
-_NOT_RECORDED_FLAGS = ("overwrite", "resume", "quiet", "log_file")
+_NOT_RECORDED_FLAGS = ("overwrite", "resume", "quiet", "log_file", "skip_homology_check")
 
 
 def parse_size(text: str) -> int:
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_shard_size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--strict", action="store_true", help="NaN/Inf in an input tensor is an error, not a warning")
+    p.add_argument("--strict", action="store_true", help="NaN/Inf in an input tensor, or a fine-tune the homology "
+                   "check flags (not derived from the base, or deltas far outside the SFT range), is an error, "
+                   "not a warning")
+    p.add_argument("--skip_homology_check", action="store_true", help="do not sample a few tensors before merging "
+                   "to check that every fine-tune is derived from the base (see analyze_deltas.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log_file", help="also log to this file")
     return p
@@ -140,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _limit_malloc_caching()
     setup_logging(args.log_file)
     logger.info("config: %s", vars(args))
+    if not args.skip_homology_check:
+        check_homology(args.pretrained_model, args.finetuned_models, strict=args.strict)
     summary = merge_checkpoints(
         args.pretrained_model, args.finetuned_models, args.output_dir,
         merging_method_name=args.merging_method_name, hyperparameters=hyperparameters_from_args(args),

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from delta_analysis import check_homology
 from evaluation.generation import release_hf_model
 from merge_engine import merge_checkpoints
 from merge_engine.model_source import resolve_model_dir
@@ -55,17 +56,23 @@ def _same_recipe(folder: Path, pretrained: str, finetuned: list[str], method: st
 def merge_into(
     output_dir: Path, pretrained: str, finetuned: list[str], *, method: str, hyperparameters: Mapping[str, Any],
     save_dtype: str, copy_config_from: int, resume: bool, num_threads: int | None = None, progress: bool = True,
+    homology_check: bool = True, strict_homology: bool = False,
 ) -> Path:
     """Stream-merge into ``output_dir``; with ``resume`` a finished folder of the same recipe is reused.
 
     An existing folder of another run is replaced (these folders are derived from the configuration and
-    temporary); an interrupted merge continues from its finished shards with ``resume``.
+    temporary); an interrupted merge continues from its finished shards with ``resume``. Before merging, the
+    homology preflight (``delta_analysis.check_homology``, a few sampled tensors) warns about a fine-tune that does
+    not look derived from ``pretrained`` or whose deltas are far outside the SFT range (an error with
+    ``strict_homology``; skipped with ``homology_check=False``).
     """
     if resume and (output_dir / MERGE_CONFIG).is_file():
         if _same_recipe(output_dir, pretrained, finetuned, method, hyperparameters):
             logger.info("--resume: reusing the finished merge in %s", output_dir)
             return output_dir
         logger.warning("%s holds a different merge; merging again", output_dir)
+    if homology_check:
+        check_homology(pretrained, finetuned, strict=strict_homology)
     logger.info("merging %s into %s (%s, %s)", finetuned, output_dir, method, dict(hyperparameters))
     summary = merge_checkpoints(
         pretrained, finetuned, str(output_dir), merging_method_name=method, hyperparameters=hyperparameters,
