@@ -67,13 +67,21 @@ def test_rerun_reuses_the_finished_run(workspace):
     assert again["rte"]["test"] == workspace["trained"]["rte"]["rte"]["test"]
 
 
-def test_inference_rate_zero_equals_finetuned_and_dare_changes_outputs(workspace):
+def test_inference_rate_zero_equals_finetuned_and_dare_changes_outputs(workspace, monkeypatch):
     import inference_plms_glue
+    from utils import glue_training
 
+    logits = []  # the model outputs the sweep computes, in order: per task, p = 0 then p = 0.99
+    real_predict = glue_training.predict
+    monkeypatch.setattr(glue_training, "predict", lambda *a, **k: logits.append(real_predict(*a, **k)) or logits[-1])
     results = inference_plms_glue.main([*workspace["common"], "--dataset_names", *TASKS, "--use_weight_rescale",
                                         "--weight_mask_rate", "0.0", "0.99"])
-    for task in TASKS:
+    assert len(logits) == 2 * len(TASKS)
+    for i, task in enumerate(TASKS):
         assert results[task][(0.0, 0)] == workspace["trained"][task][task]["test"]
+        unmasked, dropped = logits[2 * i]["logits"], logits[2 * i + 1]["logits"]
+        assert unmasked.shape == dropped.shape
+        assert abs(unmasked - dropped).max() > 1e-3, f"{task}: dropping 99% of the deltas left the outputs"
     sweep = workspace["root"] / "results" / "inference_plms_glue" / "rte" / "tiny-bert"
     assert len(list(sweep.glob("*/*/metrics.json"))) == 2
 
@@ -123,15 +131,15 @@ def test_all_five_methods_and_summary(workspace):
                               "--weight_mask_rate", "0.0", "0.5", "--overwrite"])
 
     out = merge_plms_glue.main([*workspace["common"], "--dataset_pairs", "rte,mrpc", "--grid", "none",
-                                "--merging_method_name", "average_merging", "fisher_merging", "regmean_merging",
-                                "ties_merging", "--nums_fisher_examples", "16", "--nums_regmean_examples", "16",
-                                "--overwrite"])
-    assert set(out["rte+mrpc"]) == {"average_merging", "fisher_merging/fisher_estimator=mergelm", "regmean_merging",
-                                    "ties_merging"}
+                                "--merging_method_name", "average_merging", "task_arithmetic", "fisher_merging",
+                                "regmean_merging", "ties_merging", "--nums_fisher_examples", "16",
+                                "--nums_regmean_examples", "16", "--overwrite"])
+    assert set(out["rte+mrpc"]) == {"average_merging", "task_arithmetic", "fisher_merging/fisher_estimator=mergelm",
+                                    "regmean_merging", "ties_merging"}
     summary = summarize_results.main(["--results_dir", str(workspace["root"] / "results")])
     header, rows = summary["tables"]["merging"]
     assert header[:2] == ["pair", "target task"]
-    assert {"average_merging", "fisher_merging", "regmean_merging", "ties_merging"} <= set(header)
+    assert {"average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging"} <= set(header)
     assert {row[1] for row in rows} == {"rte", "mrpc"}
     assert [p.name for p in summary["plots"]] == ["dare_sweep_DARE.png"] and summary["plots"][0].stat().st_size > 0
     assert "| rte | DARE |" in summary["markdown"]
