@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from delta_analysis import kernel
 from delta_analysis.histogram import QUANTILE_RELATIVE_ERROR, nonzero_bins
 from delta_analysis.plan import DEFAULT_CHUNK_NUMEL, AnalysisPlan, Unit, build_plan, group_order, plan_units
 from delta_analysis.statistics import THRESHOLDS, Sums, model_summary, pair_summary
+from delta_analysis.unit_statistics import compiled_kernel, delta_statistics_torch
 from delta_analysis.verdict import Verdict, judge
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.pipeline import ordered_map
@@ -121,13 +121,14 @@ def _kernel_inputs(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndar
     return arrays[0], np.stack(arrays[1:])
 
 
-def unit_sums(plan: AnalysisPlan, readers: Sequence[Reader], unit: Unit) -> Sums:
-    """Read one row block from every model and run the kernel over it."""
+def unit_sums(plan: AnalysisPlan, readers: Sequence[Reader], unit: Unit, *, compiled: bool = True) -> Sums:
+    """Read one row block from every model and run the kernel (or, not ``compiled``, its torch twin) over it."""
     entry = plan.entries[unit.entry]
     rows = unit.rows if unit.rows is not None else (None if entry.rows is None else (0, entry.rows))
     base, finetuned = _kernel_inputs([r.read(s, rows) for r, s in zip(readers, entry.sources, strict=True)])
     sums = Sums(len(readers) - 1, numel=base.size)
-    kernel.delta_statistics(base, finetuned, _THRESHOLDS, sums.histogram, sums.counts, sums.sums, sums.pairs)
+    statistics = compiled_kernel().delta_statistics if compiled else delta_statistics_torch
+    statistics(base, finetuned, _THRESHOLDS, sums.histogram, sums.counts, sums.sums, sums.pairs)
     return sums
 
 

@@ -15,16 +15,21 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from delta_analysis.unit_statistics import (
+    ABOVE,
+    DOT_FINETUNED_BASE,
+    MAX_ABS,
+    NONFINITE,
+    PAIR_BOTH_NONZERO,
+    PAIR_CONFLICTS,
+    PAIR_DOT,
+    SQ_BASE,
+    SQ_DELTA,
+    SQ_FINETUNED,
+    ZEROS,
+)
 from model_merging_methods.dare_kernels import njit
 
-# counts[j, :] layout
-ZEROS, NONFINITE, ABOVE = 0, 1, 2
-# sums[j, :] layout
-SQ_DELTA, SQ_FINETUNED, DOT_FINETUNED_BASE, SQ_BASE, MAX_ABS = 0, 1, 2, 3, 4
-NUM_SUMS = 5
-# pairs[j, k, :] layout (j < k)
-PAIR_DOT, PAIR_CONFLICTS, PAIR_BOTH_NONZERO = 0, 1, 2
-NUM_PAIR_SUMS = 3
 _FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 

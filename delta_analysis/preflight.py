@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
+
 from delta_analysis.analysis import index_models, unit_sums
 from delta_analysis.plan import AnalysisPlan, Unit, build_plan
 from delta_analysis.statistics import Sums, model_summary
@@ -56,7 +58,7 @@ def _sampled_verdicts(plan: AnalysisPlan, readers: Sequence[TensorReader]) -> tu
     units = sample_units(plan)
     total = Sums(len(readers) - 1)
     for unit in units:
-        total.add(unit_sums(plan, readers, unit))
+        total.add(unit_sums(plan, readers, unit, compiled=False))  # no Numba load for a megabyte
     verdicts = {}
     for j, label in enumerate(plan.labels[1:]):
         summary = model_summary(total, j)
@@ -86,9 +88,13 @@ def check_homology(pretrained_model: str, finetuned_models: Sequence[str], *,
         logger.warning("homology check skipped: %s", error)
         return {}
     readers = [TensorReader(index) for index in indexes]
+    torch_threads = torch.get_num_threads()
+    # a megabyte per model: one thread; OpenMP teams on a busy machine cost up to a second here
+    torch.set_num_threads(1)
     try:
         verdicts, sampled = _sampled_verdicts(plan, readers)
     finally:
+        torch.set_num_threads(torch_threads)
         for reader in readers:
             reader.close()
     flagged = {name: v for name, v in verdicts.items() if v.code in FLAGGED}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from delta_analysis import kernel
+from delta_analysis import unit_statistics as kernel
 from delta_analysis.histogram import NUM_BINS, QUANTILES, histogram_quantiles
 
 # |delta| thresholds: the paper's SFT range (0.002; 0.005 in its first version), "often above 0.01" for

@@ -209,3 +209,32 @@ def test_minilm_finetune_end_to_end(tmp_path):
     assert [g for g in finetuned.layers if g.startswith("layer.")] == [f"layer.{i}" for i in range(6)]
     assert finetuned.overall["max_abs"] < 5e-4 * 10
     assert (out / "summary.md").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_equals_torch_twin(dtype):
+    """The preflight's torch computation gives the kernel's arrays: integers exactly, float64 sums to rounding."""
+    import numpy as np
+
+    from delta_analysis.kernel import delta_statistics
+    from delta_analysis.statistics import THRESHOLDS, Sums
+    from delta_analysis.unit_statistics import delta_statistics_torch
+
+    generator = torch.Generator().manual_seed(5)
+    base = (torch.randn(5000, generator=generator) * 0.02).to(dtype)
+    finetuned = (base.float() + torch.randn(3, 5000, generator=generator) * 0.01).to(dtype)
+    finetuned[0, :50] = base[:50]  # exact zeros
+    finetuned[1, 50:53] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+    finetuned[2, 60:70] = base[60:70] + 0.5  # large deltas
+    if dtype == torch.bfloat16:
+        b, f = base.view(torch.int16).numpy().view(np.uint16), finetuned.view(torch.int16).numpy().view(np.uint16)
+    else:
+        b, f = base.numpy(), finetuned.numpy()
+    thresholds = np.asarray(THRESHOLDS, dtype=np.float32)
+    compiled, twin = Sums(3), Sums(3)
+    delta_statistics(b, f, thresholds, compiled.histogram, compiled.counts, compiled.sums, compiled.pairs)
+    delta_statistics_torch(b, f, thresholds, twin.histogram, twin.counts, twin.sums, twin.pairs)
+    assert (compiled.histogram == twin.histogram).all() and (compiled.counts == twin.counts).all()
+    assert compiled.counts[0, 0] >= 50 and compiled.counts[1, 1] == 3
+    np.testing.assert_allclose(compiled.sums, twin.sums, rtol=1e-12)
+    np.testing.assert_allclose(compiled.pairs, twin.pairs, rtol=1e-12)
