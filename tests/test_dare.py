@@ -15,6 +15,13 @@ from model_merging_methods.dare import (
 )
 
 
+def dare_reference(finetuned, base, p, *, rescale=True, **mask_source):
+    """DARE as the paper writes it, in plain torch: the oracle the fast kernels are compared with."""
+    delta = finetuned.float() - base.float()
+    keep = random_keep_mask(delta.numel(), p, **mask_source).view(delta.shape)  # the same mask source
+    return base.float() + delta * keep / torch.tensor(1 - p if rescale else 1.0)  # ft_out = base + m * delta / (1-p)
+
+
 def _dare(x, p, *, rescale=True, name="w", seed=0, model_index=0, offset=0):
     return mask_tensor(x.clone(), drop_rate=p, use_weight_rescale=rescale, mask_strategy="random", seed=seed,
                        model_index=model_index, name=name, element_offset=offset)
@@ -247,6 +254,29 @@ def test_compiled_dare_bit_identical_to_plain_formula_with_special_values(finetu
     in_place = mask_tensor(torch.from_numpy(delta.copy()), mask_strategy="random", **kw)
     assert _bits_equal(fused.numpy(), expected)
     assert _bits_equal(in_place.numpy(), expected)
+
+
+@pytest.mark.parametrize("finetuned_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_fast_kernels_equal_dare_reference(finetuned_dtype, rescale):
+    n, p, offset = MASK_BLOCK_SIZE + 2**18 + 7, 0.9, 4_321  # two mask blocks, several compiled slices
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(n, generator=g)
+    finetuned = (base + 0.01 * torch.randn(n, generator=g)).to(finetuned_dtype)
+    finetuned[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40])
+    source = {"seed": 6, "model_index": 2, "name": "model.layers.3.mlp.down_proj.weight"}
+    expected = dare_reference(finetuned, base, p, rescale=rescale, element_offset=offset, **source).numpy()
+    kw = {"drop_rate": p, "use_weight_rescale": rescale, "element_offset": offset, **source}
+    fused = dare_delta(finetuned, base, **kw)  # bfloat16: the fused compiled loop; else subtract + compiled mask
+    in_place = mask_tensor(finetuned.float() - base, mask_strategy="random", **kw)
+    with np.errstate(invalid="ignore"):
+        assert _bits_equal((base + fused).numpy(), expected)
+        assert _bits_equal((base + in_place).numpy(), expected)
+    if finetuned_dtype == torch.float32:  # whole tensors (offset 0) through the public API
+        whole = dare_reference(finetuned, base, p, rescale=rescale, **source).numpy()
+        out = apply_dare({source["name"]: base}, {source["name"]: finetuned}, weight_mask_rate=p,
+                         use_weight_rescale=rescale, seed=source["seed"], model_index=source["model_index"])
+        assert _bits_equal(out[source["name"]].numpy(), whole)
 
 
 def test_kernels_compile_without_a_writable_cache_folder(monkeypatch):
