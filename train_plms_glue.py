@@ -44,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--max_train_samples", type=int, default=None, help="cap on the 90 %% train part")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="cap on the validation and test splits")
+    parser.add_argument("--group_by_length", action="store_true",
+                        help="random batches of similar-length examples (less padding: ~2x faster on RTE)")
     parser.add_argument("--num_runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="run i uses seed + i")
     parser.add_argument("--glue_dir", default=None, help="local <task>/{train,validation}.jsonl folder "
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_length=args.max_seq_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
             seed=args.seed + run, glue_dir=str(Path(args.glue_dir)) if args.glue_dir else None,
-            device=device_for(args.gpu))
+            device=device_for(args.gpu), group_by_length=args.group_by_length)
         results.append(run_one(config, args.output_dir, overwrite=args.overwrite, argv=argv))
     return results
 

@@ -189,18 +189,50 @@ class GlueCollator:
         return batch
 
 
+class LengthGroupedBatches:
+    """Shuffled batches of similar-length examples (``group_by_length`` of the transformers Trainer).
+
+    Every epoch: a fresh permutation, cut into chunks of ``chunk_batches`` batches, each chunk sorted by length
+    and cut into batches, the batch order shuffled. Batches stay random while padding (and time) drops: on
+    RTE, random batches of 16 pad to 2.4x the mean length.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, chunk_batches: int = 50) -> None:
+        self.lengths, self.batch_size, self.chunk = list(lengths), batch_size, batch_size * chunk_batches
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start:start + self.chunk], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
+
+
 def make_dataloader(
     features: Sequence[dict[str, Any]], tokenizer: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0,
-    sort_by_length: bool = False,
+    sort_by_length: bool = False, group_by_length: bool = False,
 ) -> DataLoader:
     """A DataLoader with dynamic padding; shuffling uses its own generator seeded with ``seed``.
 
     ``sort_by_length`` (evaluation only) batches examples of similar length together, which cuts padding (about
-    3x faster on GLUE dev sets on a CPU); the metrics do not depend on example order.
+    3x faster on GLUE dev sets on a CPU); the metrics do not depend on example order. ``group_by_length``
+    (training, with ``shuffle``) draws random batches of similar-length examples (:class:`LengthGroupedBatches`).
     """
     if shuffle and sort_by_length:
         raise ValueError("shuffle and sort_by_length are exclusive: sort only evaluation loaders")
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if group_by_length and not shuffle:
+        raise ValueError("group_by_length needs shuffle=True (it draws random batches); use sort_by_length to "
+                         "evaluate")
     rows = sorted(features, key=lambda f: len(f["input_ids"])) if sort_by_length else list(features)
+    if group_by_length:
+        batches = LengthGroupedBatches([len(f["input_ids"]) for f in rows], batch_size, seed)
+        return DataLoader(rows, batch_sampler=batches, collate_fn=GlueCollator(tokenizer))
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=GlueCollator(tokenizer))

@@ -48,6 +48,7 @@ class GlueTrainConfig:
     seed: int = 0
     glue_dir: str | None = None
     device: str = "cpu"
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         get_task(self.dataset_name)
@@ -73,6 +74,8 @@ class GlueTrainConfig:
                  "max_seq_length": self.max_seq_length, "seed": self.seed}
         if self.max_train_samples is not None:
             hyper["max_train_samples"] = self.max_train_samples
+        if self.group_by_length:
+            hyper["group_by_length"] = True
         folder = "_".join(self.tasks)
         return run_dir_for(output_dir, SCRIPT_NAME, folder, model_short_name(self.language_model_name),
                            hyperparameter_dirname(hyper))
@@ -107,7 +110,9 @@ def run_glue_training(config: GlueTrainConfig, run_dir: str | os.PathLike) -> di
         model = load_pretrained_classifier(config.language_model_name, GLUE_TASKS[tasks[0]].num_labels)
     set_random_seed(config.seed)
     loaders = {split: make_dataloader(rows, tokenizer, batch_size=config.batch_size, shuffle=split == "train",
-                                      seed=config.seed) for split, rows in splits.items()}
+                                      seed=config.seed, sort_by_length=split != "train",
+                                      group_by_length=config.group_by_length and split == "train")
+               for split, rows in splits.items()}
     optim = OptimConfig(config.learning_rate, config.num_epochs, config.warmup_ratio, config.weight_decay)
     history = train_model(model, loaders["train"], loaders["validation"], tasks, optim, device=config.device)
     best = next(h for h in history if h.get("best"))

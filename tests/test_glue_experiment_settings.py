@@ -1,0 +1,113 @@
+"""GLUE experiment bookkeeping: run folders named from every setting, NaN grids, seeds, length-grouped batches."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+import merge_plms_glue
+from utils.glue_data import LengthGroupedBatches
+from utils.glue_finetune import checkpoint_tag
+from utils.glue_inference import DareSettings, InferenceConfig
+from utils.glue_merging import select_best
+
+
+def _tree_checkpoint(root: Path, task: str, run: str) -> Path:
+    return root / "train_plms_glue" / task / "all-MiniLM-L6-v2" / run / "model"
+
+
+def _merge_dir(root: Path, argv: list[str], checkpoints: dict[str, Path], variant_index: int = 0) -> Path:
+    args = merge_plms_glue.parse_args(["--language_model_name", "all-MiniLM-L6-v2", "--output_dir", str(root),
+                                       *argv])
+    variant = merge_plms_glue.variants(args)[variant_index]
+    return merge_plms_glue.run_dir_of(args, ("rte", "mrpc"), variant, checkpoints)
+
+
+def test_merge_run_folders_differ_for_every_setting_that_changes_results(tmp_path):
+    run = "batch_size=16,learning_rate=3e-05,max_seq_length=128,num_epochs=3,seed=0"
+    base_ckpt = {"rte": _tree_checkpoint(tmp_path, "rte", run), "mrpc": _tree_checkpoint(tmp_path, "mrpc", run)}
+    other = {
+        "train seed": {**base_ckpt, "rte": _tree_checkpoint(tmp_path, "rte", run.replace("seed=0", "seed=1"))},
+        "learning rate": {**base_ckpt, "mrpc": _tree_checkpoint(tmp_path, "mrpc", run.replace("3e-05", "1e-05"))},
+        "train cap": {**base_ckpt, "rte": _tree_checkpoint(tmp_path, "rte", run + ",max_train_samples=100")},
+        "--checkpoint override": {**base_ckpt, "rte": tmp_path / "elsewhere" / "model"},
+    }
+    fisher = ["--merging_method_name", "fisher_merging", "--grid", "none"]
+    argvs = {
+        "plain": fisher,
+        "fisher estimator": [*fisher, "--fisher_estimator", "exact"],
+        "fisher normalisation": [*fisher, "--normalize_fisher_weight"],
+        "minimal fisher weight": [*fisher, "--minimal_fisher_weight", "1e-4"],
+        "fisher examples (grid none)": [*fisher, "--nums_fisher_examples", "512"],
+        "fisher coefficient (grid none)": [*fisher, "--fisher_scaling_coefficients", "0.5"],
+        "validation cap": [*fisher, "--max_validation_samples", "100"],
+        "selection split": [*fisher, "--select_on", "test"],
+    }
+    folders = {name: _merge_dir(tmp_path, argv, base_ckpt) for name, argv in argvs.items()}
+    folders.update({name: _merge_dir(tmp_path, fisher, ckpt) for name, ckpt in other.items()})
+    ta = ["--merging_method_name", "mask_merging", "--mask_apply_method", "task_arithmetic", "--grid", "none"]
+    for name, argv in {"ta": ta, "ta lambda": [*ta, "--scaling_coefficient", "0.5"],
+                       "ta dare rate": [*ta, "--weight_mask_rate", "0.9"], "ta seed": [*ta, "--seed", "3"],
+                       "ta rescale": [*ta, "--use_weight_rescale"]}.items():
+        folders[name] = _merge_dir(tmp_path, argv, base_ckpt)
+    assert len(set(folders.values())) == len(folders), folders
+    # --seeds gives one folder per seed, the same folder as --seed for that seed
+    seeds = [_merge_dir(tmp_path, [*ta, "--seeds", "0", "3"], base_ckpt, i) for i in range(2)]
+    assert seeds == [folders["ta"], folders["ta seed"]]
+    # the same settings always land in the same folder (resume finds it)
+    assert _merge_dir(tmp_path, fisher, dict(base_ckpt)) == folders["plain"]
+
+
+def test_inference_run_folders_name_the_checkpoint_and_seed(tmp_path):
+    config = InferenceConfig(language_model_name="all-MiniLM-L6-v2", dataset_names=("rte",),
+                             weight_mask_rates=(0.5,), dare=DareSettings(True), seeds=(0, 1))
+    run = "learning_rate=3e-05,seed=0"
+    in_tree = _tree_checkpoint(tmp_path, "rte", run)
+    outside_a, outside_b = tmp_path / "a" / run / "model", tmp_path / "b" / run / "model"
+    folders = [config.run_dir(tmp_path, "rte", c, 0.5, s) for c in (in_tree, outside_a, outside_b) for s in (0, 1)]
+    assert len(set(folders)) == 6
+    assert folders[0].parent.name == run  # a run of the tree is named by its run folder
+    assert checkpoint_tag(outside_a, tmp_path).startswith("checkpoint-")
+    assert config.mask_seeds == (0, 1)
+    magnitude = InferenceConfig(dataset_names=("rte",), dare=DareSettings(True, "magnitude"), seeds=(0, 1, 2))
+    assert magnitude.mask_seeds == (0,)  # no randomness: one run
+
+
+class _FixedScores:
+    """A merger stand-in whose validation score is read from the setting."""
+
+    def score(self, method, setting, task, split):
+        assert split == "validation"
+        return {"pearson": setting["value"], "spearmanr": setting["value"], "averaged_scores": setting["value"]}
+
+
+def test_grid_where_every_setting_scores_nan_selects_the_first(caplog):
+    settings = [{"value": math.nan, "id": i} for i in range(3)]
+    assert select_best(_FixedScores(), "task_arithmetic", settings, "stsb", "validation") == settings[0]
+    assert "every setting scored NaN" in caplog.text
+    mixed = [{"value": math.nan, "id": 0}, {"value": 0.2, "id": 1}, {"value": math.nan, "id": 2},
+             {"value": 0.5, "id": 3}, {"value": 0.5, "id": 4}]
+    assert select_best(_FixedScores(), "task_arithmetic", mixed, "stsb", "validation")["id"] == 3
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch():
+    lengths = [(i * 37) % 101 for i in range(203)]
+    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0, chunk_batches=4)
+    epochs = [list(sampler) for _ in range(2)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(203))
+        assert len(batches) == len(sampler) == 26 and all(1 <= len(b) <= 8 for b in batches)
+        # inside a batch the lengths are close: the spread is far below that of random batches
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+        assert spread < 30
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    assert [list(LengthGroupedBatches(lengths, 8, seed=0, chunk_batches=4)) for _ in range(1)][0] == epochs[0]
+
+
+def test_group_by_length_is_for_training_loaders_only():
+    from utils.glue_data import make_dataloader
+
+    with pytest.raises(ValueError, match="group_by_length needs shuffle=True"):
+        make_dataloader([], None, batch_size=2, group_by_length=True)
