@@ -9,6 +9,7 @@ the same kernel and add the results in the same order, so they agree bit for bit
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -111,6 +112,21 @@ _DEFINITIONS = {
 }
 
 
+_STACK = threading.local()
+
+
+def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.stack(arrays)`` into this thread's reused buffer (no fresh pages per row block)."""
+    shape, dtype = (len(arrays), arrays[0].size), arrays[0].dtype
+    buffer = getattr(_STACK, "buffer", None)
+    if buffer is None or buffer.dtype != dtype or buffer.size < shape[0] * shape[1]:
+        buffer = _STACK.buffer = np.empty(shape[0] * shape[1], dtype=dtype)
+    out = buffer[:shape[0] * shape[1]].reshape(shape)
+    for row, array in zip(out, arrays, strict=True):
+        row[:] = array
+    return out
+
+
 def _kernel_inputs(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """(base, stacked fine-tuned) as uint16 bfloat16 bits when all are bfloat16, else as float32."""
     flat = [t.reshape(-1) for t in tensors]
@@ -118,7 +134,7 @@ def _kernel_inputs(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndar
         arrays = [t.contiguous().view(torch.int16).numpy().view(np.uint16) for t in flat]
     else:
         arrays = [t.to(device="cpu", dtype=torch.float32).contiguous().numpy() for t in flat]
-    return arrays[0], np.stack(arrays[1:])
+    return arrays[0], _stack(arrays[1:])
 
 
 def unit_sums(plan: AnalysisPlan, readers: Sequence[Reader], unit: Unit, *, compiled: bool = True) -> Sums:

@@ -101,6 +101,9 @@ def _one_pair(x, y, pair):
     return 0
 
 
+BLOCK = 1 << 14  # elements per model whose deltas are kept for the pairwise sums (64 KiB each: stays in cache)
+
+
 @njit(nogil=True, cache=True)
 def delta_statistics(base, finetuned, thresholds, histogram, counts, sums, pairs):
     """Accumulate the statistics of ``finetuned[j] - base`` into the output arrays (added to, not reset).
@@ -115,11 +118,14 @@ def delta_statistics(base, finetuned, thresholds, histogram, counts, sums, pairs
         pairs: (m, m, NUM_PAIR_SUMS) float64, upper triangle used (sign conflicts: both nonzero, opposite signs).
     """
     m, n = finetuned.shape
-    deltas = np.empty((m, n), dtype=np.float32)
+    deltas = np.empty((m, min(n, BLOCK)), dtype=np.float32)
     t0, t1, t2, t3 = thresholds[0], thresholds[1], thresholds[2], thresholds[3]
-    for j in range(m):
-        _one_model(base, finetuned[j], t0, t1, t2, t3, histogram[j], counts[j], sums[j], deltas[j])
-    for j in range(m):
-        for k in range(j + 1, m):
-            _one_pair(deltas[j], deltas[k], pairs[j, k])
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        for j in range(m):
+            _one_model(base[start:stop], finetuned[j, start:stop], t0, t1, t2, t3, histogram[j], counts[j], sums[j],
+                       deltas[j, :stop - start])
+        for j in range(m):
+            for k in range(j + 1, m):
+                _one_pair(deltas[j, :stop - start], deltas[k, :stop - start], pairs[j, k])
     return 0
