@@ -10,8 +10,9 @@ interleaved, warm page caches, ``os.sync()`` before each, peak RSS of each proce
   ``--skip_homology_check``;
 * merge+preflight: the same merge with the homology preflight (the CLI's default);
 * analysis: ``analyze_deltas.py`` on the same three models (plots and reports included);
-* preflight alone: ``check_homology`` timed inside a process (after its imports, and separately the import of
-  ``delta_analysis``, which loads Numba: a DARE merge loads it anyway).
+* preflight alone: ``check_homology`` timed inside a process, after its imports (reported apart: a fresh
+  process imports torch there; inside the merge CLI, which has imported torch already, ``delta_analysis`` adds
+  about 0.01 s and the preflight never loads Numba).
 
 Targets: analysis wall <= 1.5 x merge wall, analysis peak RSS < 1 GB, preflight a few percent of a merge.
 Results go to ``<work_dir>/delta_analysis_<size>.json`` and a Markdown table on stdout.
@@ -105,7 +106,8 @@ def table(record: dict) -> str:
                      f"{r['median_wall_s'] / merge:.2f}x |")
     p = record["preflight"]
     lines.append(f"\npreflight alone: {p['median_check_s']:.3f} s = {p['check_percent_of_merge']:.1f} % of the merge "
-                 f"(+ {p['median_import_s']:.2f} s to import delta_analysis/Numba when the merge has not); "
+                 f"(imports in a fresh process: {p['median_import_s']:.2f} s, mostly torch, which the merge imports "
+                 "anyway); "
                  f"merge+preflight minus merge: {p['end_to_end_percent_of_merge']:+.1f} %")
     return "\n".join(lines)
 
