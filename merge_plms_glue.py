@@ -9,7 +9,8 @@ Example:
 Every pair of ``--dataset_names`` (default: all eight tasks, 28 pairs) is merged; the merged encoder is evaluated
 on each task of the pair with that task's own head, and hyperparameters are grid-searched per target task on
 the validation split (10 % of GLUE train). ``--select_on test`` reproduces MergeLM, which selected on the split it
-reported. ``--grid paper`` is MergeLM's grid, ``quick`` a small one, ``none`` uses the flag values as given.
+reported. ``--grid paper`` is MergeLM's grid, ``reduced`` a subset of it (the CPU reproduction's), ``quick`` a
+small one, ``none`` uses the flag values as given.
 Each (pair, method) writes ``<output_dir>/merge_plms_glue/<a+b>/<model>/<method>[/<apply method>]/<settings>/``
 with ``config.json``, ``metrics.json`` (per target: hyperparameters, validation and test metrics) and
 ``grid.json`` (every evaluated setting).
@@ -57,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
     parser.add_argument("--dataset_pairs", nargs="*", default=None, metavar="A,B", help="explicit pairs")
     parser.add_argument("--select_on", default="validation", choices=["validation", "test"])
-    parser.add_argument("--grid", default="paper", choices=["paper", "quick", "none"])
+    parser.add_argument("--grid", default="paper", choices=["paper", "reduced", "quick", "none"])
     parser.add_argument("--scaling_coefficient", type=float, default=1.0)
     parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=[256])
     parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=[1.0])

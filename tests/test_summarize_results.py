@@ -50,17 +50,18 @@ def test_tables_have_paper_shape_and_values(tree):
     # rate 0 (the fine-tuned model) is shared by both drop variants
     assert header == ["task", "variant", "p=0.0", "p=0.9"]
     assert rows == [["rte", "DARE", 55.00000000000001, 50.0], ["rte", "DropOnly", 55.00000000000001, 25.0]]
-    assert summary["tables"]["finetune"][1] == [["rte", "m", "a", 2, 60.0, 55.00000000000001]]
+    assert summary["tables"]["finetune"][1] == [["rte", "m", "a", 2, 60.0, 55.00000000000001, None]]
     assert "gsm8k/accuracy" in summary["tables"]["other"][1][0][2]
 
 
 def test_files_written(tree):
     summary = summarize_results.summarize(tree, tree / "out")
     out = Path(summary["output_dir"])
-    assert (out / "summary.md").read_text().count("## ") == 4
+    assert (out / "summary.md").read_text().count("## ") == 5  # + DARE's relative change per method
     with open(out / "merging.csv") as handle:
         assert next(csv.reader(handle)) == ["pair", "target task", "task_arithmetic", "task_arithmetic +DARE"]
-    assert sorted(p.name for p in out.glob("*.png")) == ["dare_sweep_DARE.png", "dare_sweep_DropOnly.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["dare_sweep_DARE.png", "dare_sweep_DropOnly.png",
+                                                      "drop_rate_rte.png"]
     assert "| mrpc+rte | rte | 70.00 | 75.00 |" in summary["markdown"]
 
 
@@ -165,7 +166,7 @@ def test_llm_table_keeps_glue_tables_and_reads_old_records_as_other(tree, llm_tr
 
     shutil.copytree(llm_tree, tree / "llm")
     summary = summarize_results.summarize(tree, tree / "out")
-    assert list(summary["tables"]) == ["finetune", "dare_sweep", "merging", "llm", "other"]
+    assert list(summary["tables"]) == ["finetune", "dare_sweep", "merging", "dare_effect", "llm", "other"]
     assert summary["tables"]["llm"][1] == LLM_ROWS
     # the fixture's bare merge_llms record (no merge fields) stays in "Other runs"
     assert [row[0] for row in summary["tables"]["other"][1]] == ["merge_llms_instruct_math_code"]
@@ -181,3 +182,62 @@ def test_llm_cell_a_score_beats_files_and_the_later_score_wins(caplog):
     assert row == {"mbpp": 25.0}
     _put(row, "mbpp", 50.0, Path("c"))
     assert row == {"mbpp": 50.0} and "already has 25.0" in caplog.text
+
+
+# --- seeds, DARE's relative change, majority class --------------------------------------------------------------
+
+@pytest.fixture
+def seeded_tree(tmp_path):
+    root = tmp_path / "results"
+    dare = {"use_weight_rescale": True, "mask_strategy": "random", "weight_format": "delta_weight"}
+    for rate, seed, acc in ((0.0, 0, 0.6), (0.0, 1, 0.6), (0.5, 0, 0.5), (0.5, 1, 0.7), (0.5, 2, 0.6)):
+        _run(root, f"inference_plms_glue/rte/m/a/r={rate},s={seed}",
+             {"script": "inference_plms_glue", "dataset_name": "rte", "weight_mask_rate": rate, "seed": seed,
+              "dare": {**dare, "seed": seed}}, {"rte": {"test": {"accuracy": acc}}})
+    cells = {("task_arithmetic", None, None): 0.50, ("mask_merging", None, 0): 0.52, ("mask_merging", None, 1): 0.56,
+             ("fisher_merging", "mergelm", None): 0.40, ("fisher_merging", "exact", None): 0.44,
+             ("mask_merging", "exact", 0): 0.33}
+    for (name, estimator, seed), acc in cells.items():
+        method = "fisher_merging" if estimator else "task_arithmetic"
+        _run(root, f"merge_plms_glue/rte+mrpc/m/{name}/{method}/{estimator},{seed}",
+             {"script": "merge_plms_glue", "merging_method_name": name, "applied_method": method,
+              "fisher_estimator": estimator, "seed": seed, "dataset_pair": ["rte", "mrpc"]},
+             {"rte": {"test": {"accuracy": acc}}})
+    return root
+
+
+def test_seed_cells_are_mean_and_std_and_dare_effect_is_hand_computed(seeded_tree):
+    summary = summarize_results.summarize(seeded_tree)
+    (row,) = summary["tables"]["dare_sweep"][1]
+    assert row[:3] == ["rte", "DARE", pytest.approx(60.0)]  # rate 0 counted once, not per seed
+    assert row[3].mean == pytest.approx(60.0) and row[3].std == pytest.approx(10.0)  # 50, 70, 60
+    header, rows = summary["tables"]["merging"]
+    assert header == ["pair", "target task", "task_arithmetic", "task_arithmetic +DARE", "fisher_merging",
+                      "fisher_merging (exact)", "fisher_merging (exact) +DARE"]
+    ta_dare = rows[0][3]
+    assert ta_dare.mean == pytest.approx(54.0) and ta_dare.std == pytest.approx(2 ** 0.5 * 2)
+    assert "| rte+mrpc | rte | 50.00 | 54.00 ± 2.83 | 40.00 | 44.00 | 33.00 |" in summary["markdown"]
+    effect = {r[0]: r for r in summary["tables"]["dare_effect"][1]}
+    # task arithmetic: (54 - 50) / 50 = +8 %; Fisher (exact): (33 - 44) / 44 = -25 %; paper's TA average +0.36 %
+    assert effect["task_arithmetic"][1:] == [1, pytest.approx(8.0), 1, 0, 0.36]
+    assert effect["fisher_merging (exact)"][1:] == [1, pytest.approx(-25.0), 0, 1, None]
+    assert "fisher_merging" not in effect  # no DARE run of MergeLM's estimator
+    out = Path(summary["output_dir"])
+    with open(out / "dare_sweep.csv") as handle:
+        csv_rows = list(csv.reader(handle))
+    assert csv_rows[0] == ["task", "variant", "p=0.0", "p=0.5 mean", "p=0.5 std", "p=0.5 n"]
+    assert [float(v) for v in csv_rows[1][3:6]] == [pytest.approx(60.0), pytest.approx(10.0), 3]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["merging"][0]["task_arithmetic +DARE"]["values"] == pytest.approx([52.0, 56.0])
+
+
+def test_majority_class_score_from_the_local_glue_copy(shared_data_dir):
+    from utils.glue_tables import majority_class_score
+
+    # RTE: the train part (90 % of GLUE train, seed-0 permutation) has 1134 label-0 vs 1107 label-1 examples;
+    # GLUE dev (our test) has 146 label-0 of 277 -> 52.71
+    assert majority_class_score("rte", str(shared_data_dir / "glue")) == pytest.approx(146 / 277 * 100)
+    assert majority_class_score("stsb", str(shared_data_dir / "glue")) == 0.0
+    # MRPC: label 1 is the majority; accuracy 279/408 and F1 2*279/(2*279+129) averaged
+    acc, f1 = 279 / 408, 2 * 279 / (2 * 279 + 129)
+    assert majority_class_score("mrpc", str(shared_data_dir / "glue")) == pytest.approx((acc + f1) / 2 * 100)

@@ -45,9 +45,20 @@ QUICK_GRIDS: dict[str, dict[str, list]] = {
     "regmean_merging": {"num_regmean_examples": [64], "reduce_non_diagonal_ratio": [0.9]},
     "ties_merging": {"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8]},
 }
+# "reduced": the CPU reproduction's grid (scripts/reproduce_encoder_results.sh), a subset of the paper's values
+# that fits 10 pairs x 5 methods x (plain + 3 DARE seeds) x 2 Fisher estimators in a few CPU hours.
+REDUCED_GRIDS: dict[str, dict[str, list]] = {
+    "average_merging": {},
+    "task_arithmetic": {"scaling_coefficient": [0.3, 0.5, 0.7, 1.0]},
+    "fisher_merging": {"fisher_scaling_coefficient": [1.0], "num_fisher_examples": [256]},
+    "regmean_merging": {"num_regmean_examples": [256], "reduce_non_diagonal_ratio": [0.7, 0.9]},
+    "ties_merging": {"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.7, 0.9]},
+}
 PAPER_DARE_RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
+REDUCED_DARE_RATES = [0.1, 0.5, 0.9]
 QUICK_DARE_RATES = [0.5, 0.9]
-GRIDS = {"paper": (PAPER_GRIDS, PAPER_DARE_RATES), "quick": (QUICK_GRIDS, QUICK_DARE_RATES)}
+GRIDS = {"paper": (PAPER_GRIDS, PAPER_DARE_RATES), "reduced": (REDUCED_GRIDS, REDUCED_DARE_RATES),
+         "quick": (QUICK_GRIDS, QUICK_DARE_RATES)}
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,242 @@
+"""Paper-shaped tables and figures of the GLUE scripts' runs, for ``summarize_results.py``.
+
+* fine-tuning: one row per run, validation and test primary metric next to the majority-class score on test;
+* drop-rate sweeps: ``(task, variant) x rate``, mean +- std over the mask seeds (DARE, DropOnly, magnitude
+  pruning, masking fine-tuned weights); one PNG per task (the paper's comparison, error bars = std) and one per
+  variant;
+* pairwise merging: ``pair -> target task x method``, without and with DARE (mean +- std over DARE seeds), Fisher
+  once per estimator, and the relative change DARE brings per method next to the paper's stated averages.
+
+Scores are primary metrics x100. A cell with several seeds is a :class:`Stat`; a single run stays a float.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MERGE_METHOD_ORDER = ("average_merging", "task_arithmetic", "fisher_merging", "fisher_merging (exact)",
+                      "regmean_merging", "ties_merging")
+PRIMARY = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "averaged_scores", "stsb": "averaged_scores",
+           "qqp": "averaged_scores", "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy"}
+# Average relative change of the merged models' scores brought by DARE, encoder pairs (the paper, Section 4.3).
+PAPER_DARE_RELATIVE_CHANGE = {"average_merging": 0.58, "task_arithmetic": 0.36, "fisher_merging": 0.37,
+                              "regmean_merging": -0.03, "ties_merging": 0.84}
+Table = tuple[list[str], list[list[Any]]]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation of one cell's runs (seeds)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+def cell(values: Sequence[float | None]) -> float | Stat | None:
+    """A float for one run, a :class:`Stat` for several, None for none (runs scored None are left out)."""
+    kept = tuple(v for v in values if v is not None)
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else Stat(kept)
+
+
+def mean_of(value: float | Stat | None) -> float | None:
+    return value.mean if isinstance(value, Stat) else value
+
+
+def primary(task: str, metrics: Mapping[str, Any] | None) -> float | None:
+    """The task's primary metric x100 (None when missing or NaN)."""
+    if not metrics:
+        return None
+    value = metrics.get(PRIMARY.get(task, "accuracy"))
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value) * 100
+
+
+def majority_class_score(task: str, glue_dir: str | None) -> float | None:
+    """Test primary metric x100 of predicting the train part's most frequent label (STS-B: 0, no correlation);
+    None without a local GLUE copy."""
+    import numpy as np
+
+    from utils.glue_data import load_raw_splits, resolve_glue_dir, split_train_validation
+    from utils.glue_metrics import compute_glue_metrics
+
+    try:
+        if resolve_glue_dir(glue_dir) is None:
+            return None  # never downloads: only a local GLUE copy is read
+        raw = load_raw_splits(task, glue_dir)
+    except (OSError, ValueError):
+        return None
+    train, _ = split_train_validation(raw["train"])
+    labels = np.array([r["label"] for r in raw["test"]])
+    if task == "stsb":
+        return 0.0  # a constant prediction has no correlation with the gold scores
+    values, counts = np.unique([r["label"] for r in train], return_counts=True)
+    return primary(task, compute_glue_metrics(task, np.full(len(labels), values[counts.argmax()]), labels))
+
+
+def finetune_table(runs: Sequence[dict]) -> Table:
+    """One row per fine-tuning run: task, model, run, best epoch, validation, test, majority class on test."""
+    rows, baselines = [], {}
+    for run in runs:
+        config, metrics = run["config"], run["metrics"]
+        for task in [t for t in (config.get("auxiliary_dataset_name"), config["dataset_name"]) if t in metrics]:
+            key = (task, config.get("glue_dir"))
+            if key not in baselines:
+                baselines[key] = majority_class_score(task, config.get("glue_dir"))
+            rows.append([task, Path(str(config["language_model_name"])).name, run["dir"].name,
+                         metrics.get("best_epoch"), primary(task, metrics[task].get("validation")),
+                         primary(task, metrics[task].get("test")), baselines[key]])
+    return ["task", "model", "run", "best epoch", "validation", "test", "majority class (test)"], rows
+
+
+def sweep_variant(config: Mapping[str, Any]) -> str:
+    """``DARE``, ``DropOnly``, ``DropOnly-magnitude``, ``DARE-finetuned_weight``, ... (+ ``-n<cap>``)."""
+    dare = config.get("dare", {})
+    name = "DARE" if dare.get("use_weight_rescale") else "DropOnly"
+    if dare.get("mask_strategy") == "magnitude":
+        name += "-magnitude"
+    if dare.get("weight_format") == "finetuned_weight":
+        name += "-finetuned_weight"
+    if config.get("max_eval_samples") is not None:
+        name += f"-n{config['max_eval_samples']}"  # sweeps on different test caps are not comparable
+    return name
+
+
+def sweep_series(runs: Sequence[dict]) -> dict[tuple[str, str], dict[float, list[float | None]]]:
+    """``{(task, variant): {rate: [test primary metric per seed]}}``; rate 0 (no drop) is shared by every variant
+    of the same test cap (one value: it does not depend on the seed)."""
+    series: dict[tuple[str, str], dict[float, list[float | None]]] = defaultdict(lambda: defaultdict(list))
+    zero: dict[tuple[str, Any], float | None] = {}
+    caps: dict[tuple[str, str], Any] = {}
+    for run in runs:
+        config, task = run["config"], run["config"]["dataset_name"]
+        rate, score = float(config["weight_mask_rate"]), primary(task, run["metrics"][task].get("test"))
+        cap = config.get("max_eval_samples")
+        if rate == 0.0:
+            zero[(task, cap)] = score
+        else:
+            series[(task, sweep_variant(config))][rate].append(score)
+            caps[(task, sweep_variant(config))] = cap
+    for (task, variant), points in series.items():
+        if (task, caps[(task, variant)]) in zero:
+            points[0.0] = [zero[(task, caps[(task, variant)])]]
+    for (task, cap), score in zero.items():
+        if not any(t == task and c == cap for (t, _), c in caps.items()):
+            series[(task, "DARE" + (f"-n{cap}" if cap is not None else ""))][0.0] = [score]
+    return {key: {rate: points[rate] for rate in sorted(points)} for key, points in series.items()}
+
+
+def sweep_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]]) -> Table:
+    rates = sorted({r for points in series.values() for r in points})
+    rows = [[task, variant, *[cell(points.get(r, [])) for r in rates]]
+            for (task, variant), points in sorted(series.items())]
+    return ["task", "variant", *[f"p={r}" for r in rates]], rows
+
+
+def merge_column(config: Mapping[str, Any]) -> str:
+    """``task_arithmetic``, ``ties_merging +DARE``, ``fisher_merging (exact) +DARE``, ..."""
+    column = config["applied_method"]
+    if column == "fisher_merging" and config.get("fisher_estimator") == "exact":
+        column += " (exact)"
+    return column + (" +DARE" if config["merging_method_name"] == "mask_merging" else "")
+
+
+def merge_cells(runs: Sequence[dict]) -> dict[tuple[str, str], dict[str, float | Stat | None]]:
+    """``{(pair, target task): {column: test score, or Stat over DARE seeds}}``."""
+    values: dict[tuple[str, str], dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        config, metrics = run["config"], run["metrics"]
+        pair = "+".join(config["dataset_pair"])
+        for task, result in metrics.items():
+            values[(pair, task)][merge_column(config)].append(primary(task, result.get("test")))
+    return {key: {column: cell(v) for column, v in row.items()} for key, row in values.items()}
+
+
+def merge_table(runs: Sequence[dict]) -> Table:
+    """Rows ``pair -> target``; per method two columns: plain and with DARE (test primary metric)."""
+    cells = merge_cells(runs)
+    columns = [c for m in MERGE_METHOD_ORDER for c in (m, f"{m} +DARE")]
+    columns = [c for c in columns if any(c in row for row in cells.values())]
+    rows = [[pair, task, *[row.get(c) for c in columns]] for (pair, task), row in sorted(cells.items())]
+    return ["pair", "target task", *columns], rows
+
+
+def dare_effect_table(runs: Sequence[dict]) -> Table:
+    """Per method: the mean relative change ``(DARE - plain) / |plain|`` in %, over the (pair, target) cells with
+    both (DARE side: the mean over seeds), how many cells DARE raised / lowered, next to the paper's average."""
+    cells = merge_cells(runs)
+    rows = []
+    for method in MERGE_METHOD_ORDER:
+        changes = []
+        for row in cells.values():
+            plain, dare = mean_of(row.get(method)), mean_of(row.get(f"{method} +DARE"))
+            if plain is not None and dare is not None and plain != 0:
+                changes.append((dare - plain) / abs(plain) * 100)
+        if changes:
+            paper = PAPER_DARE_RELATIVE_CHANGE.get(method.split(" ")[0])
+            rows.append([method, len(changes), statistics.fmean(changes), sum(c > 0 for c in changes),
+                         sum(c < 0 for c in changes), paper if method in PAPER_DARE_RELATIVE_CHANGE else None])
+    return ["method", "cells", "mean relative change with DARE (%)", "DARE higher", "DARE lower",
+            "paper (%)"], rows
+
+
+def plot_sweeps(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]],
+                output_dir: Path) -> list[Path]:
+    """PNGs of test metric vs drop rate with std error bars: one per task (every variant), one per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def draw(path: Path, title: str, lines: Sequence[tuple[str, Mapping[float, Sequence[float | None]]]]) -> Path:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, points in lines:
+            stats = [(r, cell(points[r])) for r in sorted(points) if cell(points[r]) is not None]
+            if stats:
+                ax.errorbar([r for r, _ in stats], [mean_of(s) for _, s in stats], capsize=3, marker="o",
+                            yerr=[s.std if isinstance(s, Stat) else 0.0 for _, s in stats], label=label)
+        ax.set(xlabel="drop rate p", ylabel="test metric (x100)", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    paths = []
+    for variant in sorted({v for _, v in series}):
+        lines = [(task, points) for (task, v), points in sorted(series.items()) if v == variant]
+        paths.append(draw(output_dir / f"dare_sweep_{variant}.png", f"{variant}: performance vs drop rate", lines))
+    tasks = sorted({t for t, _ in series})
+    if any(sum(t == task for t, _ in series) > 1 for task in tasks):
+        for task in tasks:
+            lines = [(variant, points) for (t, variant), points in sorted(series.items()) if t == task]
+            paths.append(draw(output_dir / f"drop_rate_{task}.png", f"{task}: dropping delta parameters", lines))
+    return paths
+
+
+def table_records(table: Table) -> list[dict[str, Any]]:
+    """Rows as dicts at full precision (a :class:`Stat` becomes ``{mean, std, values}``), for JSON."""
+    header, rows = table
+    out = []
+    for row in rows:
+        out.append({h: ({"mean": v.mean, "std": v.std, "values": list(v.values)} if isinstance(v, Stat) else v)
+                    for h, v in zip(header, row, strict=True)})
+    return out
