@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Returns ``{"a+b": {Variant.key: {target task: result}}}``, e.g. ``"mask_merging/ties_merging/seed=0"``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    setup_logging()
     for variant in variants(args):
         search_space(args, variant.name, variant.method)
     tokenizer = load_tokenizer(args.language_model_name)

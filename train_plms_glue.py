@@ -75,6 +75,7 @@ def run_one(config: GlueTrainConfig, output_dir: str, *, overwrite: bool, argv: 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    setup_logging()
     if args.num_runs < 1:
         raise ValueError(f"num_runs must be >= 1, got {args.num_runs}")
     results = []

@@ -171,8 +171,8 @@ def load_pair_merger(
         loaders[task] = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size,
                                                 shuffle=split == "train", seed=0, sort_by_length=split != "train")
                          for split in ("train", "validation", "test")}
-    return PairMerger(list(tasks), finetuned, pretrained, models, loaders, dare, dict(fisher_options or {}),
-                      device, dict(checkpoints))
+    return PairMerger(list(tasks), finetuned, pretrained, models, loaders, dare,
+                      fisher_options=dict(fisher_options or {}), device=device, checkpoints=dict(checkpoints))
 
 
 def select_best(merger: PairMerger, method: str, settings: Sequence[Mapping[str, Any]], task: str,

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Reproduce the paper's encoder findings at small scale: fine-tune five GLUE tasks, sweep DARE / DropOnly /
+# magnitude pruning / masking fine-tuned weights over drop rates with 3 mask seeds, merge all 10 pairs with the
+# five methods without and with DARE (3 DARE seeds, both Fisher estimators), then write the tables and figures.
+#
+#   scripts/reproduce_encoder_results.sh                                   # all-MiniLM-L6-v2 on 2 CPU cores
+#   scripts/reproduce_encoder_results.sh --model bert-base-uncased --gpu 0  # the paper's encoder, on a GPU
+#   scripts/reproduce_encoder_results.sh --smoke                           # tiny caps: checks the plumbing
+#
+# Every step is one of the project's scripts with --resume (or its own skip of finished training runs): run the
+# same command again after an interruption and only what is missing is computed. Copy and edit for ablations.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=all-MiniLM-L6-v2
+OUT=results/glue_reproduction
+GLUE_DIR=${MERGELM_GLUE_DIR:-../shared/data/glue}
+GPU=-1
+SMOKE=0
+STEPS="train sweep merge summary"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) MODEL=$2; shift 2 ;;
+    --output_dir) OUT=$2; shift 2 ;;
+    --glue_dir) GLUE_DIR=$2; shift 2 ;;
+    --gpu) GPU=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;   # e.g. --steps "train sweep" to run only those
+    --smoke) SMOKE=1; shift ;;
+    *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+
+TASKS="cola sst2 mrpc stsb rte"
+LR=3e-5                     # one learning rate for every task (MiniLM learns all five with it)
+RATES="0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 0.99"
+SEEDS="0 1 2"
+GRID=reduced                # a subset of the paper's grid (utils/glue_merging.py: REDUCED_GRIDS)
+# task, epochs, extra training flags (SST-2 capped at 8,000 of its 60,614 train examples)
+TRAIN_SPECS=("rte 5" "mrpc 3" "stsb 3" "cola 3" "sst2 3 --max_train_samples 8000")
+EVAL_CAPS=()                                 # test = the full GLUE dev set
+MERGE_CAPS=(--max_validation_samples 500)    # merge selection on at most 500 validation examples per task
+if [ "$SMOKE" = 1 ]; then
+  TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; SEEDS="0 1"; GRID=quick
+  TRAIN_SPECS=("rte 1 --max_train_samples 32" "mrpc 1 --max_train_samples 32")
+  EVAL_CAPS=(--max_eval_samples 16); MERGE_CAPS=(--max_eval_samples 16)
+fi
+COMMON=(--language_model_name "$MODEL" --glue_dir "$GLUE_DIR" --output_dir "$OUT" --gpu "$GPU"
+        --batch_size 16 --max_seq_length 128)
+
+step() { echo "[$(date +%H:%M:%S), $((SECONDS / 60)) min] $*"; }
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+if wants train; then
+  for spec in "${TRAIN_SPECS[@]}"; do
+    read -r task epochs extra <<< "$spec"
+    step "fine-tune $task ($epochs epochs)"
+    # shellcheck disable=SC2086  # $extra holds flags
+    python train_plms_glue.py "${COMMON[@]}" --dataset_name "$task" --num_runs 1 --num_epochs "$epochs" \
+      --learning_rate $LR --warmup_ratio 0.06 --group_by_length $extra ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"}
+  done
+fi
+
+if wants sweep; then
+  # shellcheck disable=SC2086
+  for variant in "--use_weight_rescale" "" "--mask_strategy magnitude" \
+                 "--use_weight_rescale --weight_format finetuned_weight"; do
+    step "drop-rate sweep: ${variant:-DropOnly (no rescale)}"
+    python inference_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS \
+      --weight_mask_rate $RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume
+  done
+fi
+
+if wants merge; then
+  METHODS="average_merging task_arithmetic fisher_merging regmean_merging ties_merging"
+  step "pairwise merges: 5 methods, without and with DARE (seeds $SEEDS), grid $GRID"
+  # shellcheck disable=SC2086
+  python merge_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS --grid $GRID \
+    --merging_method_name $METHODS mask_merging --mask_apply_method $METHODS --use_weight_rescale \
+    --seeds $SEEDS --fisher_estimator mergelm exact "${MERGE_CAPS[@]}" --resume
+fi
+
+if wants summary; then
+  step "tables and figures"
+  python summarize_results.py --results_dir "$OUT"
+fi
+step "done"

@@ -1,0 +1,65 @@
+"""scripts/reproduce_encoder_results.sh --smoke end to end on a tiny BERT, then again: the rerun computes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import tiny_bert_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_script(*args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_encoder_results.sh"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_dir):
+    from transformers import BertModel
+
+    from utils.encoder_models import load_tokenizer
+
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)).save_pretrained(
+        tmp_path / "tiny-bert")
+    tokenizer.save_pretrained(tmp_path / "tiny-bert")
+    for task in ("rte", "mrpc"):
+        (tmp_path / "glue" / task).mkdir(parents=True)
+        for split in ("train", "validation"):
+            lines = (shared_data_dir / "glue" / task / f"{split}.jsonl").read_text().splitlines()[:60]
+            (tmp_path / "glue" / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    args = ("--smoke", "--model", str(tmp_path / "tiny-bert"), "--glue_dir", str(tmp_path / "glue"),
+            "--output_dir", str(tmp_path / "out"))
+    log = _run_script(*args)
+    for step in ("fine-tune rte", "fine-tune mrpc", "drop-rate sweep: DropOnly", "pairwise merges", "done"):
+        assert step in log
+    summary = json.loads((tmp_path / "out" / "summary" / "summary.json").read_text())
+    variants = {(row["task"], row["variant"]) for row in summary["dare_sweep"]}
+    assert variants == {(t, v) for t in ("rte", "mrpc") for v in
+                        ("DARE-n16", "DropOnly-n16", "DropOnly-magnitude-n16", "DARE-finetuned_weight-n16")}
+    dare_row = next(r for r in summary["dare_sweep"] if r["variant"] == "DARE-n16")
+    assert len(dare_row["p=0.5"]["values"]) == 2  # two mask seeds
+    merging = summary["merging"]
+    assert {r["target task"] for r in merging} == {"rte", "mrpc"}
+    columns = set(merging[0]) - {"pair", "target task"}
+    methods = ("average_merging", "task_arithmetic", "fisher_merging", "fisher_merging (exact)", "regmean_merging",
+               "ties_merging")
+    assert columns == {c for m in methods for c in (m, f"{m} +DARE")}
+    assert all(len(r[f"{m} +DARE"]["values"]) == 2 for r in merging for m in methods)  # two DARE seeds
+    metrics = sorted((tmp_path / "out").rglob("metrics.json"))
+    before = {p: p.stat().st_mtime_ns for p in metrics}
+
+    rerun = _run_script(*args)
+    assert "already trained" in rerun and "rte+mrpc: 0 runs to compute, 18 finished" in rerun
+    assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "out").rglob("metrics.json"))} == before
