@@ -1,24 +1,33 @@
-"""The README's Python examples run as written, and its set-up/test commands are what CI runs."""
+"""The Python examples of the README and docs/ run as written, and the README's set-up/test commands are what CI
+runs."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import REPO_ROOT
 
 
-def _blocks(language: str) -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+DOCUMENTS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md"))]
+
+
+def _blocks(language: str, document: str = "README.md") -> list[str]:
+    text = (REPO_ROOT / document).read_text(encoding="utf-8")
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_python_examples_run():
-    blocks = _blocks("python")
-    assert len(blocks) >= 2
-    for block in blocks:
+def test_readme_has_python_examples():
+    assert len(_blocks("python")) >= 2
+    assert len(_blocks("python", "docs/merging_library.md")) >= 2
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_python_examples_run(document):
+    for block in _blocks("python", document):
         if "# not run in tests" in block:
             continue
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, document, "exec"), {})
 
 
 def _section_commands(heading: str) -> list[str]:
