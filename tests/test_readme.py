@@ -8,7 +8,6 @@ import re
 import pytest
 from conftest import REPO_ROOT
 
-
 DOCUMENTS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md"))]
 
 
