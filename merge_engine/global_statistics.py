@@ -33,8 +33,7 @@ def run_global_passes(runner: UnitRunner, units: Sequence[WorkUnit], *, progress
     runner.global_state = state
     if state is None:
         return None
-    uses_tensors = getattr(state, "uses_model_tensors", True)
-    read = runner.read_inputs if uses_tensors else (lambda unit: None)
+    read = runner.read_inputs if state.uses_model_tensors else (lambda unit: None)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for pass_index in range(state.num_passes):
             start = time.perf_counter()

@@ -18,6 +18,7 @@ import torch
 
 from merge_engine.shard_index import CheckpointIndex, load_bin_file, read_safetensors_header
 from merge_engine.tensor_reader import TensorReader
+from model_merging_methods.registry import MERGE_METHODS
 
 
 class LazyStatistics(Mapping):
@@ -69,8 +70,9 @@ def open_statistics(
     """
     if statistics_kind is None:
         if statistics_files:
-            raise ValueError(f"statistics_files are only used by fisher_merging and regmean_merging, got "
-                             f"{len(statistics_files)} for {method_name}; drop them")
+            users = " and ".join(m.name for m in MERGE_METHODS.values() if m.statistics is not None)
+            raise ValueError(f"statistics_files are only used by {users}, got {len(statistics_files)} for "
+                             f"{method_name}; drop them")
         return None
     if not statistics_files or len(statistics_files) != num_models:
         count = len(statistics_files) if statistics_files else 0

@@ -262,7 +262,7 @@ def merge_checkpoints(
                         statistics=statistics, device=device, strict=strict)
     shards, work, writer, done_names = _open_work(setup.output, record, setup.jobs, max_shard_bytes, overwrite,
                                                   resume)
-    units = plan_units(setup.jobs, chunkable=plan.chunkable and plan.statistics is None, chunk_numel=chunk_numel)
+    units = plan_units(setup.jobs, chunkable=plan.chunkable, chunk_numel=chunk_numel)
     num_workers = num_threads or min(os.cpu_count() or 1, DEFAULT_MAX_WORKERS)
     tensors = _run(runner, units, writer, done_names, num_workers, progress)
     write_index(work, shards)

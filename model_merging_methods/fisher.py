@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +154,7 @@ def fisher_model_coefficients(
         raise ValueError(f"normalize_fisher_weight needs one global Fisher norm per model, got {global_norms!r}")
     inverse = [1.0 / (norm + minimal_fisher_weight) for norm in global_norms]
     total = sum(inverse)
-    return [c * w / total for c, w in zip(coefficients, inverse)]
+    return [c * w / total for c, w in zip(coefficients, inverse, strict=True)]
 
 
 def global_fisher_norms(squared_norm_sums: Sequence[float]) -> list[float]:
@@ -180,8 +181,56 @@ def fisher_merging(
     """
     numerator = torch.zeros_like(base)
     denominator = torch.zeros_like(base)
-    for delta, fisher, coefficient in zip(deltas, fisher_weights, model_coefficients):
+    for delta, fisher, coefficient in zip(deltas, fisher_weights, model_coefficients, strict=True):
         weight = coefficient * (fisher.float() + minimal_fisher_weight)
         numerator.add_(weight * (base + delta))
         denominator.add_(weight)
     return numerator / denominator
+
+
+def _coefficient_settings(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("fisher_scaling_coefficients", "normalize_fisher_weight", "minimal_fisher_weight")
+    return {key: hyperparameters[key] for key in keys}
+
+
+class FisherNormState:
+    """One pass over the Fisher statistics: each model's global Fisher L2 norm, then the coefficients."""
+
+    num_passes = 1
+    uses_model_tensors = False
+
+    def __init__(self, num_models: int, settings: Mapping[str, Any]) -> None:
+        self.num_models = num_models
+        self.settings = settings
+        self.squared = [0.0] * num_models
+        self.coefficients: list[float] | None = None
+
+    def update(self, pass_index: int, fisher_weights: Sequence[Tensor]) -> None:
+        for i, fisher in enumerate(fisher_weights):
+            self.squared[i] += fisher_norm_squared(fisher)
+
+    def finish_pass(self, pass_index: int) -> None:
+        self.coefficients = fisher_model_coefficients(
+            self.num_models, global_norms=global_fisher_norms(self.squared), **self.settings
+        )
+
+
+def fisher_global_state(
+    hyperparameters: Mapping[str, Any], num_models: int, total_numel: int
+) -> FisherNormState | None:
+    """The global-norm state for ``normalize_fisher_weight``; None without normalisation."""
+    if not hyperparameters["normalize_fisher_weight"]:
+        return None
+    return FisherNormState(num_models, _coefficient_settings(hyperparameters))
+
+
+def fisher_arguments(hyperparameters: Mapping[str, Any], *, name: str, num_models: int,
+                     statistics: Sequence[Tensor] | None, global_state: FisherNormState | None) -> dict[str, Any]:
+    """``fisher_merging``'s keyword arguments: this parameter's Fisher diagonals and the per-model coefficients."""
+    if statistics is None:
+        raise ValueError(f"fisher_merging needs a Fisher weight for {name!r} in every model, got none")
+    coefficients = global_state.coefficients if global_state is not None else None
+    if coefficients is None:
+        coefficients = fisher_model_coefficients(num_models, **_coefficient_settings(hyperparameters))
+    return {"fisher_weights": statistics, "model_coefficients": coefficients,
+            "minimal_fisher_weight": hyperparameters["minimal_fisher_weight"]}

@@ -16,23 +16,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from model_merging_methods.dare import dare_delta, mask_tensor
-from model_merging_methods.fisher import fisher_model_coefficients, fisher_norm_squared, global_fisher_norms
 from model_merging_methods.registry import (
     DARE_HYPERPARAMETERS,
     MERGE_METHODS,
-    MERGING_METHOD_NAMES,
+    GlobalState,
     MergeMethod,
     unknown_name_error,
 )
 from model_merging_methods.regmean import gram_module_name
-from model_merging_methods.ties import TiesGlobalState
 
 _CHOICES = {
     "mask_strategy": ("random", "magnitude"),
@@ -50,30 +48,6 @@ class DareSettings:
     mask_strategy: str = "random"
     weight_format: str = "delta_weight"
     model_indices: tuple[int, ...] = ()
-
-
-@dataclass
-class FisherNormState:
-    """One pass over the Fisher statistics: each model's global Fisher L2 norm, then the coefficients."""
-
-    num_models: int
-    settings: Mapping[str, Any]
-    num_passes: int = 1
-    uses_model_tensors: bool = False
-    squared: list[float] = field(default_factory=list)
-    coefficients: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        self.squared = [0.0] * self.num_models
-
-    def update(self, pass_index: int, fisher_weights: Sequence[Tensor]) -> None:
-        for i, fisher in enumerate(fisher_weights):
-            self.squared[i] += fisher_norm_squared(fisher)
-
-    def finish_pass(self, pass_index: int) -> None:
-        self.coefficients = fisher_model_coefficients(
-            self.num_models, global_norms=global_fisher_norms(self.squared), **self.settings
-        )
 
 
 @dataclass(frozen=True)
@@ -94,22 +68,24 @@ class MergePlan:
 
     @property
     def chunkable(self) -> bool:
-        """True when a tensor may be processed in row chunks (element-wise maths given the global state)."""
+        """True when a tensor may be processed in row chunks (element-wise maths given the global state).
+
+        Magnitude pruning ranks a whole tensor, and per-model statistics belong to whole tensors.
+        """
         if self.dare is not None and self.dare.mask_strategy == "magnitude":
             return False
-        if self.method.name == "ties_merging":
-            return self.hyperparameters["ties_trim_scope"] == "global"
-        return self.method.name in ("average_merging", "task_arithmetic", "fisher_merging")
+        return self.method.statistics is None and self.method.chunkable(self.hyperparameters)
 
     @property
     def propagates_non_finite(self) -> bool:
         """True when a NaN/Inf in any input always leaves a NaN/Inf in the merged tensor.
 
-        Average merging and task arithmetic only add and scale, and every DARE variant multiplies by its mask
-        (``NaN * 0`` and ``Inf * 0`` are NaN), so checking the merged tensor finds every non-finite input; TIES,
-        Fisher and RegMean select or weight values and can hide one.
+        Set by the method (``MergeMethod.propagates_non_finite``): average merging and task arithmetic only add
+        and scale, and every DARE variant multiplies by its mask (``NaN * 0`` and ``Inf * 0`` are NaN), so
+        checking the merged tensor finds every non-finite input; TIES, Fisher and RegMean select or weight
+        values and can hide one.
         """
-        return self.method.name in ("average_merging", "task_arithmetic")
+        return self.method.propagates_non_finite
 
     def deltas(self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, element_offset: int = 0) -> list:
         """float32 deltas ``finetuned_i - base`` of one parameter (or chunk), after DARE when configured."""
@@ -149,18 +125,13 @@ class MergePlan:
             return None
         return [stats[key] for stats in statistics]
 
-    def new_global_state(self, total_numel: int) -> TiesGlobalState | FisherNormState | None:
-        """The whole-model accumulator this plan needs, or None."""
-        hp = self.hyperparameters
-        if self.method.name == "ties_merging" and hp["ties_trim_scope"] == "global":
-            return TiesGlobalState(self.num_models, total_numel, hp["param_value_mask_rate"])
-        if self.method.name == "fisher_merging" and hp["normalize_fisher_weight"]:
-            return FisherNormState(self.num_models, self._fisher_settings())
-        return None
+    def new_global_state(self, total_numel: int) -> GlobalState | None:
+        """The whole-model accumulator this plan needs (``MergeMethod.global_state``), or None."""
+        return self.method.global_state(self.hyperparameters, self.num_models, total_numel)
 
     def global_update(
         self,
-        state: TiesGlobalState | FisherNormState,
+        state: GlobalState,
         pass_index: int,
         name: str,
         base: Tensor | None,
@@ -170,56 +141,26 @@ class MergePlan:
         element_offset: int = 0,
     ) -> None:
         """Feed one parameter (or chunk) to the global accumulator for pass ``pass_index``."""
-        if isinstance(state, FisherNormState):
-            if statistics is None:
-                raise ValueError(f"fisher_merging needs a Fisher weight for {name!r} in every model, got none")
-            state.update(pass_index, statistics)
-        else:
+        if state.uses_model_tensors:
             state.update(pass_index, torch.stack(self.deltas(name, base, finetuned, element_offset=element_offset)))
-
-    def _fisher_settings(self) -> dict[str, Any]:
-        hp = self.hyperparameters
-        return {
-            "fisher_scaling_coefficients": hp["fisher_scaling_coefficients"],
-            "normalize_fisher_weight": hp["normalize_fisher_weight"],
-            "minimal_fisher_weight": hp["minimal_fisher_weight"],
-        }
+            return
+        if statistics is None:
+            raise ValueError(f"{self.method.name} needs a {self.method.statistics} statistic for {name!r} in every "
+                             "model, got none")
+        state.update(pass_index, statistics)
 
     def merge_deltas(
         self, name: str, base: Tensor, deltas: Sequence[Tensor], *, statistics: Sequence[Tensor] | None = None,
-        global_state: Any = None,
+        global_state: GlobalState | None = None,
     ) -> Tensor:
         """Run the method on one parameter's float32 base and deltas."""
-        hp, base32 = self.hyperparameters, base.float()
-        if self.method.name == "task_arithmetic":
-            return self.method.merge(base32, deltas, scaling_coefficient=hp["scaling_coefficient"])
-        if self.method.name == "ties_merging":
-            is_global = hp["ties_trim_scope"] == "global"
-            return self.method.merge(
-                base32, deltas, param_value_mask_rate=hp["param_value_mask_rate"],
-                scaling_coefficient=hp["scaling_coefficient"],
-                thresholds=global_state.thresholds if is_global else None,
-                majority_sign=global_state.majority_sign if is_global else None,
-            )
-        if self.method.name == "fisher_merging":
-            if statistics is None:
-                raise ValueError(f"fisher_merging needs a Fisher weight for {name!r} in every model, got none")
-            coefficients = global_state.coefficients if global_state is not None else None
-            if coefficients is None:
-                coefficients = fisher_model_coefficients(self.num_models, **self._fisher_settings())
-            return self.method.merge(
-                base32, deltas, fisher_weights=statistics, model_coefficients=coefficients,
-                minimal_fisher_weight=hp["minimal_fisher_weight"],
-            )
-        if self.method.name == "regmean_merging":
-            return self.method.merge(
-                base32, deltas, gram_matrices=statistics, reduce_non_diagonal_ratio=hp["reduce_non_diagonal_ratio"]
-            )
-        return self.method.merge(base32, deltas)
+        arguments = self.method.merge_arguments(self.hyperparameters, name=name, num_models=self.num_models,
+                                                statistics=statistics, global_state=global_state)
+        return self.method.merge(base.float(), deltas, **arguments)
 
     def process_tensor(
         self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, statistics: Sequence[Tensor] | None = None,
-        global_state: Any = None, element_offset: int = 0, out_dtype: torch.dtype | None = None,
+        global_state: GlobalState | None = None, element_offset: int = 0, out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """DARE (if any) then the method, for one parameter or row chunk; float32 (or ``out_dtype``) result."""
         base32 = base.float()  # once: the steps below would each upcast a low-precision base again
@@ -269,8 +210,8 @@ def _per_model_list(name: str, value: Any, num_models: int) -> list:
 
 def accepted_hyperparameters(merging_method_name: str, mask_apply_method: str | None = None) -> dict[str, Any]:
     """The hyperparameter names (with defaults) a method accepts; ``seed`` is accepted by all."""
-    if merging_method_name not in MERGING_METHOD_NAMES:
-        raise unknown_name_error("merging_method_name", merging_method_name, MERGING_METHOD_NAMES)
+    if merging_method_name != "mask_merging" and merging_method_name not in MERGE_METHODS:
+        raise unknown_name_error("merging_method_name", merging_method_name, [*MERGE_METHODS, "mask_merging"])
     accepted: dict[str, Any] = {"seed": 0}
     if merging_method_name == "mask_merging":
         apply_name = mask_apply_method or "average_merging"
@@ -283,7 +224,7 @@ def accepted_hyperparameters(merging_method_name: str, mask_apply_method: str | 
     return accepted
 
 
-def _validate_method_hyperparameters(method: MergeMethod, hp: dict[str, Any], num_models: int) -> dict[str, Any]:
+def _validate_method_hyperparameters(hp: dict[str, Any], num_models: int) -> dict[str, Any]:
     if "scaling_coefficient" in hp:
         hp["scaling_coefficient"] = _check_number("scaling_coefficient", hp["scaling_coefficient"])
     if "param_value_mask_rate" in hp:
@@ -294,14 +235,15 @@ def _validate_method_hyperparameters(method: MergeMethod, hp: dict[str, Any], nu
         hp["reduce_non_diagonal_ratio"] = _check_rate(
             "reduce_non_diagonal_ratio", hp["reduce_non_diagonal_ratio"], upper_inclusive=True
         )
-    if method.name == "fisher_merging":
+    if "normalize_fisher_weight" in hp:
         _check_bool("normalize_fisher_weight", hp["normalize_fisher_weight"])
+    if "minimal_fisher_weight" in hp:
         epsilon = _check_number("minimal_fisher_weight", hp["minimal_fisher_weight"])
         if epsilon < 0:
             raise ValueError(f"minimal_fisher_weight must be >= 0, got {epsilon}")
-        if hp["fisher_scaling_coefficients"] is not None:
-            name = "fisher_scaling_coefficients"
-            hp[name] = [_check_number(name, c) for c in _per_model_list(name, hp[name], num_models)]
+    if hp.get("fisher_scaling_coefficients") is not None:
+        name = "fisher_scaling_coefficients"
+        hp[name] = [_check_number(name, c) for c in _per_model_list(name, hp[name], num_models)]
     return hp
 
 
@@ -348,5 +290,5 @@ def build_merge_plan(merging_method_name: str, num_models: int, **hyperparameter
         dare = _build_dare({k: hp.pop(k) for k in DARE_HYPERPARAMETERS}, num_models)
     else:
         method = MERGE_METHODS[merging_method_name]
-    hp = _validate_method_hyperparameters(method, hp, num_models)
+    hp = _validate_method_hyperparameters(hp, num_models)
     return MergePlan(merging_method_name, method, num_models, hp, dare, seed)

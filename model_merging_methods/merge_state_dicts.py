@@ -92,7 +92,7 @@ def run_global_passes(plan: MergePlan, names, pretrained, finetuned, statistics)
     for pass_index in range(state.num_passes):
         for name in names:
             stats = plan.statistics_for(name, statistics)
-            if isinstance(stats, list) or getattr(state, "uses_model_tensors", True):
+            if state.uses_model_tensors or stats is not None:
                 plan.global_update(state, pass_index, name, pretrained[name], [sd[name] for sd in finetuned],
                                    statistics=stats)
         state.finish_pass(pass_index)

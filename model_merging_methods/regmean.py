@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,12 @@ def regmean_merging(
         return average_merging(base, deltas)
     grams = [reduce_non_diagonal(g, reduce_non_diagonal_ratio) for g in gram_matrices]
     gram_sum = torch.stack(grams).sum(dim=0)
-    rhs = torch.stack([g @ (base + d).T for g, d in zip(grams, deltas)]).sum(dim=0)
+    rhs = torch.stack([g @ (base + d).T for g, d in zip(grams, deltas, strict=True)]).sum(dim=0)
     # solve instead of MergeLM's explicit inverse: same value, better conditioned
     return torch.linalg.solve(gram_sum, rhs).T
+
+
+def regmean_arguments(hyperparameters: Mapping[str, Any], *, name: str, num_models: int,
+                      statistics: Sequence[Tensor] | None, global_state: Any) -> dict[str, Any]:
+    """``regmean_merging``'s keyword arguments: this Linear weight's Gram matrices (None: plain average)."""
+    return {"gram_matrices": statistics, "reduce_non_diagonal_ratio": hyperparameters["reduce_non_diagonal_ratio"]}

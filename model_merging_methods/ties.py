@@ -17,8 +17,8 @@ then sums the elected signs in a third pass. The in-memory and streaming paths b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -158,6 +158,7 @@ class TiesGlobalState:
     """
 
     num_passes = 3
+    uses_model_tensors = True
 
     def __init__(self, num_models: int, total_numel: int, param_value_mask_rate: float) -> None:
         self.k = int(total_numel * param_value_mask_rate)
@@ -168,7 +169,7 @@ class TiesGlobalState:
 
     def update(self, pass_index: int, stacked_deltas: Tensor) -> None:
         if pass_index < 2:
-            for selector, delta in zip(self.selectors, stacked_deltas):
+            for selector, delta in zip(self.selectors, stacked_deltas, strict=False):  # no selectors when k = 0
                 selector.update(pass_index, delta)
         else:
             signs = torch.sign(trim(stacked_deltas, self.thresholds).sum(dim=0))
@@ -182,6 +183,30 @@ class TiesGlobalState:
                 self.thresholds = [float(s.value) for s in self.selectors]
         else:
             self.majority_sign = float((self._sign_sum > 0) - (self._sign_sum < 0))
+
+
+def ties_global_state(hyperparameters: Mapping[str, Any], num_models: int, total_numel: int) -> TiesGlobalState | None:
+    """The whole-model trim and sign state for ``ties_trim_scope="global"``; None for ``"per_tensor"``."""
+    if hyperparameters["ties_trim_scope"] != "global":
+        return None
+    return TiesGlobalState(num_models, total_numel, hyperparameters["param_value_mask_rate"])
+
+
+def ties_chunkable(hyperparameters: Mapping[str, Any]) -> bool:
+    """Row chunks are exact with the global thresholds and sign; a per-tensor trim needs the whole tensor."""
+    return hyperparameters["ties_trim_scope"] == "global"
+
+
+def ties_arguments(hyperparameters: Mapping[str, Any], *, name: str, num_models: int, statistics: Any,
+                   global_state: TiesGlobalState | None) -> dict[str, Any]:
+    """``ties_merging``'s keyword arguments: the hyperparameters, plus the whole model's thresholds and sign."""
+    is_global = hyperparameters["ties_trim_scope"] == "global"
+    return {
+        "param_value_mask_rate": hyperparameters["param_value_mask_rate"],
+        "scaling_coefficient": hyperparameters["scaling_coefficient"],
+        "thresholds": global_state.thresholds if is_global else None,
+        "majority_sign": global_state.majority_sign if is_global else None,
+    }
 
 
 def _sign_of_sum(signs: Tensor) -> float:

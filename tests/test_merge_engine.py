@@ -325,3 +325,60 @@ def test_bf16_output_of_larger_tensors_equals_cast_merge_state_dicts(hp, tmp_pat
                       merging_method_name="mask_merging", hyperparameters=hp, dtype="bfloat16", progress=False)
     expected = reference_merge("mask_merging", hp, folders, None)
     assert_same_tensors(tmp_path / "out", {k: v.to(torch.bfloat16) for k, v in expected.items()})
+
+
+# A toy method, written as its own module would be: a pure per-parameter function, a whole-model state and
+# its argument builder. Registering it is the one line ``MERGE_METHODS[TOY.name] = TOY`` (done by monkeypatch).
+class _LargestDelta:
+    """The largest |delta| over every merged tensor and model (one pass over the deltas)."""
+
+    num_passes = 1
+    uses_model_tensors = True
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def update(self, pass_index: int, stacked_deltas: torch.Tensor) -> None:
+        if stacked_deltas.numel():
+            self.value = max(self.value, float(stacked_deltas.abs().max()))
+
+    def finish_pass(self, pass_index: int) -> None:
+        pass
+
+
+def normalised_sum(base, deltas, *, scaling_coefficient=1.0, largest_delta=1.0):
+    """``base + scaling_coefficient * sum_i delta_i / largest_delta``."""
+    return base + scaling_coefficient * torch.stack(list(deltas)).sum(dim=0) / largest_delta
+
+
+def _toy_method():
+    from model_merging_methods.registry import MergeMethod, always
+
+    return MergeMethod(
+        "normalised_sum", normalised_sum, {"scaling_coefficient": 1.0},
+        merge_arguments=lambda hp, *, global_state, **_: {**hp, "largest_delta": global_state.value},
+        global_state=lambda hp, num_models, total_numel: _LargestDelta(), chunkable=always,
+    )
+
+
+@pytest.mark.parametrize("hp", [{"scaling_coefficient": 0.5}, {"weight_mask_rate": 0.5, "seed": 1}],
+                         ids=["plain", "dare"])
+def test_registered_toy_method_runs_in_memory_and_streamed(hp, llama_family, tmp_path, monkeypatch):
+    from model_merging_methods.registry import MERGE_METHODS
+
+    toy = _toy_method()
+    monkeypatch.setitem(MERGE_METHODS, toy.name, toy)  # the registry line
+    method, hp = ("mask_merging", {"mask_apply_method": toy.name, **hp}) if "seed" in hp else (toy.name, hp)
+    folders, _ = llama_family
+    expected = reference_merge(method, hp, folders, None)
+    state_dicts = [read_back(f) for f in folders]
+    largest = max(float((sd[n].float() - state_dicts[0][n].float()).abs().max())
+                  for sd in state_dicts[1:] for n in sd if sd[n].is_floating_point())
+    if method == toy.name:  # the formula itself, on one tensor
+        name = "model.layers.0.mlp.up_proj.weight"
+        base = state_dicts[0][name].float()
+        formula = base + 0.5 * sum(sd[name].float() - base for sd in state_dicts[1:]) / largest
+        torch.testing.assert_close(expected[name].float(), formula.to(expected[name].dtype).float())
+    merge_checkpoints(str(folders[0]), [str(f) for f in folders[1:]], str(tmp_path / "out"),
+                      merging_method_name=method, hyperparameters=hp, chunk_numel=600, num_threads=2, progress=False)
+    assert_same_tensors(tmp_path / "out", expected)
