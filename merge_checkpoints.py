@@ -29,9 +29,17 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from delta_analysis import check_homology  # noqa: E402
 from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
 from merge_engine.tensor_plan import DTYPES  # noqa: E402
-from model_merging_methods import MERGE_METHODS, MERGING_METHOD_NAMES, accepted_hyperparameters  # noqa: E402
+from model_merging_methods import accepted_hyperparameters  # noqa: E402
 from utils.cli_command import command_from_args  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
+from utils.merge_flags import (  # noqa: E402
+    add_dare_flags,
+    add_fisher_flags,
+    add_method_flags,
+    add_regmean_flags,
+    add_ties_flags,
+    add_ties_trim_scope_flag,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_model", required=True, help="base model folder or hub id")
     p.add_argument("--finetuned_models", nargs="+", required=True, help="fine-tuned model folders or hub ids")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--merging_method_name", required=True, choices=MERGING_METHOD_NAMES)
-    p.add_argument("--mask_apply_method", choices=sorted(MERGE_METHODS), help="method after DARE (mask_merging)")
-    p.add_argument("--scaling_coefficient", type=float, help="lambda (task_arithmetic, ties_merging)")
-    p.add_argument("--param_value_mask_rate", type=float, help="TIES trim rate (default 0.8)")
-    p.add_argument("--ties_trim_scope", choices=["global", "per_tensor"], help="TIES trim over the whole model "
-                   "(MergeLM, the default) or per tensor (mergekit)")
-    p.add_argument("--weight_mask_rate", type=float, nargs="+", help="DARE drop rate p, one or one per model")
-    p.add_argument("--use_weight_rescale", action="store_true", help="divide kept deltas by 1-p (DARE); "
-                   "without it mask_merging is DropOnly, as in MergeLM's CLI")
-    p.add_argument("--mask_strategy", choices=["random", "magnitude"])
-    p.add_argument("--weight_format", choices=["delta_weight", "finetuned_weight"])
-    p.add_argument("--normalize_fisher_weight", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--minimal_fisher_weight", type=float)
-    p.add_argument("--fisher_scaling_coefficients", type=float, nargs="+")
-    p.add_argument("--reduce_non_diagonal_ratio", type=float)
+    # library_defaults: an unset flag leaves the method's own default (MergeLM's merging_models), e.g.
+    # normalize_fisher_weight on and the global TIES trim, and stays out of the recorded command
+    add_method_flags(p, library_defaults=True)
+    add_ties_flags(p, library_defaults=True)
+    add_ties_trim_scope_flag(p, default=None)
+    add_dare_flags(p, rates="per_model", library_defaults=True)
+    add_fisher_flags(p, normalize_fisher_weight=None, library_defaults=True)
+    add_regmean_flags(p, library_defaults=True)
     p.add_argument("--statistics_files", nargs="+", help="Fisher/RegMean statistics, one file per fine-tuned model")
     p.add_argument("--exclude_param_names_regex", nargs="*", default=[])
     p.add_argument("--seed", type=int, default=0)

@@ -27,13 +27,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from model_merging_methods import FISHER_ESTIMATORS
 from utils.encoder_models import device_for, load_tokenizer, model_short_name
 from utils.glue_data import GLUE_TASK_NAMES
 from utils.glue_finetune import add_checkpoint_args, checkpoints_tag, resolve_checkpoints
 from utils.glue_inference import DareSettings, check_drop_rates
-from utils.glue_merging import GRIDS, MERGING_METHODS, grid_search_pair, load_pair_merger
+from utils.glue_merging import GRIDS, grid_search_pair, load_pair_merger
 from utils.logging_setup import setup_logging
+from utils.merge_flags import (
+    add_dare_flags,
+    add_fisher_flags,
+    add_method_flags,
+    add_regmean_flags,
+    add_statistics_flags,
+    add_ties_flags,
+)
 from utils.run_dir import (
     atomic_write_json,
     hyperparameter_dirname,
@@ -48,33 +55,20 @@ logger = logging.getLogger(__name__)
 SCRIPT_NAME = "merge_plms_glue"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
-    parser.add_argument("--merging_method_name", nargs="+", default=["average_merging"],
-                        choices=[*MERGING_METHODS, "mask_merging"], help="one or more (they share each pair's caches)")
-    parser.add_argument("--mask_apply_method", nargs="+", default=["average_merging"], choices=MERGING_METHODS,
-                        help="method(s) applied after DARE by mask_merging")
+    add_method_flags(parser, several=True)
     parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
     parser.add_argument("--dataset_pairs", nargs="*", default=None, metavar="A,B", help="explicit pairs")
     parser.add_argument("--select_on", default="validation", choices=["validation", "test"])
     parser.add_argument("--grid", default="paper", choices=["paper", "reduced", "quick", "none"])
-    parser.add_argument("--scaling_coefficient", type=float, default=1.0)
-    parser.add_argument("--nums_fisher_examples", type=int, nargs="+", default=[256])
-    parser.add_argument("--fisher_scaling_coefficients", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--normalize_fisher_weight", action="store_true")
-    parser.add_argument("--fisher_estimator", nargs="+", default=["mergelm"], choices=FISHER_ESTIMATORS,
-                        help="Fisher estimator(s): MergeLM's batch objective, or the exact diagonal Fisher (one run "
-                             "folder each)")
-    parser.add_argument("--minimal_fisher_weight", type=float, default=1e-6)
-    parser.add_argument("--nums_regmean_examples", type=int, nargs="+", default=[256])
-    parser.add_argument("--reduce_non_diagonal_ratio", type=float, default=1.0)
-    parser.add_argument("--param_value_mask_rate", type=float, default=0.8)
-    parser.add_argument("--weight_mask_rate", type=float, nargs="+", default=[0.1],
-                        help="DARE rates (the grid under --grid none; ignored otherwise)")
-    parser.add_argument("--use_weight_rescale", action="store_true")
-    parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
-    parser.add_argument("--weight_format", default="delta_weight", choices=["delta_weight", "finetuned_weight"])
+    add_ties_flags(parser)
+    add_statistics_flags(parser)
+    # MergeLM's merge_plms_glue.py: off unless --normalize_fisher_weight is given (its README passes it)
+    add_fisher_flags(parser, normalize_fisher_weight=False)
+    add_regmean_flags(parser)
+    add_dare_flags(parser, rates="grid")
     parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several DARE mask seeds: every mask_merging run is repeated (selection included) per "
@@ -84,7 +78,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
     group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def flag_grid(args: argparse.Namespace, method: str) -> dict[str, list]:
@@ -129,6 +127,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 def search_space(args: argparse.Namespace, name: str, method: str) -> tuple[dict[str, list], list[float] | None]:
     """(grid of the applied method, DARE rates or None) from the flags."""
     dare = name == "mask_merging"
+    if method not in GRIDS["paper"][0]:
+        raise ValueError(f"merge_plms_glue.py has no grid for merging method {method!r}, got it from the registry; "
+                         "add its values to GRIDS in utils/glue_merging.py and to flag_grid")
     if args.grid == "none":
         return flag_grid(args, method), check_drop_rates(args.weight_mask_rate) if dare else None
     grids, rates = GRIDS[args.grid]
