@@ -6,13 +6,13 @@ The record holds no timestamps, so two runs of the same merge (or a resumed one)
 from __future__ import annotations
 
 import platform
-import subprocess
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from merge_engine.shard_index import CheckpointIndex
+from utils.run_dir import git_commit
 
 _PACKAGES = ("torch", "safetensors", "numpy", "transformers", "huggingface_hub")
 
@@ -24,17 +24,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def versions() -> dict[str, Any]:
-    return {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES}, "git_commit": _git_commit()}
+    return {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES}, "git_commit": git_commit()}
 
 
 def _describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from utils.model_loading import hub_offline
+
 logger = logging.getLogger(__name__)
 
 # What a merge needs from a hub repository: weights, configs and tokenizer files.
@@ -26,7 +28,7 @@ def _snapshot(repo_id: str, allow_patterns: tuple[str, ...], offline: bool) -> P
 
 def _download_hub_model(repo_id: str) -> Path:
     """Fetch configs, tokenizer and weights; ``.bin`` weights only when the repo has no safetensors."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     folder = _snapshot(repo_id, HUB_ALLOW_PATTERNS, offline)
     if not any(folder.glob("*.safetensors")):
         folder = _snapshot(repo_id, HUB_ALLOW_PATTERNS + HUB_BIN_PATTERNS, offline)
@@ -37,7 +39,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
     """Return the local folder holding ``name_or_path``.
 
     A path that exists is used as is. Otherwise a ``owner/name`` string is looked up on the Hugging Face hub
-    (the local cache only when ``HF_HUB_OFFLINE=1``).
+    (the local cache only when ``HF_HUB_OFFLINE`` is set, see ``utils.model_loading.hub_offline``).
 
     Args:
         name_or_path: a folder with ``config.json`` and weights, or a hub id such as ``meta-llama/Llama-2-7b-hf``.

@@ -18,6 +18,7 @@ import torch
 
 from merge_engine.shard_index import CheckpointIndex, load_bin_file, read_safetensors_header
 from merge_engine.tensor_reader import TensorReader
+from model_merging_methods.merge_plan import MergePlan
 from model_merging_methods.registry import MERGE_METHODS
 
 
@@ -86,24 +87,13 @@ def open_statistics(
     return [LazyStatistics(p) for p in paths]
 
 
-def check_statistics(statistics: Sequence[LazyStatistics] | None, kind: str | None,
+def check_statistics(statistics: Sequence[LazyStatistics] | None, plan: MergePlan,
                      merged_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Every merged parameter needs a Fisher entry of its shape; Gram entries must be ``(in, in)`` square.
+    """``MergePlan.check_statistics`` on the files, reading shapes from their headers (no tensor is read).
 
     Raises:
         ValueError: naming the file, the entry and the shapes.
     """
-    if statistics is None:
-        return
-    for stats in statistics:
-        for name, shape in merged_shapes.items():
-            key = name if kind == "fisher" else (name[: -len(".weight")] if name.endswith(".weight") else None)
-            if key is None or key not in stats:
-                if kind == "fisher":
-                    raise ValueError(f"{stats.path} must hold a Fisher diagonal for every merged parameter, "
-                                     f"got none for {name!r}")
-                continue
-            expected = shape if kind == "fisher" else (shape[-1], shape[-1])
-            if stats.shape(key) != tuple(expected):
-                raise ValueError(f"{stats.path}: entry {key!r} must have shape {tuple(expected)}, "
-                                 f"got {stats.shape(key)}")
+    if statistics is not None:
+        plan.check_statistics(statistics, merged_shapes, [str(stats.path) for stats in statistics],
+                              shape_of=lambda stats, key: stats.shape(key))

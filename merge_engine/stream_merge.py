@@ -169,7 +169,7 @@ def _validate_models(labels: Sequence[str], output: Path, plan, exclude: Sequenc
     check_architectures(configs, labels)
     jobs = build_tensor_jobs(indexes, labels, merge_names=_merge_names(indexes[0], exclude),
                              vocab_policy=vocab_policy, dtype=out_dtype)
-    check_statistics(statistics, plan.statistics, {j.name: j.out_shape for j in jobs if j.merge})
+    check_statistics(statistics, plan, {j.name: j.out_shape for j in jobs if j.merge})
     return _Models(dirs, indexes, configs, jobs, output)
 
 

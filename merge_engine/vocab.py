@@ -68,6 +68,16 @@ def vocab_error(mismatches: Mapping[str, Sequence[int]], model_names: Sequence[s
     )
 
 
+def pad_with_mean_rows(tensor: torch.Tensor, target_rows: int) -> torch.Tensor:
+    """``tensor`` (float32) with rows appended up to ``target_rows``, each the mean of its existing rows.
+
+    MergeLM's (and Alpaca's) ``smart_tokenizer_and_embedding_resize`` rule for new vocabulary rows.
+    """
+    values = tensor.float()
+    mean = values.mean(dim=0, keepdim=True)
+    return torch.cat([values, mean.expand(target_rows - values.shape[0], *values.shape[1:])], dim=0)
+
+
 def align_rows(tensor: torch.Tensor, target_rows: int, policy: str, base: torch.Tensor | None = None) -> torch.Tensor:
     """Bring one model's vocabulary tensor to ``target_rows`` rows under ``policy``.
 
@@ -86,9 +96,7 @@ def align_rows(tensor: torch.Tensor, target_rows: int, policy: str, base: torch.
     if rows > target_rows:
         return tensor[:target_rows]
     if policy == "mergelm":
-        values = tensor.float()
-        mean = values.mean(dim=0, keepdim=True)
-        return torch.cat([values, mean.expand(target_rows - rows, *values.shape[1:])], dim=0)
+        return pad_with_mean_rows(tensor, target_rows)
     if base is None:
         raise RuntimeError("align_rows with policy 'base' needs the base tensor")
     return torch.cat([tensor.to(base.dtype), base[rows:target_rows]], dim=0)

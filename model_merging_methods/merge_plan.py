@@ -15,7 +15,7 @@ merged tensors, in any order; ``merge_state_dicts`` and ``merge_engine`` run the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,14 +116,50 @@ class MergePlan:
             out.append(tensor - base32 if masked_weight else tensor)
         return out
 
+    def statistics_key(self, name: str) -> str | None:
+        """The statistics entry of parameter ``name``: itself (Fisher) or its Linear module (Gram), else None."""
+        return name if self.statistics == "fisher" else gram_module_name(name)
+
     def statistics_for(self, name: str, statistics: Sequence[Mapping[str, Tensor]] | None) -> list | None:
         """This parameter's entry of each model's statistics dict (Gram: the Linear module's matrix)."""
         if self.statistics is None or statistics is None:
             return None
-        key = name if self.statistics == "fisher" else gram_module_name(name)
+        key = self.statistics_key(name)
         if key is None or key not in statistics[0]:
             return None
         return [stats[key] for stats in statistics]
+
+    def check_statistics(
+        self, statistics: Sequence[Mapping[str, Any]], shapes: Mapping[str, Sequence[int]], labels: Sequence[str],
+        shape_of: Callable[[Mapping[str, Any], str], Sequence[int]] = lambda stats, key: stats[key].shape,
+    ) -> None:
+        """Every merged parameter has a Fisher entry of its shape; Gram entries are ``(in, in)`` and every model
+        has the same Linear modules. Used by ``merge_state_dicts`` (dicts) and ``merge_engine`` (files).
+
+        Args:
+            statistics: one ``{entry: tensor}`` mapping per fine-tuned model.
+            shapes: the merged parameters' shapes.
+            labels: how each model's statistics are named in errors (``fisher_weights[1]``, a file path).
+            shape_of: an entry's shape (a file's reader can answer without reading the tensor).
+        Raises:
+            ValueError: naming the model's statistics, the entry and the shapes.
+        """
+        for label, stats in zip(labels, statistics, strict=True):
+            if self.statistics == "fisher":
+                missing = [name for name in shapes if name not in stats]
+                if missing:
+                    raise ValueError(f"{label} must cover every merged parameter, missing {missing[:5]}")
+            elif set(stats) != set(statistics[0]):
+                raise ValueError(f"{label} must have the same Linear modules as {labels[0]}, "
+                                 f"differs in {sorted(set(stats) ^ set(statistics[0]))[:5]}")
+            for name, shape in shapes.items():
+                key = self.statistics_key(name)
+                if key is None or key not in stats:
+                    continue
+                expected = tuple(shape) if self.statistics == "fisher" else (shape[-1], shape[-1])
+                if tuple(shape_of(stats, key)) != expected:
+                    raise ValueError(f"{label} entry {key!r} (for {name!r}) has shape {tuple(shape_of(stats, key))}, "
+                                     f"expected {expected}")
 
     def new_global_state(self, total_numel: int) -> GlobalState | None:
         """The whole-model accumulator this plan needs (``MergeMethod.global_state``), or None."""

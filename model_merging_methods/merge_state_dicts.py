@@ -50,22 +50,8 @@ def _validate_statistics(plan: MergePlan, names: Sequence[str], pretrained: Stat
         got = "none" if statistics is None else f"{len(statistics)} dicts"
         raise ValueError(f"{plan.method.name} needs {label}: one dict per fine-tuned model ({plan.num_models}), "
                          f"got {got}; compute them with compute_{label}")
-    for index, stats in enumerate(statistics):
-        if plan.statistics == "fisher":
-            missing = [n for n in names if n not in stats]
-            if missing:
-                raise ValueError(f"fisher_weights[{index}] must cover every merged parameter, missing {missing[:5]}")
-        elif set(stats) != set(statistics[0]):
-            raise ValueError(f"gram_matrices[{index}] must have the same Linear modules as gram_matrices[0], "
-                             f"differs in {sorted(set(stats) ^ set(statistics[0]))[:5]}")
-    for name in names:
-        entries = plan.statistics_for(name, statistics)
-        shape = pretrained[name].shape
-        expected = tuple(shape) if plan.statistics == "fisher" else (shape[-1], shape[-1])
-        for index, entry in enumerate(entries or []):
-            if tuple(entry.shape) != expected:
-                raise ValueError(f"{label}[{index}] entry for {name!r} has shape {tuple(entry.shape)}, "
-                                 f"expected {expected}")
+    plan.check_statistics(statistics, {name: pretrained[name].shape for name in names},
+                          [f"{label}[{index}]" for index in range(len(statistics))])
 
 
 def _merge_names(pretrained: StateDict, exclude_param_names_regex: Sequence[str]) -> tuple[list[str], dict]:

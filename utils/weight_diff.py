@@ -28,6 +28,8 @@ def _add_diff_to_base(name: str, diff: Any, base: Any, dtype: Any) -> Any:
     """``diff + base`` in float32; a base with fewer vocabulary rows gets mean rows appended first (Alpaca rule)."""
     import torch
 
+    from merge_engine.vocab import pad_with_mean_rows
+
     diff32, base32 = diff.to(torch.float32), base.to(torch.float32)
     if diff32.shape != base32.shape:
         extra_rows = diff32.shape[0] - base32.shape[0]
@@ -39,8 +41,7 @@ def _add_diff_to_base(name: str, diff: Any, base: Any, dtype: Any) -> Any:
             )
         # MergeLM / Alpaca's weight_diff: the base gets the [PAD] row(s) via smart_tokenizer_and_embedding_resize,
         # i.e. new rows = mean of the existing rows, before diff + base.
-        mean_rows = base32.mean(dim=0, keepdim=True).expand(extra_rows, -1)
-        base32 = torch.cat([base32, mean_rows], dim=0)
+        base32 = pad_with_mean_rows(base32, diff32.shape[0])
     return (diff32 + base32).to(dtype)
 
 
