@@ -3,7 +3,11 @@ runs."""
 
 from __future__ import annotations
 
+import importlib
 import re
+import shlex
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -43,3 +47,60 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     for command in commands:
         assert command in ci, f"README command not run by .ci/run: {command}"
 
+
+
+# Shell variables of the documented commands, replaced by values of the kind they stand for.
+_SHELL_VALUES = {
+    "$M": "--model_path Llama-2-13b-hf=/models/Llama-2-13b-hf", "$p": "lm+math/task_arithmetic", "$d": "gsm8k",
+    "$m": "WizardLM-13B-V1.2", "$i": "0", "$C": "--language_model_name all-MiniLM-L6-v2 --output_dir results/x",
+}
+
+
+def _without_command_substitutions(text: str) -> str:
+    """``text`` with every ``$( ... )`` (nested parentheses included) replaced by ``/path``."""
+    while (start := text.find("$(")) >= 0:
+        depth, end = 0, start + 1
+        for end in range(start + 1, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        text = text[:start] + "/path" + text[end + 1:]
+    return text
+
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(document, script, argv)`` of every ``python <script>.py ...`` line in a bash block of README.md, docs/
+    and benchmarks/README.md (continuation lines joined, ``$(...)`` and the variables above substituted)."""
+    commands = []
+    for document in [*DOCUMENTS, "benchmarks/README.md"]:
+        for block in _blocks("bash", document):
+            block = _without_command_substitutions(block.replace("\\\n", " "))
+            for line in block.splitlines():
+                for script, rest in re.findall(r"python (\S+\.py)([^;#|&]*)", line):
+                    for name, value in _SHELL_VALUES.items():
+                        rest = rest.replace(name, value)
+                    assert "$" not in rest, f"{document}: unknown shell variable in {line!r}; add it above"
+                    commands.append((document, script, shlex.split(rest)))
+    return commands
+
+
+def test_documented_commands_parse():
+    """Every documented script command is accepted by the script's own argument parser (flags, values, choices)."""
+    commands = _documented_commands()
+    assert len(commands) >= 30, commands
+    for document, script, argv in commands:
+        path = REPO_ROOT / script
+        assert path.is_file(), f"{document}: no script {script}"
+        sys.path.insert(0, str(path.parent))  # benchmarks/ scripts import their neighbours
+        try:
+            module = importlib.import_module(path.stem)
+        finally:
+            sys.path.remove(str(path.parent))
+        assert Path(module.__file__).resolve() == path.resolve(), (script, module.__file__)
+        parse = getattr(module, "parse_args", None)
+        if parse is None:  # scripts that build their parser inside main(): --help is all that can be checked
+            continue
+        try:
+            parse(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"{document}: {script} rejects {argv}") from exc
