@@ -26,20 +26,17 @@ from utils.glue_data import GLUE_TASK_NAMES
 from utils.glue_finetune import add_checkpoint_args, resolve_checkpoints
 from utils.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
 from utils.logging_setup import setup_logging
+from utils.merge_flags import add_dare_flags
 from utils.run_dir import prepare_run_dir, read_json, write_config, write_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
-    parser.add_argument("--weight_mask_rate", type=float, nargs="+", default=[0.1],
-                        help="one or more drop rates in [0, 1) (several = a drop-rate sweep)")
-    parser.add_argument("--use_weight_rescale", action="store_true")
-    parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
-    parser.add_argument("--weight_format", default="delta_weight", choices=["delta_weight", "finetuned_weight"])
+    add_dare_flags(parser, rates="sweep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several mask seeds (one run folder each; summarize_results.py reports mean +- std); "
@@ -47,7 +44,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
     group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[float, int], dict[str, Any]]]:
