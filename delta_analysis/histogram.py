@@ -68,4 +68,4 @@ def nonzero_bins(histogram: np.ndarray) -> list[list[float]]:
     finite = histogram[:FIRST_NONFINITE_BIN]
     bins = np.flatnonzero(finite)
     lo, hi = bin_edges(bins)
-    return [[float(a), float(b), int(c)] for a, b, c in zip(lo, hi, finite[bins])]
+    return [[float(a), float(b), int(c)] for a, b, c in zip(lo, hi, finite[bins], strict=True)]

@@ -130,8 +130,8 @@ def build_plan(catalogs: Sequence[Catalog], labels: Sequence[str]) -> AnalysisPl
         group = layer_group(name)
         rows = _common_rows(name, shapes, labels, group)
         if rows is not None:
-            notes.append(f"{name}: row counts {', '.join(f'{lab} {s[0]}' for lab, s in zip(labels, shapes))}; "
-                         f"analysed over the {rows} common rows")
+            counts = ", ".join(f"{lab} {s[0]}" for lab, s in zip(labels, shapes, strict=True))
+            notes.append(f"{name}: row counts {counts}; analysed over the {rows} common rows")
         shape = shapes[0] if rows is None else (rows, *shapes[0][1:])
         entries.append(TensorEntry(name, sources, shape, rows, group))
     for record in unmatched:

@@ -89,7 +89,8 @@ class UnitRunner:
         """``[base, *finetuned]`` for the unit, vocabulary-aligned, checked for NaN/Inf unless told not to."""
         job = unit.job
         models = len(self.readers) if job.merge else 1  # copied tensors come from the base alone
-        tensors = [reader.read(src, unit.rows) for reader, src in zip(self.readers[:models], job.sources[:models])]
+        sources = zip(self.readers[:models], job.sources[:models], strict=True)
+        tensors = [reader.read(src, unit.rows) for reader, src in sources]
         if job.target_rows is not None:
             base = align_rows(tensors[0], job.target_rows, self.vocab_policy)
             tensors = [base] + [align_rows(t, job.target_rows, self.vocab_policy, base) for t in tensors[1:]]
@@ -101,7 +102,7 @@ class UnitRunner:
         """Warn (or raise with ``strict``) for each tensor of ``[base, *finetuned]`` (a copied tensor: ``[base]``)
         with NaN/Inf; True when one was found."""
         found = False
-        for index, (label, tensor) in enumerate(zip(self.labels, tensors)):
+        for index, (label, tensor) in enumerate(zip(self.labels, tensors, strict=False)):  # copied: [base]
             if not _all_finite(tensor):
                 self._report_non_finite(name, f"{label} (base model)" if index == 0 else label, tensor)
                 found = True
@@ -123,7 +124,7 @@ class UnitRunner:
     def prefetch(self, unit: WorkUnit) -> None:
         """Start the disk reads of ``unit`` in the background (see ``TensorReader.prefetch``)."""
         models = len(self.readers) if unit.job.merge else 1
-        for reader, source in zip(self.readers[:models], unit.job.sources[:models]):
+        for reader, source in zip(self.readers[:models], unit.job.sources[:models], strict=True):
             reader.prefetch(source, unit.rows if unit.job.target_rows is None else None)
 
     def statistics_for(self, unit: WorkUnit) -> list[torch.Tensor] | None:

@@ -217,10 +217,9 @@ def dare_delta(
     fused = (finetuned.device.type == "cpu" and finetuned.is_contiguous() and base.is_contiguous()
              and finetuned.dtype == torch.bfloat16 and base.dtype == torch.float32)
     if not fused or drop_threshold(drop_rate) == 0:
-        delta = torch.sub(finetuned, base) if finetuned.dtype != base.dtype else finetuned - base
-        return mask_tensor(delta.float(), drop_rate=drop_rate, use_weight_rescale=use_weight_rescale,
-                           mask_strategy="random", seed=seed, model_index=model_index, name=name,
-                           element_offset=element_offset)
+        return mask_tensor(torch.sub(finetuned, base).float(), drop_rate=drop_rate,
+                           use_weight_rescale=use_weight_rescale, mask_strategy="random", seed=seed,
+                           model_index=model_index, name=name, element_offset=element_offset)
     out = torch.empty(base.shape, dtype=torch.float32)
     flat_ft = finetuned.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)  # bf16 bits; values only
     _apply_dare_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,

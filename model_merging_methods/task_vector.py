@@ -8,7 +8,7 @@ parameter unless ``re.match`` (anchored at the start) of any exclude pattern suc
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,21 +37,6 @@ def get_param_names_to_merge(param_names: Iterable[str], exclude_param_names_reg
     """
     patterns = compile_exclude_patterns(exclude_param_names_regex)
     return [name for name in param_names if not any(p.match(name) for p in patterns)]
-
-
-def task_vector(pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], names: Iterable[str]) -> dict:
-    """``{name: float32(finetuned[name]) - float32(pretrained[name])}`` (Ilharco et al., arXiv:2212.04089)."""
-    return {name: finetuned[name].float() - pretrained[name].float() for name in names}
-
-
-def combine_with_pretrained(
-    pretrained: Mapping[str, Tensor], vector: Mapping[str, Tensor], scaling_coefficient: float = 1.0
-) -> dict[str, Tensor]:
-    """``pretrained + scaling_coefficient * vector`` for every name of ``vector``, in the pretrained dtype."""
-    return {
-        name: (pretrained[name].float() + scaling_coefficient * delta).to(pretrained[name].dtype)
-        for name, delta in vector.items()
-    }
 
 
 def is_mergeable(tensor: Tensor) -> bool:

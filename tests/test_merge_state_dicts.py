@@ -136,7 +136,7 @@ def test_inputs_are_left_untouched_by_every_method(tiny_bert_family, bert_statis
         for weight_format in ("delta_weight", "finetuned_weight"):
             merge_state_dicts("mask_merging", base, ft, mask_apply_method=name, weight_mask_rate=0.5,
                               weight_format=weight_format, **kwargs)
-    for a, b in zip([base, *ft], [originals[0], *originals[1]]):
+    for a, b in zip([base, *ft], [originals[0], *originals[1]], strict=True):
         for key in a:
             assert torch.equal(a[key], b[key]), key
 
@@ -159,7 +159,7 @@ def bert_statistics(tiny_bert_family):
 def _regmean_reference(weights: list, grams: list, ratio: float):
     """RegMean (Jin et al., 2023): W = (sum_i G_i)^-1 sum_i G_i W_i^T with off-diagonals scaled by ``ratio``."""
     grams = [ratio * g + (1 - ratio) * torch.diag(torch.diagonal(g)) for g in grams]
-    return (torch.inverse(sum(grams)) @ sum(g @ w.T for g, w in zip(grams, weights))).T
+    return (torch.inverse(sum(grams)) @ sum(g @ w.T for g, w in zip(grams, weights, strict=True))).T
 
 
 def _ties_global_reference(deltas: list[dict], rate: float) -> dict:
@@ -173,7 +173,7 @@ def _ties_global_reference(deltas: list[dict], rate: float) -> dict:
     kept = trimmed * (torch.sign(trimmed) == signs)
     merged = kept.sum(dim=0) / (kept != 0).sum(dim=0).clamp(min=1)
     sizes = [deltas[0][n].numel() for n in names]
-    return {n: chunk.view_as(deltas[0][n]) for n, chunk in zip(names, merged.split(sizes))}
+    return {n: chunk.view_as(deltas[0][n]) for n, chunk in zip(names, merged.split(sizes), strict=True)}
 
 
 def _reference_merge(name: str, base: dict, finetuned: list[dict], merged_names: list[str], kwargs: dict) -> dict:
@@ -189,8 +189,8 @@ def _reference_merge(name: str, base: dict, finetuned: list[dict], merged_names:
             out[n] = base[n] + kwargs["scaling_coefficient"] * sum(d[n] for d in deltas)
         elif name == "fisher_merging":
             fisher = [c * (f[n] + kwargs["minimal_fisher_weight"])
-                      for c, f in zip(kwargs["fisher_scaling_coefficients"], kwargs["fisher_weights"])]
-            out[n] = sum(f * w for f, w in zip(fisher, weights)) / sum(fisher)
+                      for c, f in zip(kwargs["fisher_scaling_coefficients"], kwargs["fisher_weights"], strict=True)]
+            out[n] = sum(f * w for f, w in zip(fisher, weights, strict=True)) / sum(fisher)
         elif name == "regmean_merging" and n.endswith(".weight") and n[:-7] in kwargs["gram_matrices"][0]:
             grams = [g[n[:-7]] for g in kwargs["gram_matrices"]]
             out[n] = _regmean_reference(weights, grams, kwargs["reduce_non_diagonal_ratio"])
