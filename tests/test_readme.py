@@ -104,3 +104,15 @@ def test_documented_commands_parse():
             parse(argv)
         except SystemExit as exc:
             raise AssertionError(f"{document}: {script} rejects {argv}") from exc
+
+
+def test_original_readme_commands_are_documented():
+    """Every command of the original MergeLM README appears, as one command line, in README.md or docs/."""
+    from test_readme_commands import ORIGINAL_README_COMMANDS
+
+    documented = set()
+    for document in DOCUMENTS:
+        for block in _blocks("bash", document):
+            documented |= {" ".join(line.split()) for line in block.replace("\\\n", " ").splitlines()}
+    missing = [command for command in ORIGINAL_README_COMMANDS if command not in documented]
+    assert not missing, missing
