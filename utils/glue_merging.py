@@ -97,7 +97,10 @@ class PairMerger:
     def _dared(self, rate: float | None) -> list[dict[str, torch.Tensor]]:
         if not rate:
             return self.finetuned
-        return [dare_state_dict(self.pretrained, sd, rate, self.dare, model_index=i)
+        # heads are never dropped, and their shapes differ between tasks (STS-B has one output): DARE runs on the
+        # encoder only and each model keeps its own head
+        encoder = lambda sd: {k: v for k, v in sd.items() if "classifier" not in k}
+        return [{**sd, **dare_state_dict(encoder(self.pretrained), encoder(sd), rate, self.dare, model_index=i)}
                 for i, sd in enumerate(self.finetuned)]
 
     def _statistics(self, kind: str, index: int, num_examples: int, rate: float | None, state: dict) -> dict:
