@@ -28,6 +28,7 @@ from model_merging_methods.registry import (
     MERGE_METHODS,
     GlobalState,
     MergeMethod,
+    check_choice,
     unknown_name_error,
 )
 from model_merging_methods.regmean import gram_module_name
@@ -219,12 +220,6 @@ def _check_rate(name: str, value: Any, *, upper_inclusive: bool = False) -> floa
     return float(value)
 
 
-def _check_choice(name: str, value: Any) -> str:
-    if value not in _CHOICES[name]:
-        raise unknown_name_error(name, value, _CHOICES[name])
-    return value
-
-
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -266,7 +261,7 @@ def _validate_method_hyperparameters(hp: dict[str, Any], num_models: int) -> dic
     if "param_value_mask_rate" in hp:
         hp["param_value_mask_rate"] = _check_rate("param_value_mask_rate", hp["param_value_mask_rate"])
     if "ties_trim_scope" in hp:
-        _check_choice("ties_trim_scope", hp["ties_trim_scope"])
+        check_choice("ties_trim_scope", hp["ties_trim_scope"], _CHOICES["ties_trim_scope"])
     if "reduce_non_diagonal_ratio" in hp:
         hp["reduce_non_diagonal_ratio"] = _check_rate(
             "reduce_non_diagonal_ratio", hp["reduce_non_diagonal_ratio"], upper_inclusive=True
@@ -290,8 +285,8 @@ def _build_dare(hp: dict[str, Any], num_models: int) -> DareSettings:
     return DareSettings(
         weight_mask_rates=tuple(_check_rate("weight_mask_rate", rate) for rate in rates),
         use_weight_rescale=_check_bool("use_weight_rescale", hp["use_weight_rescale"]),
-        mask_strategy=_check_choice("mask_strategy", hp["mask_strategy"]),
-        weight_format=_check_choice("weight_format", hp["weight_format"]),
+        mask_strategy=check_choice("mask_strategy", hp["mask_strategy"], _CHOICES["mask_strategy"]),
+        weight_format=check_choice("weight_format", hp["weight_format"], _CHOICES["weight_format"]),
         model_indices=tuple(range(num_models)),
     )
 

@@ -138,6 +138,13 @@ def unknown_name_error(kind: str, name: object, choices: list[str] | tuple[str, 
     return ValueError(f"unknown {kind} {name!r}.{hint} Available: {', '.join(sorted(choices))}")
 
 
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> Any:
+    """``value`` when it is one of ``choices``; otherwise ``unknown_name_error``."""
+    if value not in choices:
+        raise unknown_name_error(name, value, tuple(choices))
+    return value
+
+
 def get_merge_method(name: str) -> MergeMethod:
     """The registered method called ``name``; an unknown name is a ValueError listing the choices."""
     if name not in MERGE_METHODS:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model_merging_methods import accepted_hyperparameters, build_merge_plan
+from model_merging_methods.registry import check_choice
 from utils.llm_pipeline import TASK_DATASETS, EvaluationSettings
 from utils.model_names import FINETUNED_TO_BACKBONE, TASK_TO_MODEL, backbone_for
 from utils.run_dir import hyperparameter_dirname, run_dir_for
@@ -34,13 +35,8 @@ LLM_MASK_APPLY_METHODS = ("average_merging", "task_arithmetic", "ties_merging")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
 def _check_save_dtype(save_dtype: str) -> None:
-    _check_choice("save_dtype", save_dtype, SAVE_DTYPES)
+    check_choice("save_dtype", save_dtype, SAVE_DTYPES)
 
 
 def _check_threads(merge_num_threads: int | None) -> None:
@@ -73,8 +69,8 @@ class LlmInferenceConfig:
 
     def __post_init__(self) -> None:
         _check_threads(self.merge_num_threads)
-        _check_choice("finetuned_model_name", self.finetuned_model_name, FINETUNED_MODEL_NAMES)
-        _check_choice("dataset_name", self.dataset_name, LLM_DATASET_NAMES)
+        check_choice("finetuned_model_name", self.finetuned_model_name, FINETUNED_MODEL_NAMES)
+        check_choice("dataset_name", self.dataset_name, LLM_DATASET_NAMES)
         _check_save_dtype(self.save_dtype)
         # validates the rate, strategy, format and seed exactly as the merger will
         build_merge_plan("mask_merging", 1, **self.dare_hyperparameters())
@@ -166,10 +162,10 @@ class LlmMergeConfig:
             raise ValueError(f"merging needs at least two distinct tasks, got {list(self.merge_tasks)}; pass two or "
                              "three of --merge_instruct, --merge_math, --merge_code")
         for task in self.merge_tasks:
-            _check_choice("merge task", task, MERGE_TASK_ORDER)
+            check_choice("merge task", task, MERGE_TASK_ORDER)
         object.__setattr__(self, "merge_tasks", tuple(t for t in MERGE_TASK_ORDER if t in self.merge_tasks))
-        _check_choice("merging_method_name", self.merging_method_name, LLM_MERGING_METHODS)
-        _check_choice("mask_apply_method", self.mask_apply_method, LLM_MASK_APPLY_METHODS)
+        check_choice("merging_method_name", self.merging_method_name, LLM_MERGING_METHODS)
+        check_choice("mask_apply_method", self.mask_apply_method, LLM_MASK_APPLY_METHODS)
         _check_save_dtype(self.save_dtype)
         build_merge_plan(self.merging_method_name, len(self.merge_tasks), **self.hyperparameters())
 
@@ -259,7 +255,7 @@ class DirectInferenceConfig:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:
-        _check_choice("evaluate_task", self.evaluate_task, MERGE_TASK_ORDER)
+        check_choice("evaluate_task", self.evaluate_task, MERGE_TASK_ORDER)
         if self.merged_model_path is None:
             if self.merge is None:
                 raise ValueError("direct inference needs the merge flags (two or more --merge_*) or "
