@@ -33,14 +33,18 @@ from utils.run_dir import write_metrics
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_merge_args(parser)
     parser.add_argument("--evaluate_task", default="instruct", choices=MERGE_TASK_ORDER)
     parser.add_argument("--merged_model_path", default=None, help="evaluate this folder instead of the one the "
                         "merge flags name")
     add_common_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> DirectInferenceConfig:

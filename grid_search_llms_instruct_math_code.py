@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from utils.llm_cli import add_common_args, settings_from_args
-from utils.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER
+from utils.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER
 from utils.llm_grid import (
     GRID_METHODS,
     PAPER_PARAM_VALUE_MASK_RATES,
@@ -46,6 +46,7 @@ from utils.llm_grid_search import (
 )
 from utils.llm_presets import describe_presets, get_preset, table1_row_for
 from utils.logging_setup import setup_logging
+from utils.merge_flags import add_ties_trim_scope_flag
 from utils.model_loading import parse_model_path_overrides
 from utils.run_dir import write_config
 from utils.seeding import set_random_seed
@@ -53,7 +54,7 @@ from utils.seeding import set_random_seed
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="a Table 1 preset (models, method, stated settings)")
     parser.add_argument("--list_presets", action="store_true", help="print the presets and their sources, then exit")
@@ -67,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="DARE drop rates p")
     parser.add_argument("--param_value_mask_rates", nargs="+", type=float,
                         default=list(PAPER_PARAM_VALUE_MASK_RATES), help="TIES trim rates (1 - retain ratio)")
-    parser.add_argument("--ties_trim_scope", default="per_tensor", choices=["per_tensor", "global"])
+    add_ties_trim_scope_flag(parser, default=LLM_TIES_TRIM_SCOPE)
     parser.add_argument("--datasets", nargs="+", default=None, choices=LLM_DATASET_NAMES,
                         help="benchmarks (default: the merged tasks', or the preset's)")
     parser.add_argument("--validation_fraction", type=float, default=0.1, help="validation sample (paper: 10%%)")
@@ -81,7 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
     parser.add_argument("--save_merge_models_dir", default="save_merge_models", help="merged-model folders")
     add_common_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _grid_values(args: argparse.Namespace) -> dict[str, list[float]]:

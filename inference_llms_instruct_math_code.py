@@ -18,25 +18,30 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from utils.llm_cli import add_common_args, add_dare_args, settings_from_args, start_run
+from utils.llm_cli import add_common_args, settings_from_args, start_run
 from utils.llm_configs import FINETUNED_MODEL_NAMES, LLM_DATASET_NAMES, LlmInferenceConfig
 from utils.llm_merging import inference_model_paths, run_inference
+from utils.merge_flags import add_dare_flags
 from utils.model_loading import parse_model_path_overrides
 from utils.run_dir import write_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--finetuned_model_name", default="WizardLM-13B-V1.2", choices=FINETUNED_MODEL_NAMES)
     parser.add_argument("--dataset_name", default="alpaca_eval", choices=LLM_DATASET_NAMES)
-    add_dare_args(parser)
+    add_dare_flags(parser)
     parser.add_argument("--wizardcoder_use_llama2_as_backbone", action="store_true",
                         help="take WizardCoder-Python-7B/13B deltas against Llama-2 instead of CodeLlama-Python")
     parser.add_argument("--save_models_dir", default="save_models", help="folder of the temporary DARE'd model")
     add_common_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> LlmInferenceConfig:

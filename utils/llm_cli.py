@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from utils.llm_configs import LLM_MASK_APPLY_METHODS, LLM_MERGING_METHODS, SAVE_DTYPES, LlmMergeConfig
+from utils.llm_configs import LLM_TIES_TRIM_SCOPE, SAVE_DTYPES, LlmMergeConfig
 from utils.llm_pipeline import EvaluationSettings
 from utils.logging_setup import setup_logging
+from utils.merge_flags import add_dare_flags, add_method_flags, add_ties_flags, add_ties_trim_scope_flag
 from utils.model_loading import parse_model_path_overrides
 from utils.run_dir import prepare_run_dir, write_config
 from utils.seeding import set_random_seed
@@ -19,29 +20,14 @@ from utils.seeding import set_random_seed
 logger = logging.getLogger(__name__)
 
 
-def add_dare_args(parser: argparse.ArgumentParser) -> None:
-    """MergeLM's DARE flags (same names, defaults and choices)."""
-    parser.add_argument("--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"],
-                        help="drop deltas (DARE) or the fine-tuned weights themselves")
-    parser.add_argument("--weight_mask_rate", type=float, default=0.1, help="DARE drop rate p in [0, 1)")
-    parser.add_argument("--use_weight_rescale", action="store_true", help="rescale kept values by 1/(1-p) (DARE); "
-                        "without it, DropOnly")
-    parser.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
-
-
 def add_merge_args(parser: argparse.ArgumentParser) -> None:
-    """MergeLM's merge flags plus TIES (``ties_merging``, and DARE-TIES via ``--mask_apply_method``)."""
+    """The models to merge, MergeLM's merge and DARE flags plus TIES (DARE-TIES via ``--mask_apply_method``)."""
     for task in ("instruct", "math", "code"):
         parser.add_argument(f"--merge_{task}", action="store_true", help=f"merge the {task} model")
-    parser.add_argument("--merging_method_name", default="average_merging", choices=LLM_MERGING_METHODS)
-    parser.add_argument("--scaling_coefficient", type=float, default=1.0, help="lambda (task_arithmetic, TIES)")
-    parser.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim rate (drop 80%%)")
-    parser.add_argument("--ties_trim_scope", default="per_tensor", choices=["per_tensor", "global"],
-                        help="TIES trim per tensor (default for LLMs: one streaming pass) or over the whole model "
-                        "(MergeLM's GLUE behaviour: an extra pass over every model)")
-    add_dare_args(parser)
-    parser.add_argument("--mask_apply_method", default="average_merging", choices=LLM_MASK_APPLY_METHODS,
-                        help="method applied after DARE (mask_merging); ties_merging = DARE-TIES")
+    add_method_flags(parser, without_statistics=True)  # no data here for Fisher/RegMean statistics
+    add_ties_flags(parser)
+    add_ties_trim_scope_flag(parser, default=LLM_TIES_TRIM_SCOPE)
+    add_dare_flags(parser)
     parser.add_argument("--save_merge_models_dir", default="save_merge_models",
                         help="merged-model folders: {dir}/{tasks}/{task}/{name} (MergeLM's layout)")
 

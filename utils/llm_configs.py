@@ -18,6 +18,7 @@ from typing import Any
 from model_merging_methods import accepted_hyperparameters, build_merge_plan
 from model_merging_methods.registry import check_choice
 from utils.llm_pipeline import TASK_DATASETS, EvaluationSettings
+from utils.merge_flags import merge_method_names, merging_method_names
 from utils.model_names import FINETUNED_TO_BACKBONE, TASK_TO_MODEL, backbone_for
 from utils.run_dir import hyperparameter_dirname, run_dir_for
 
@@ -30,8 +31,12 @@ DIRECT_SCRIPT = "direct_inference_merged_llms_instruct_math_code"
 FINETUNED_MODEL_NAMES: tuple[str, ...] = tuple(n for n in FINETUNED_TO_BACKBONE if not n.endswith("-recovered"))
 LLM_DATASET_NAMES = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 MERGE_TASK_ORDER = ("instruct", "math", "code")
-LLM_MERGING_METHODS = ("average_merging", "task_arithmetic", "ties_merging", "mask_merging")
-LLM_MASK_APPLY_METHODS = ("average_merging", "task_arithmetic", "ties_merging")
+# the registered methods that need no Fisher/Gram statistics: the LLM scripts have no data to compute them from
+LLM_MERGING_METHODS: tuple[str, ...] = tuple(merging_method_names(without_statistics=True))
+LLM_MASK_APPLY_METHODS: tuple[str, ...] = tuple(merge_method_names(without_statistics=True))
+# TIES trims per tensor for LLMs (one streaming pass), not over the whole model as MergeLM's GLUE TIES did (an extra
+# pass over every 13B model); the README's "TIES scope for LLMs" says why
+LLM_TIES_TRIM_SCOPE = "per_tensor"
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -134,15 +139,14 @@ class LlmInferenceConfig:
 class LlmMergeConfig:
     """``merge_llms_instruct_math_code.py``: merge 2-3 of WizardLM-13B / WizardMath-13B / code-alpaca-13B.
 
-    ``ties_trim_scope`` defaults to ``per_tensor`` here (MergeLM's GLUE TIES trims over the whole model): see
-    the README ("TIES scope for LLMs") for why.
+    ``ties_trim_scope`` defaults to ``LLM_TIES_TRIM_SCOPE`` (per tensor).
     """
 
     merge_tasks: tuple[str, ...] = ()
     merging_method_name: str = "average_merging"
     scaling_coefficient: float = 1.0
     param_value_mask_rate: float = 0.8
-    ties_trim_scope: str = "per_tensor"
+    ties_trim_scope: str = LLM_TIES_TRIM_SCOPE
     weight_format: str = "delta_weight"
     weight_mask_rate: float = 0.1
     use_weight_rescale: bool = False

@@ -39,7 +39,7 @@ from evaluation.generation import release_hf_model
 from evaluation.generations_file import load_finished_generations
 from evaluation.tasks import get_task
 from utils.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
-from utils.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER, LlmMergeConfig
+from utils.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER, LlmMergeConfig
 from utils.llm_grid import GridPoint, shard_points
 from utils.llm_grid_tables import grid_table, primary_score, selection_table, write_tables
 from utils.llm_merging import merge_llms, remove_model_dir, resolve_paths
@@ -96,7 +96,7 @@ class GridSearchConfig:
     split_seed: int = 0
     shard: tuple[int, int] = (0, 1)
     seed: int = 0
-    ties_trim_scope: str = "per_tensor"
+    ties_trim_scope: str = LLM_TIES_TRIM_SCOPE
     model_paths: Mapping[str, str] = field(default_factory=dict)
     save_merge_models_dir: str = "save_merge_models"
     save_dtype: str = "bfloat16"
