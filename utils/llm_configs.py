@@ -35,7 +35,7 @@ MERGE_TASK_ORDER = ("instruct", "math", "code")
 LLM_MERGING_METHODS: tuple[str, ...] = tuple(merging_method_names(without_statistics=True))
 LLM_MASK_APPLY_METHODS: tuple[str, ...] = tuple(merge_method_names(without_statistics=True))
 # TIES trims per tensor for LLMs (one streaming pass), not over the whole model as MergeLM's GLUE TIES did (an extra
-# pass over every 13B model); the README's "TIES scope for LLMs" says why
+# pass over every 13B model); docs/llm_pipeline.md ("TIES scope for LLMs") says why
 LLM_TIES_TRIM_SCOPE = "per_tensor"
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 
