@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce the paper's encoder findings at small scale: fine-tune five GLUE tasks, sweep DARE / DropOnly /
-# magnitude pruning / masking fine-tuned weights over drop rates with 3 mask seeds, merge all 10 pairs with the
-# five methods without and with DARE (3 DARE seeds, both Fisher estimators), then write the tables and figures.
+# Reproduce the paper's encoder findings at small scale: fine-tune five GLUE tasks, analyse their deltas, sweep
+# DARE / DropOnly / magnitude pruning / masking fine-tuned weights over drop rates with 3 mask seeds, merge all 10
+# pairs with the five methods without and with DARE (3 DARE seeds, both Fisher estimators), then write the tables
+# and figures.
 #
 #   scripts/reproduce_encoder_results.sh                                   # all-MiniLM-L6-v2 on 2 CPU cores
 #   scripts/reproduce_encoder_results.sh --model bert-base-uncased --gpu 0  # the paper's encoder, on a GPU
@@ -17,7 +18,7 @@ OUT=results/glue_reproduction
 GLUE_DIR=${MERGELM_GLUE_DIR:-../shared/data/glue}
 GPU=-1
 SMOKE=0
-STEPS="train sweep merge summary"
+STEPS="train deltas sweep merge summary"
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -58,6 +59,13 @@ if wants train; then
     python train_plms_glue.py "${COMMON[@]}" --dataset_name "$task" --num_runs 1 --num_epochs "$epochs" \
       --learning_rate $LR --warmup_ratio 0.06 --group_by_length $extra ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"}
   done
+fi
+
+if wants deltas && [ ! -f "$OUT/delta_analysis/analysis.json" ]; then
+  step "delta analysis of the fine-tuned models against $MODEL (the paper's SFT range: |delta| within 0.002-0.005)"
+  # shellcheck disable=SC2086
+  python analyze_deltas.py --pretrained_model "$MODEL" --quiet --output_dir "$OUT/delta_analysis" \
+    --finetuned_models $(for t in $TASKS; do ls -d "$OUT/train_plms_glue/$t/$(basename "$MODEL")"/*/model; done)
 fi
 
 if wants sweep; then

@@ -42,8 +42,11 @@ def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_di
     args = ("--smoke", "--model", str(tmp_path / "tiny-bert"), "--glue_dir", str(tmp_path / "glue"),
             "--output_dir", str(tmp_path / "out"))
     log = _run_script(*args)
-    for step in ("fine-tune rte", "fine-tune mrpc", "drop-rate sweep: DropOnly", "pairwise merges", "done"):
+    for step in ("fine-tune rte", "fine-tune mrpc", "delta analysis", "drop-rate sweep: DropOnly", "pairwise merges",
+                 "done"):
         assert step in log
+    deltas = json.loads((tmp_path / "out" / "delta_analysis" / "analysis.json").read_text())
+    assert len(deltas["models"]) == 2 and all(m["verdict"]["code"] for m in deltas["models"])
     summary = json.loads((tmp_path / "out" / "summary" / "summary.json").read_text())
     variants = {(row["task"], row["variant"]) for row in summary["dare_sweep"]}
     assert variants == {(t, v) for t in ("rte", "mrpc") for v in
