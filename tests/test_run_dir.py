@@ -29,3 +29,14 @@ def test_non_empty_run_dir_needs_overwrite_or_resume(tmp_path):
     with pytest.raises(FileExistsError, match="pass --overwrite to replace it or --resume"):
         prepare_run_dir(tmp_path)
     assert prepare_run_dir(tmp_path, resume=True) == tmp_path
+
+
+def test_long_folder_names_stay_within_the_file_name_limit_and_unique():
+    from utils.run_dir import hyperparameter_dirname
+
+    short = {"a": 1, "b": "x" * 200}
+    assert hyperparameter_dirname(short) == "a=1,b=" + "x" * 200  # up to 255 bytes: unchanged
+    long_a, long_b = {"a": 1, "b": "x" * 300}, {"a": 1, "b": "x" * 299 + "y"}
+    names = [hyperparameter_dirname(h) for h in (long_a, long_b)]
+    assert all(len(n.encode()) <= 255 for n in names) and names[0] != names[1]
+    assert names[0].startswith("a=1,b=xxx") and names[0] == hyperparameter_dirname(dict(long_a))

@@ -7,6 +7,7 @@ results tree can be summarised by walking it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -26,11 +27,22 @@ def format_value(value: Any) -> str:
     return str(value).replace(os.sep, "_")
 
 
+MAX_DIRNAME_BYTES = 255  # the file-name limit of Linux, macOS and Windows file systems
+
+
 def hyperparameter_dirname(hyperparameters: Mapping[str, Any]) -> str:
-    """``key=value`` pairs sorted by key and joined by commas; ``default`` when empty."""
+    """``key=value`` pairs sorted by key and joined by commas; ``default`` when empty.
+
+    A name longer than a file system allows (255 bytes) keeps its first 230 bytes and ends with ``,sha1=<12 hex
+    digits of the whole name>``: still unique per setting, and ``config.json`` holds every value.
+    """
     if not hyperparameters:
         return "default"
-    return ",".join(f"{k}={format_value(v)}" for k, v in sorted(hyperparameters.items()))
+    name = ",".join(f"{k}={format_value(v)}" for k, v in sorted(hyperparameters.items()))
+    if len(name.encode("utf-8")) <= MAX_DIRNAME_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:12]
+    return name.encode("utf-8")[:230].decode("utf-8", errors="ignore") + f",sha1={digest}"
 
 
 def run_dir_for(results_root: str | os.PathLike, *parts: str) -> Path:
