@@ -57,9 +57,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(config: GlueTrainConfig, output_dir: str, *, overwrite: bool, argv: Sequence[str]) -> dict[str, Any]:
-    """Train one run, or read its metrics when it already finished and ``overwrite`` is off."""
+    """Train one run, or read its metrics when it already finished and ``overwrite`` is off.
+
+    A run folder whose ``model/`` is missing (results copied without their weights) is trained again.
+    """
     run_dir = config.run_dir(output_dir)
-    if (run_dir / "metrics.json").exists() and not overwrite:
+    if (run_dir / "metrics.json").exists() and (run_dir / "model").is_dir() and not overwrite:
         logger.info("%s already trained; reusing it (pass --overwrite to retrain)", run_dir)
         return read_json(run_dir / "metrics.json")
     prepare_run_dir(run_dir, overwrite=True)
