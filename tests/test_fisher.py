@@ -92,12 +92,12 @@ def test_compute_fisher_mergelm_hand_computed_with_cross_terms():
 
 
 def test_exact_fisher_hand_computed_where_mergelm_gives_zero():
-    # p = (0.5, 0.5) at w = 0, x = 0.5: the Fisher is p0 p1 x^2 * ... = 0.5 (x/2)^2 + 0.5 (x/2)^2 = x^2/4 = 1/16;
+    # p = (0.5, 0.5) at w = 0, x = 1: the Fisher is 0.5 (x/2)^2 + 0.5 (x/2)^2 = x^2/4 = 0.25;
     # MergeLM's sqrt(p)-weighted gradients cancel to exactly 0.
     model = _OneWeight(0.0)
-    loader = [{"x": torch.tensor([0.5]), "labels": torch.tensor([0])}]
+    loader = [{"x": torch.tensor([1.0]), "labels": torch.tensor([0])}]
     assert compute_fisher_weights(model, loader, num_examples=1, estimator="exact")["w"].item() == \
-        pytest.approx(1 / 16)
+        pytest.approx(0.25)
     assert compute_fisher_weights(model, loader, num_examples=1)["w"].item() == 0.0
     # x = 2, p = (3/4, 1/4): sum_y p_y g_y^2 = p0 p1 x^2 = 3/4
     model = _OneWeight(math.log(3.0) / 2)
