@@ -51,7 +51,7 @@ def build_config(args: argparse.Namespace) -> DirectInferenceConfig:
     """Flags -> validated configuration; the merge flags are optional with ``--merged_model_path``."""
     settings = settings_from_args(args)
     has_merge_flags = args.merged_model_path is None or len(merge_tasks_from_args(args)) >= 2
-    merge = merge_config_from_args(args, settings) if has_merge_flags else None
+    merge = merge_config_from_args(args, settings, merges=False) if has_merge_flags else None
     return DirectInferenceConfig(evaluate_task=args.evaluate_task, merge=merge,
                                  merged_model_path=args.merged_model_path, evaluation=settings)
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from utils.llm_cli import add_common_args, settings_from_args
+from utils.llm_cli import add_common_args, homology_from_args, settings_from_args
 from utils.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER
 from utils.llm_grid import (
     GRID_METHODS,
@@ -46,7 +46,7 @@ from utils.llm_grid_search import (
 )
 from utils.llm_presets import describe_presets, get_preset, table1_row_for
 from utils.logging_setup import setup_logging
-from utils.merge_flags import add_ties_trim_scope_flag
+from utils.merge_flags import add_homology_flags, add_ties_trim_scope_flag
 from utils.model_loading import parse_model_path_overrides
 from utils.run_dir import write_config
 from utils.seeding import set_random_seed
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge_seconds", type=float, default=None, help="seconds per merge for the estimate")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
     parser.add_argument("--save_merge_models_dir", default="save_merge_models", help="merged-model folders")
+    add_homology_flags(parser)
     add_common_args(parser)
     return parser
 
@@ -126,7 +127,7 @@ def build_config(args: argparse.Namespace) -> GridSearchConfig:
         shard=parse_shard(args.shard), seed=args.seed, ties_trim_scope=args.ties_trim_scope,
         model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
-        evaluation=settings_from_args(args),
+        **homology_from_args(args), evaluation=settings_from_args(args),
     )
 
 

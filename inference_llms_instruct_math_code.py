@@ -18,10 +18,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from utils.llm_cli import add_common_args, settings_from_args, start_run
+from utils.llm_cli import add_common_args, homology_from_args, settings_from_args, start_run
 from utils.llm_configs import FINETUNED_MODEL_NAMES, LLM_DATASET_NAMES, LlmInferenceConfig
 from utils.llm_merging import inference_model_paths, run_inference
-from utils.merge_flags import add_dare_flags
+from utils.merge_flags import add_dare_flags, add_homology_flags
 from utils.model_loading import parse_model_path_overrides
 from utils.run_dir import write_metrics
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wizardcoder_use_llama2_as_backbone", action="store_true",
                         help="take WizardCoder-Python-7B/13B deltas against Llama-2 instead of CodeLlama-Python")
     parser.add_argument("--save_models_dir", default="save_models", help="folder of the temporary DARE'd model")
+    add_homology_flags(parser)
     add_common_args(parser)
     return parser
 
@@ -53,7 +54,7 @@ def build_config(args: argparse.Namespace) -> LlmInferenceConfig:
         wizardcoder_use_llama2_as_backbone=args.wizardcoder_use_llama2_as_backbone, seed=args.seed,
         model_paths=parse_model_path_overrides(args.model_path), save_models_dir=args.save_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
-        evaluation=settings_from_args(args),
+        **homology_from_args(args), evaluation=settings_from_args(args),
     )
 
 

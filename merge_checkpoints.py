@@ -35,6 +35,7 @@ from utils.logging_setup import setup_logging  # noqa: E402
 from utils.merge_flags import (  # noqa: E402
     add_dare_flags,
     add_fisher_flags,
+    add_homology_flags,
     add_method_flags,
     add_regmean_flags,
     add_ties_flags,
@@ -88,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="NaN/Inf in an input tensor, or a fine-tune the homology "
                    "check flags (not derived from the base, or deltas far outside the SFT range), is an error, "
                    "not a warning")
-    p.add_argument("--skip_homology_check", action="store_true", help="do not sample a few tensors before merging "
-                   "to check that every fine-tune is derived from the base (see analyze_deltas.py)")
+    add_homology_flags(p, strict_flag=False)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log_file", help="also log to this file")
     return p

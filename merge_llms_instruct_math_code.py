@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from utils.llm_cli import add_common_args, add_merge_args, merge_config_from_args, settings_from_args, start_run
 from utils.llm_merging import merge_model_paths, run_merge
+from utils.merge_flags import add_homology_flags
 from utils.run_dir import write_metrics
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_merge_args(parser)
+    add_homology_flags(parser)
     add_common_args(parser)
     return parser
 

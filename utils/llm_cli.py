@@ -76,7 +76,15 @@ def merge_tasks_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(task for task in ("instruct", "math", "code") if getattr(args, f"merge_{task}"))
 
 
-def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSettings) -> LlmMergeConfig:
+def homology_from_args(args: argparse.Namespace) -> dict[str, bool]:
+    """``--skip_homology_check`` / ``--strict_homology_check`` -> ``homology_check`` / ``strict_homology``."""
+    return {"homology_check": not args.skip_homology_check, "strict_homology": args.strict_homology_check}
+
+
+def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSettings, *,
+                           merges: bool = True) -> LlmMergeConfig:
+    """``merges=False``: the script only locates an earlier merge (no homology flags, the defaults are recorded)."""
+    homology = homology_from_args(args) if merges else {}
     return LlmMergeConfig(
         merge_tasks=merge_tasks_from_args(args), merging_method_name=args.merging_method_name,
         scaling_coefficient=args.scaling_coefficient, param_value_mask_rate=args.param_value_mask_rate,
@@ -85,7 +93,7 @@ def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSetting
         mask_strategy=args.mask_strategy, mask_apply_method=args.mask_apply_method, seed=args.seed,
         model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
-        evaluation=settings,
+        **homology, evaluation=settings,
     )
 
 

@@ -44,6 +44,13 @@ def _check_save_dtype(save_dtype: str) -> None:
     check_choice("save_dtype", save_dtype, SAVE_DTYPES)
 
 
+def check_homology_settings(homology_check: bool, strict_homology: bool) -> None:
+    """The preflight cannot be both skipped and made an error."""
+    if strict_homology and not homology_check:
+        raise ValueError("strict_homology needs the homology check, got it skipped; pass one of "
+                         "--skip_homology_check, --strict_homology_check")
+
+
 def _check_threads(merge_num_threads: int | None) -> None:
     if merge_num_threads is not None and merge_num_threads < 1:
         raise ValueError(f"merge_num_threads must be >= 1, got {merge_num_threads}; omit it for the CPU count")
@@ -70,10 +77,13 @@ class LlmInferenceConfig:
     save_dtype: str = "bfloat16"
     keep_model: bool = False
     merge_num_threads: int | None = None
+    homology_check: bool = True
+    strict_homology: bool = False
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:
         _check_threads(self.merge_num_threads)
+        check_homology_settings(self.homology_check, self.strict_homology)
         check_choice("finetuned_model_name", self.finetuned_model_name, FINETUNED_MODEL_NAMES)
         check_choice("dataset_name", self.dataset_name, LLM_DATASET_NAMES)
         _check_save_dtype(self.save_dtype)
@@ -158,10 +168,13 @@ class LlmMergeConfig:
     save_dtype: str = "bfloat16"
     keep_model: bool = False
     merge_num_threads: int | None = None
+    homology_check: bool = True
+    strict_homology: bool = False
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:
         _check_threads(self.merge_num_threads)
+        check_homology_settings(self.homology_check, self.strict_homology)
         if len(self.merge_tasks) < 2 or len(set(self.merge_tasks)) != len(self.merge_tasks):
             raise ValueError(f"merging needs at least two distinct tasks, got {list(self.merge_tasks)}; pass two or "
                              "three of --merge_instruct, --merge_math, --merge_code")

@@ -102,6 +102,8 @@ class GridSearchConfig:
     save_dtype: str = "bfloat16"
     keep_model: bool = False
     merge_num_threads: int | None = None
+    homology_check: bool = True
+    strict_homology: bool = False
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:
@@ -132,7 +134,7 @@ class GridSearchConfig:
             merge_tasks=self.merge_tasks, **point.merge_fields(), ties_trim_scope=self.ties_trim_scope,
             seed=self.seed, model_paths=self.model_paths, save_merge_models_dir=self.save_merge_models_dir,
             save_dtype=self.save_dtype, keep_model=self.keep_model, merge_num_threads=self.merge_num_threads,
-            evaluation=self.evaluation,
+            homology_check=self.homology_check, strict_homology=self.strict_homology, evaluation=self.evaluation,
         )
 
     def point_key(self, point: GridPoint) -> str:
@@ -154,7 +156,8 @@ class GridSearchConfig:
                 "validation_fraction": self.validation_fraction, "split_seed": self.split_seed,
                 "shard": list(self.shard), "seed": self.seed, "ties_trim_scope": self.ties_trim_scope,
                 "model_paths": dict(self.model_paths), "save_merge_models_dir": self.save_merge_models_dir,
-                "save_dtype": self.save_dtype, "evaluation": dataclasses.asdict(self.evaluation)}
+                "save_dtype": self.save_dtype, "homology_check": self.homology_check,
+                "strict_homology": self.strict_homology, "evaluation": dataclasses.asdict(self.evaluation)}
 
 
 def grid_model_paths(config: GridSearchConfig) -> dict[str, str]:

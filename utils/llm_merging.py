@@ -155,7 +155,8 @@ def prepare_inference_model(config: LlmInferenceConfig, paths: Mapping[str, str]
     merge_into(output_dir, paths[config.backbone_name], [finetuned], method="mask_merging",
                hyperparameters=config.dare_hyperparameters(), save_dtype=config.save_dtype, copy_config_from=1,
                resume=config.evaluation.resume, num_threads=config.merge_num_threads,
-               progress=config.evaluation.progress)
+               progress=config.evaluation.progress, homology_check=config.homology_check,
+               strict_homology=config.strict_homology)
     return str(output_dir), output_dir
 
 
@@ -219,7 +220,8 @@ def merge_llms(config: LlmMergeConfig, paths: Mapping[str, str]) -> dict[str, Pa
     merge_into(weights_dir, paths[config.backbone_name], finetuned, method=config.merging_method_name,
                hyperparameters=config.hyperparameters(), save_dtype=config.save_dtype, copy_config_from=0,
                resume=config.evaluation.resume, num_threads=config.merge_num_threads,
-               progress=config.evaluation.progress)
+               progress=config.evaluation.progress, homology_check=config.homology_check,
+               strict_homology=config.strict_homology)
     views = {}
     for task in config.merge_tasks:
         tokenizer_dir = resolve_model_dir(paths[TASK_TO_MODEL[task]])

@@ -50,6 +50,10 @@ HELP = {
     "nums_regmean_examples": "examples per model for the Gram matrices (the first is used under --grid none)",
     "fisher_estimator": "Fisher estimator(s): MergeLM's batch objective, or the exact diagonal Fisher (one run "
                         "folder each)",
+    "skip_homology_check": "do not sample a few tensors before merging to check that every fine-tune is derived "
+                           "from the base (see analyze_deltas.py)",
+    "strict_homology_check": "a fine-tune the homology check flags (not derived from the base, or deltas far "
+                             "outside the SFT range) is an error before any model is written, not a warning",
 }
 _SEVERAL_HELP = " (one or more, one run each)"
 _RATE_HELP = {
@@ -166,3 +170,14 @@ def add_statistics_flags(parser: argparse.ArgumentParser) -> None:
         _add(parser, name, several=True, type=int, default=_default(name, False))
     _add(parser, "fisher_estimator", several=True, choices=FISHER_ESTIMATORS, default=_default("fisher_estimator",
                                                                                                   False))
+
+
+def add_homology_flags(parser: argparse.ArgumentParser, *, strict_flag: bool = True) -> None:
+    """``--skip_homology_check`` and ``--strict_homology_check`` (the preflight of ``delta_analysis.check_homology``).
+
+    Args:
+        strict_flag: add ``--strict_homology_check``; ``False`` for a script whose own ``--strict`` covers it.
+    """
+    _add(parser, "skip_homology_check", action="store_true")
+    if strict_flag:
+        _add(parser, "strict_homology_check", action="store_true")
