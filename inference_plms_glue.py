@@ -23,7 +23,7 @@ from typing import Any
 
 from utils.encoder_models import device_for, load_tokenizer
 from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_finetune import add_checkpoint_args, resolve_checkpoints
+from utils.glue_finetune import add_checkpoint_args, add_rerun_flags, resolve_checkpoints
 from utils.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
 from utils.logging_setup import setup_logging
 from utils.merge_flags import add_dare_flags
@@ -41,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several mask seeds (one run folder each; summarize_results.py reports mean +- std); "
                              "overrides --seed")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
-    group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
+    add_rerun_flags(parser)
     return parser
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from utils.encoder_models import device_for, load_tokenizer, model_short_name
 from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_finetune import add_checkpoint_args, checkpoints_tag, resolve_checkpoints
+from utils.glue_finetune import add_checkpoint_args, add_rerun_flags, checkpoints_tag, resolve_checkpoints
 from utils.glue_inference import DareSettings, check_drop_rates
 from utils.glue_merging import GRIDS, grid_search_pair, load_pair_merger
 from utils.logging_setup import setup_logging
@@ -75,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "seed, one run folder each; overrides --seed")
     parser.add_argument("--max_validation_samples", type=int, default=None,
                         help="cap on the validation split only (selection); test stays whole")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
-    group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
+    add_rerun_flags(parser)
     return parser
 
 

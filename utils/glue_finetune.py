@@ -199,6 +199,13 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=0)
 
 
+def add_rerun_flags(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite`` / ``--resume`` of the inference and merge scripts (exclusive)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="recompute runs whose results exist")
+    group.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists, compute the rest")
+
+
 def resolve_checkpoints(args: argparse.Namespace, tasks: Sequence[str]) -> dict[str, Path]:
     """``--checkpoint TASK=PATH`` entries, else the matching run under ``--output_dir/train_plms_glue``."""
     explicit = {}
