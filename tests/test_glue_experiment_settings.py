@@ -126,3 +126,23 @@ def test_quickstart_headline_reads_the_numbers():
     assert quickstart.headline(tables) == (
         "At drop rate 0.9, sst2 88.0 -> DARE 88.0 / DropOnly 51.0. DARE before merging changed the merged test "
         "scores by (mean relative change) ties_merging +1.50 %.")
+
+
+def test_dare_in_a_pair_with_a_regression_head_keeps_each_head():
+    import torch
+
+    from utils.glue_merging import PairMerger
+
+    torch.manual_seed(0)
+    encoder = {"encoder.weight": torch.randn(4, 3)}
+    pretrained = {**encoder, "classifier.weight": torch.randn(2, 3)}  # built with the first task's 2 labels
+    finetuned = [{"encoder.weight": encoder["encoder.weight"] + 0.01, "classifier.weight": torch.randn(2, 3)},
+                 {"encoder.weight": encoder["encoder.weight"] - 0.01, "classifier.weight": torch.randn(1, 3)}]
+    merger = PairMerger(["sst2", "stsb"], finetuned, pretrained, [], {}, DareSettings(True, seed=0))
+    dared = merger._dared(0.5)
+    for before, after in zip(finetuned, dared, strict=True):
+        assert torch.equal(after["classifier.weight"], before["classifier.weight"])  # heads are never dropped
+        delta = after["encoder.weight"] - encoder["encoder.weight"]
+        kept = delta != 0
+        assert 0 < kept.sum() < kept.numel()  # some deltas dropped, the others rescaled by 1 / (1 - 0.5)
+        torch.testing.assert_close(delta[kept].abs(), torch.full_like(delta[kept], 0.02))
