@@ -121,7 +121,8 @@ def test_quickstart_headline_reads_the_numbers():
         "dare_sweep": (["task", "variant", "p=0.0", "p=0.9", "p=0.99"],
                        [["sst2", "DARE-n500", 88.0, Stat((87.0, 89.0)), 60.0],
                         ["sst2", "DropOnly-n500", 88.0, Stat((50.0, 52.0)), 50.0]]),
-        "dare_effect": (["method", "cells", "mean", "up", "down", "paper"], [["ties_merging", 2, 1.5, 2, 0, 0.84]]),
+        "dare_effect": (["method", "cells", "relative", "points", "up", "down", "paper"],
+                        [["ties_merging", 2, 1.5, 1.2, 2, 0, 0.84]]),
     }
     assert quickstart.headline(tables) == (
         "At drop rate 0.9, sst2 88.0 -> DARE 88.0 / DropOnly 51.0. DARE before merging changed the merged test "
