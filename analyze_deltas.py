@@ -14,20 +14,20 @@ merging". ``--pretrained_model all-MiniLM-L6-v2`` is the encoder the GLUE script
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the kernels use no BLAS; idle BLAS threads would compete
+from cli.native_libraries import limit_blas_threads, tune_malloc_for_delta_analysis
 
+limit_blas_threads()  # before NumPy/SciPy are imported
+
+from common.logging_setup import setup_logging  # noqa: E402
+from common.run_dir import prepare_run_dir  # noqa: E402
 from delta_analysis import DeltaAnalysis, analyze_deltas  # noqa: E402
 from delta_analysis.report import write_report  # noqa: E402
-from utils.encoder_models import resolve_model_name  # noqa: E402
-from utils.logging_setup import setup_logging  # noqa: E402
-from utils.run_dir import prepare_run_dir  # noqa: E402
+from glue.encoder_models import resolve_model_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _return_large_buffers_to_os() -> None:
-    """Serve allocations of 1 MiB and more (the row blocks read from disk) by mmap, returned to the OS when freed.
-
-    With glibc's default, the threshold rises after the first large free and freed row blocks stay in the heap,
-    fragmented: 1.7-2.2 GB peak RSS for the 1.1B benchmark family instead of 0.45 GB (for a few seconds of page
-    faults; see benchmarks/README.md).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
 def main(argv: Sequence[str] | None = None) -> DeltaAnalysis:
     args = parse_args(argv)
-    _return_large_buffers_to_os()
+    tune_malloc_for_delta_analysis()
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its files")

@@ -18,7 +18,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from utils.llm_cli import (
+from common.run_dir import write_metrics
+from llms.llm_cli import (
     add_common_args,
     add_merge_args,
     merge_config_from_args,
@@ -26,9 +27,8 @@ from utils.llm_cli import (
     settings_from_args,
     start_run,
 )
-from utils.llm_configs import MERGE_TASK_ORDER, DirectInferenceConfig
-from utils.llm_merging import check_direct_inputs, run_direct_inference
-from utils.run_dir import write_metrics
+from llms.llm_configs import MERGE_TASK_ORDER, DirectInferenceConfig
+from llms.llm_merging import check_direct_inputs, run_direct_inference
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ import json
 import logging
 from collections.abc import Sequence
 
+from common.run_dir import atomic_write_text
 from evaluation.code_execution import DEFAULT_TIMEOUT_S
 from evaluation.data import load_records
 from evaluation.generations_file import read_generations
 from evaluation.scoring import score_completions
 from evaluation.tasks import get_task
-from utils.run_dir import atomic_write_text
 
 logger = logging.getLogger(__name__)
 SCORED_DATASETS = ("gsm8k", "MATH", "human_eval", "mbpp")
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from utils.logging_setup import setup_logging
+    from common.logging_setup import setup_logging
 
     setup_logging()
     main()

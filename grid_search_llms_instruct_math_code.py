@@ -16,7 +16,7 @@ Examples:
 
 Every grid point is one streamed merge, evaluated on every benchmark's validation sample; a finished point
 (``result.json``) is never redone, so a killed job is simply started again. ``--list_presets`` shows the Table 1
-presets and their sources. Folders and files: see ``utils/llm_grid_search.py``.
+presets and their sources. Folders and files: see ``llms/llm_grid_search.py``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from utils.llm_cli import add_common_args, homology_from_args, settings_from_args
-from utils.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER
-from utils.llm_grid import (
+from cli.merge_flags import add_homology_flags, add_ties_trim_scope_flag
+from common.logging_setup import setup_logging
+from common.run_dir import write_config
+from common.seeding import set_random_seed
+from llms.llm_cli import add_common_args, homology_from_args, settings_from_args
+from llms.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER
+from llms.llm_grid import (
     GRID_METHODS,
     PAPER_PARAM_VALUE_MASK_RATES,
     PAPER_SCALING_COEFFICIENTS,
@@ -37,19 +41,15 @@ from utils.llm_grid import (
     expand_grid,
     parse_shard,
 )
-from utils.llm_grid_search import (
+from llms.llm_grid_search import (
     GridSearchConfig,
     compute_plan_text,
     grid_model_paths,
     run_grid_search,
     selection_folder,
 )
-from utils.llm_presets import describe_presets, get_preset, table1_row_for
-from utils.logging_setup import setup_logging
-from utils.merge_flags import add_homology_flags, add_ties_trim_scope_flag
-from utils.model_loading import parse_model_path_overrides
-from utils.run_dir import write_config
-from utils.seeding import set_random_seed
+from llms.llm_presets import describe_presets, get_preset, table1_row_for
+from llms.model_resolution import parse_model_path_overrides
 
 logger = logging.getLogger(__name__)
 

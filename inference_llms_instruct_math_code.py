@@ -8,7 +8,7 @@ Example (DARE with p=0.9 on WizardMath-7B, then GSM8K):
 written by the streaming merger (bf16) to ``save_models/{dataset}/{name}`` and deleted afterwards (unless
 ``--keep_model``). Results: ``results/inference_llms_instruct_math_code/{model}/{dataset}/{settings}/`` with
 config.json, metrics.json, predictions/, generations/ (resumable) and external/ (files for the external tools).
-Models resolve from ``--model_path NAME=PATH``, then the hub ids of utils/model_loading.py.
+Models resolve from ``--model_path NAME=PATH``, then the hub ids of llms/model_names.py.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from utils.llm_cli import add_common_args, homology_from_args, settings_from_args, start_run
-from utils.llm_configs import FINETUNED_MODEL_NAMES, LLM_DATASET_NAMES, LlmInferenceConfig
-from utils.llm_merging import inference_model_paths, run_inference
-from utils.merge_flags import add_dare_flags, add_homology_flags
-from utils.model_loading import parse_model_path_overrides
-from utils.run_dir import write_metrics
+from cli.merge_flags import add_dare_flags, add_homology_flags
+from common.run_dir import write_metrics
+from llms.llm_cli import add_common_args, homology_from_args, settings_from_args, start_run
+from llms.llm_configs import FINETUNED_MODEL_NAMES, LLM_DATASET_NAMES, LlmInferenceConfig
+from llms.llm_merging import inference_model_paths, run_inference
+from llms.model_resolution import parse_model_path_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from utils.encoder_models import device_for, load_tokenizer
-from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_finetune import add_checkpoint_args, add_rerun_flags, resolve_checkpoints
-from utils.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
-from utils.logging_setup import setup_logging
-from utils.merge_flags import add_dare_flags
-from utils.run_dir import prepare_run_dir, read_json, write_config, write_metrics
+from cli.merge_flags import add_dare_flags
+from common.logging_setup import setup_logging
+from common.run_dir import prepare_run_dir, read_json, write_config, write_metrics
+from glue.encoder_models import device_for, load_tokenizer
+from glue.glue_data import GLUE_TASK_NAMES
+from glue.glue_finetune import add_checkpoint_args, add_rerun_flags, resolve_checkpoints
+from glue.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ average_merging`` gives ``base + DARE(finetuned - base)``. See the README sectio
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import re
@@ -22,17 +21,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-# Nothing here calls NumPy's or SciPy's BLAS (the compiled DARE kernels load SciPy), but each OpenBLAS library
-# starts a thread per core that competes with the merge workers: on 2 cores about 0.5-1 s per 1.1B merge.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from cli.native_libraries import limit_blas_threads, tune_malloc_for_merging
 
-from delta_analysis import check_homology  # noqa: E402
-from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
-from merge_engine.tensor_plan import DTYPES  # noqa: E402
-from model_merging_methods import accepted_hyperparameters  # noqa: E402
-from utils.cli_command import command_from_args  # noqa: E402
-from utils.logging_setup import setup_logging  # noqa: E402
-from utils.merge_flags import (  # noqa: E402
+limit_blas_threads()  # before NumPy/SciPy are imported
+
+from cli.merge_flags import (  # noqa: E402
     add_dare_flags,
     add_fisher_flags,
     add_homology_flags,
@@ -41,6 +34,12 @@ from utils.merge_flags import (  # noqa: E402
     add_ties_flags,
     add_ties_trim_scope_flag,
 )
+from common.cli_command import command_from_args  # noqa: E402
+from common.logging_setup import setup_logging  # noqa: E402
+from delta_analysis import check_homology  # noqa: E402
+from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
+from merge_engine.tensor_plan import DTYPES  # noqa: E402
+from model_merging_methods import accepted_hyperparameters  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -122,28 +121,9 @@ def hyperparameters_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return hp
 
 
-def _limit_malloc_caching() -> None:
-    """Fix glibc's mmap threshold at 16 MiB and keep freed heap pages: row-chunk buffers (4 MiB) are reused from
-    the heap without page faults, bigger ones are returned to the OS at once.
-
-    Without it glibc raises the threshold after the first large free and caches blocks up to 32 MiB per worker
-    arena (higher peak RSS); with a low threshold every chunk buffer is a fresh mmap (page faults, slower).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 16 << 20)
-    # keep freed heap pages instead of returning them after every chunk: re-faulting 4 MiB buffers cost ~20% of
-    # the merge time; peak RSS is unchanged (the pages are reused, not accumulated)
-    libc.mallopt(m_trim_threshold, 256 << 20)
-    libc.mallopt(m_top_pad, 64 << 20)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    _limit_malloc_caching()
+    tune_malloc_for_merging()
     setup_logging(args.log_file)
     logger.info("config: %s", vars(args))
     if not args.skip_homology_check:

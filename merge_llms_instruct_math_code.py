@@ -20,10 +20,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from utils.llm_cli import add_common_args, add_merge_args, merge_config_from_args, settings_from_args, start_run
-from utils.llm_merging import merge_model_paths, run_merge
-from utils.merge_flags import add_homology_flags
-from utils.run_dir import write_metrics
+from cli.merge_flags import add_homology_flags
+from common.run_dir import write_metrics
+from llms.llm_cli import add_common_args, add_merge_args, merge_config_from_args, settings_from_args, start_run
+from llms.llm_merging import merge_model_paths, run_merge
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from utils.encoder_models import device_for, load_tokenizer, model_short_name
-from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_finetune import add_checkpoint_args, add_rerun_flags, checkpoints_tag, resolve_checkpoints
-from utils.glue_inference import DareSettings, check_drop_rates
-from utils.glue_merging import GRIDS, grid_search_pair, load_pair_merger
-from utils.logging_setup import setup_logging
-from utils.merge_flags import (
+from cli.merge_flags import (
     add_dare_flags,
     add_fisher_flags,
     add_method_flags,
@@ -41,7 +35,8 @@ from utils.merge_flags import (
     add_statistics_flags,
     add_ties_flags,
 )
-from utils.run_dir import (
+from common.logging_setup import setup_logging
+from common.run_dir import (
     atomic_write_json,
     hyperparameter_dirname,
     prepare_run_dir,
@@ -50,6 +45,11 @@ from utils.run_dir import (
     write_config,
     write_metrics,
 )
+from glue.encoder_models import device_for, load_tokenizer, model_short_name
+from glue.glue_data import GLUE_TASK_NAMES
+from glue.glue_finetune import add_checkpoint_args, add_rerun_flags, checkpoints_tag, resolve_checkpoints
+from glue.glue_inference import DareSettings, check_drop_rates
+from glue.glue_merging import GRIDS, grid_search_pair, load_pair_merger
 
 logger = logging.getLogger(__name__)
 SCRIPT_NAME = "merge_plms_glue"
@@ -127,7 +127,7 @@ def search_space(args: argparse.Namespace, name: str, method: str) -> tuple[dict
     dare = name == "mask_merging"
     if method not in GRIDS["paper"][0]:
         raise ValueError(f"merge_plms_glue.py has no grid for merging method {method!r}, got it from the registry; "
-                         "add its values to GRIDS in utils/glue_merging.py and to flag_grid")
+                         "add its values to GRIDS in glue/glue_merging.py and to flag_grid")
     if args.grid == "none":
         return flag_grid(args, method), check_drop_rates(args.weight_mask_rate) if dare else None
     grids, rates = GRIDS[args.grid]

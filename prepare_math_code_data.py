@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    from utils.logging_setup import setup_logging
+    from common.logging_setup import setup_logging
 
     setup_logging()
     main()

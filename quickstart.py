@@ -28,10 +28,10 @@ import inference_plms_glue
 import merge_plms_glue
 import summarize_results
 import train_plms_glue
-from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_merging import MERGING_METHODS
-from utils.glue_tables import mean_of
-from utils.logging_setup import setup_logging
+from common.logging_setup import setup_logging
+from glue.glue_data import GLUE_TASK_NAMES
+from glue.glue_merging import MERGING_METHODS
+from glue.glue_tables import mean_of
 
 logger = logging.getLogger(__name__)
 

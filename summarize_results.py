@@ -8,8 +8,8 @@ one CSV per table and ``summary.json`` (full precision), ``dare_sweep_<variant>.
 one line per task) and ``drop_rate_<task>.png`` (one line per variant), error bars = std over mask seeds. GLUE
 runs get the fine-tuning table (with the majority-class score), the drop-rate sweep table, the pairwise merging
 table (target task x method, without and with DARE) and DARE's relative change per method (see
-``utils.glue_tables``); runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K,
-MATH, HumanEval, MBPP, see ``utils.results_tables``); runs of any other script are listed with their flattened
+``glue.glue_tables``); runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K,
+MATH, HumanEval, MBPP, see ``llms.results_tables``); runs of any other script are listed with their flattened
 top-level metrics.
 """
 
@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.glue_tables import (
+from common.run_dir import atomic_write_json
+from glue.glue_tables import (
     Stat,
     dare_effect_table,
     finetune_table,
@@ -35,9 +36,8 @@ from utils.glue_tables import (
     sweep_table,
     table_records,
 )
-from utils.paper_table1 import write_side_by_side
-from utils.results_tables import is_llm_run, llm_table
-from utils.run_dir import atomic_write_json
+from llms.paper_table1 import write_side_by_side
+from llms.results_tables import is_llm_run, llm_table
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_dir", default="results")
     parser.add_argument("--output_dir", default=None, help="default: <results_dir>/summary")
     parser.add_argument("--paper_table1", action="store_true",
-                        help="only the paper's Table 1 next to ours (table1.md, table1.csv; utils/paper_table1.py)")
+                        help="only the paper's Table 1 next to ours (table1.md, table1.csv; llms/paper_table1.py)")
     return parser.parse_args(argv)
 
 

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.encoder_models import device_for
-from utils.glue_data import GLUE_TASK_NAMES
-from utils.glue_finetune import GlueTrainConfig, config_record, run_glue_training
-from utils.logging_setup import setup_logging
-from utils.run_dir import prepare_run_dir, read_json, write_config, write_metrics
+from common.logging_setup import setup_logging
+from common.run_dir import prepare_run_dir, read_json, write_config, write_metrics
+from glue.encoder_models import device_for
+from glue.glue_data import GLUE_TASK_NAMES
+from glue.glue_finetune import GlueTrainConfig, config_record, run_glue_training
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.generation import generate_hf, generate_vllm, get_vllm_engine, vllm_available  # noqa: E402
+from evaluation.model_loading import load_causal_lm_for_generation, smollm2_gguf_path  # noqa: E402
 from evaluation.tasks import MATH_PROMPT, MATH_STOP  # noqa: E402
-from utils.model_loading import load_causal_lm_for_generation, smollm2_gguf_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

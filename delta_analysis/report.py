@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.run_dir import atomic_write_json, atomic_write_text
 from delta_analysis.analysis import DeltaAnalysis
 from delta_analysis.histogram import QUANTILE_RELATIVE_ERROR
 from delta_analysis.plots import write_plots
 from delta_analysis.statistics import THRESHOLDS
-from utils.run_dir import atomic_write_json, atomic_write_text
 
 ANALYSIS_JSON, SUMMARY_MD = "analysis.json", "summary.md"
 

@@ -84,7 +84,7 @@ def generate(
 
     Args:
         prompts: the full prompt texts (templates already applied).
-        model_path: local folder, hub id, or ``.gguf`` file (see ``utils.model_loading.resolve_model``).
+        model_path: local folder, hub id, or ``.gguf`` file (see ``llms.model_resolution.resolve_model``).
         backend: ``vllm``, ``hf`` or ``auto`` (vLLM when importable and CUDA is available, else ``hf``).
         max_tokens: maximum number of new tokens per prompt (MergeLM: 1024 GSM8K, 2048 others).
         stop: stop strings; generation of a prompt ends at the first one, which is cut from the text.
@@ -123,7 +123,7 @@ def _get_hf_model(model_path: str, *, gguf_file: str | None, dtype: str, device:
     global _HF_MODEL
     import torch
 
-    from utils.model_loading import load_causal_lm_for_generation
+    from evaluation.model_loading import load_causal_lm_for_generation
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     key = (model_path, gguf_file, dtype, device)

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "id_field": str (default "id"), "generate": {keyword arguments of evaluation.generation.generate():
     "model_path", "backend", "max_tokens", "stop", ...}}``.
     """
-    from utils.logging_setup import setup_logging
+    from common.logging_setup import setup_logging
 
     parser = argparse.ArgumentParser(description="Generate completions for one model in this process.")
     parser.add_argument(

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.run_dir import atomic_write_text
 from evaluation.tasks import get_task
-from utils.run_dir import atomic_write_text
 
 PREPARABLE_DATASETS = ("gsm8k", "MATH", "mbpp", "alpaca_eval")
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from utils.run_dir import atomic_write_json, atomic_write_text
+from common.run_dir import atomic_write_json, atomic_write_text
 
 MBPP_FIRST_TASK_ID = 11
 MBPP_NUM_TASKS = 500

@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common.run_dir import git_commit
 from merge_engine.shard_index import CheckpointIndex
-from utils.run_dir import git_commit
 
 _PACKAGES = ("torch", "safetensors", "numpy", "transformers", "huggingface_hub")
 

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from utils.model_loading import hub_offline
+from common.hub import hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
     """Return the local folder holding ``name_or_path``.
 
     A path that exists is used as is. Otherwise a ``owner/name`` string is looked up on the Hugging Face hub
-    (the local cache only when ``HF_HUB_OFFLINE`` is set, see ``utils.model_loading.hub_offline``).
+    (the local cache only when ``HF_HUB_OFFLINE`` is set, see ``common.hub.hub_offline``).
 
     Args:
         name_or_path: a folder with ``config.json`` and weights, or a hub id such as ``meta-llama/Llama-2-7b-hf``.

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.run_dir import atomic_write_json, atomic_write_text
+from common.run_dir import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -56,9 +56,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_CHUNK_NUMEL = 1 << 20
-# Measured on a 16-core H200 machine (1.1B DARE + task arithmetic, warm cache): merge phase 11.2 / 7.0 / 4.6 /
-# 5.6 s with 1 / 2 / 4 / 8 CPU workers and 7.8 / 6.5 / 4.1 s with 1 / 2 / 4 CUDA workers; past 4 the workers
-# queue for the interpreter lock between their NumPy/torch calls.
+# past 4 workers the merge gets no faster: they queue for the interpreter lock between their NumPy/torch calls
+# (measurements in benchmarks/README.md)
 DEFAULT_MAX_WORKERS = 4
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,6 @@ import torch
 from merge_engine.shard_index import DTYPE_TO_SAFETENSORS, read_safetensors_header
 
 logger = logging.getLogger(__name__)
-
-# Fault injection for the resume test: SIGKILL the process after this many shards were completed.
-KILL_AFTER_SHARDS_ENV = "MERGE_ENGINE_KILL_AFTER_SHARDS"
 
 
 @dataclass(frozen=True)
@@ -126,8 +122,6 @@ class ShardedWriter:
         self._shards_done = 0
         self.bytes_written = 0
         self._tensor_bytes = 0
-        kill_after = os.environ.get(KILL_AFTER_SHARDS_ENV)
-        self._kill_after = int(kill_after) if kill_after else None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (already in its output dtype, on the CPU) to the current shard."""
@@ -163,8 +157,6 @@ class ShardedWriter:
         os.replace(self.folder / (shard.file_name + ".tmp"), self.folder / shard.file_name)
         self._shards_done += 1
         logger.debug("wrote %s (%d bytes)", shard.file_name, shard.nbytes)
-        if self._kill_after is not None and self._shards_done >= self._kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     @property
     def pending(self) -> int:

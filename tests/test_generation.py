@@ -13,7 +13,7 @@ from evaluation import generation
 from evaluation.generation import cut_at_stop, generate, get_vllm_engine, resolve_backend, vllm_available
 from evaluation.generation_subprocess import run_in_subprocess
 from evaluation.generations_file import generate_to_jsonl, load_finished_generations
-from utils.model_loading import smollm2_gguf_path
+from evaluation.model_loading import smollm2_gguf_path
 
 WORDS = [f"w{i:02d}" for i in range(60)]
 PROMPTS = [

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from utils import glue_data
-from utils.encoder_models import load_tokenizer
+from glue import glue_data
+from glue.encoder_models import load_tokenizer
 
 
 def test_local_folder_sizes_match_mergelm_split(shared_data_dir):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import merge_plms_glue
-from utils.glue_data import LengthGroupedBatches
-from utils.glue_finetune import checkpoint_tag
-from utils.glue_inference import DareSettings, InferenceConfig
-from utils.glue_merging import select_best
+from glue.glue_data import LengthGroupedBatches
+from glue.glue_finetune import checkpoint_tag
+from glue.glue_inference import DareSettings, InferenceConfig
+from glue.glue_merging import select_best
 
 
 def _tree_checkpoint(root: Path, task: str, run: str) -> Path:
@@ -107,7 +107,7 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
 
 
 def test_group_by_length_is_for_training_loaders_only():
-    from utils.glue_data import make_dataloader
+    from glue.glue_data import make_dataloader
 
     with pytest.raises(ValueError, match="group_by_length needs shuffle=True"):
         make_dataloader([], None, batch_size=2, group_by_length=True)
@@ -115,7 +115,7 @@ def test_group_by_length_is_for_training_loaders_only():
 
 def test_quickstart_headline_reads_the_numbers():
     import quickstart
-    from utils.glue_tables import Stat
+    from glue.glue_tables import Stat
 
     tables = {
         "dare_sweep": (["task", "variant", "p=0.0", "p=0.9", "p=0.99"],
@@ -132,7 +132,7 @@ def test_quickstart_headline_reads_the_numbers():
 def test_dare_in_a_pair_with_a_regression_head_keeps_each_head():
     import torch
 
-    from utils.glue_merging import PairMerger
+    from glue.glue_merging import PairMerger
 
     torch.manual_seed(0)
     encoder = {"encoder.weight": torch.randn(4, 3)}

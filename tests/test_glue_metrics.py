@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from utils.glue_metrics import compute_glue_metrics, primary_score
+from glue.glue_metrics import compute_glue_metrics, primary_score
 
 
 def test_cola_matthews_hand_computed():

@@ -24,7 +24,7 @@ def workspace(tmp_path_factory, shared_data_dir):
     from transformers import BertModel
 
     import train_plms_glue
-    from utils.encoder_models import load_tokenizer
+    from glue.encoder_models import load_tokenizer
 
     root = tmp_path_factory.mktemp("glue")
     tokenizer = load_tokenizer("all-MiniLM-L6-v2")
@@ -69,7 +69,7 @@ def test_rerun_reuses_the_finished_run(workspace):
 
 def test_inference_rate_zero_equals_finetuned_and_dare_changes_outputs(workspace, monkeypatch):
     import inference_plms_glue
-    from utils import glue_training
+    from glue import glue_training
 
     logits = []  # the model outputs the sweep computes, in order: per task, p = 0 then p = 0.99
     real_predict = glue_training.predict
@@ -148,7 +148,7 @@ def test_all_five_methods_and_summary(workspace):
 def test_multitask_model_uses_token_type_ids():
     from transformers import BertModel
 
-    from utils.encoder_models import MultiTaskModel
+    from glue.encoder_models import MultiTaskModel
 
     torch.manual_seed(0)
     encoder = BertModel(tiny_bert_config()).eval()
@@ -173,6 +173,6 @@ def test_multitask_training_end_to_end(workspace):
     expected = (metrics["rte"]["test"]["accuracy"] + metrics["stsb"]["test"]["averaged_scores"]) / 2
     assert metrics["averaged_scores"]["test"] == pytest.approx(expected)
     folder = next((workspace["root"] / "results" / "train_plms_glue" / "rte_stsb" / "tiny-bert").iterdir())
-    from utils.encoder_models import load_multitask_model
+    from glue.encoder_models import load_multitask_model
 
     assert set(load_multitask_model(folder / "model").heads) == {"rte", "stsb"}

@@ -20,7 +20,7 @@ import merge_llms_instruct_math_code as merge_script
 from delta_analysis import HomologyError, check_homology
 from delta_analysis.plan import build_plan
 from delta_analysis.preflight import SAMPLE_NUMEL, sample_units
-from utils import llm_merging
+from llms import llm_merging
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from test_llm_merging import family  # noqa: F401  (module fixture: the tiny bas
 
 import grid_search_llms_instruct_math_code as grid_script
 from evaluation import generation
-from utils import llm_grid_search, llm_merging
-from utils.llm_compute_estimate import describe_plan, plan_compute
-from utils.llm_grid import GridPoint, expand_grid, parse_shard, shard_points
-from utils.llm_grid_search import GridSearchConfig, point_lock, run_grid_search, select_best
-from utils.llm_pipeline import EvaluationSettings
-from utils.llm_validation_split import split_positions
+from llms import llm_grid_search, llm_merging
+from llms.llm_compute_estimate import describe_plan, plan_compute
+from llms.llm_grid import GridPoint, expand_grid, parse_shard, shard_points
+from llms.llm_grid_search import GridSearchConfig, point_lock, run_grid_search, select_best
+from llms.llm_pipeline import EvaluationSettings
+from llms.llm_validation_split import split_positions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TA = "task_arithmetic"

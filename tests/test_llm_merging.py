@@ -20,8 +20,8 @@ import direct_inference_merged_llms_instruct_math_code as direct_script
 import inference_llms_instruct_math_code as inference_script
 import merge_llms_instruct_math_code as merge_script
 from evaluation import generation
-from utils import llm_merging
-from utils.llm_cli import merge_config_from_args, settings_from_args
+from llms import llm_merging
+from llms.llm_cli import merge_config_from_args, settings_from_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -15,8 +15,8 @@ import pytest
 import evaluate_generations
 import inference_llms_instruct_math_code as inference_script
 from evaluation import generation
-from utils import llm_merging
-from utils.model_loading import smollm2_gguf_path
+from evaluation.model_loading import smollm2_gguf_path
+from llms import llm_merging
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

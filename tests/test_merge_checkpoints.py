@@ -14,7 +14,6 @@ from conftest import REPO_ROOT, make_family, tiny_llama_config
 from test_merge_engine import load_merged, reference_merge, save_sharded, state_dicts_of
 
 import merge_checkpoints
-from merge_engine.tensor_writer import KILL_AFTER_SHARDS_ENV
 
 
 @pytest.fixture
@@ -34,10 +33,15 @@ def dare_args(folders, out) -> list[str]:
             "--output_dir", str(out), "--quiet"]
 
 
-def run_cli(args: list[str], **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "merge_checkpoints.py"), *args], cwd=REPO_ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=300)
+def run_cli(args: list[str], *, kill_after_shards: int | None = None) -> subprocess.CompletedProcess:
+    """``merge_checkpoints.py args`` in a new process; with ``kill_after_shards`` it is SIGKILLed after that many
+    finished shards (tests/kill_after_shards.py)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [str(REPO_ROOT / "merge_checkpoints.py")]
+    if kill_after_shards is not None:
+        command = [str(Path(__file__).with_name("kill_after_shards.py")), str(kill_after_shards)]
+    return subprocess.run([sys.executable, *command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -67,7 +71,7 @@ def test_kill_mid_run_then_resume_is_identical(folders, tmp_path):
     reference = run_cli(dare_args(folders, tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "out"
-    killed = run_cli(dare_args(folders, out), **{KILL_AFTER_SHARDS_ENV: "2"})
+    killed = run_cli(dare_args(folders, out), kill_after_shards=2)
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists(), "a killed run must not leave a folder that looks complete"
     work = tmp_path / ".out.incomplete"
@@ -83,7 +87,7 @@ def test_kill_mid_run_then_resume_is_identical(folders, tmp_path):
 
 def test_resume_with_other_settings_refused(folders, tmp_path):
     out = tmp_path / "out"
-    killed = run_cli(dare_args(folders, out), **{KILL_AFTER_SHARDS_ENV: "1"})
+    killed = run_cli(dare_args(folders, out), kill_after_shards=1)
     assert killed.returncode == -signal.SIGKILL
     args = dare_args(folders, out) + ["--resume"]
     args[args.index("--seed") + 1] = "6"

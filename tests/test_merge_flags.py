@@ -1,4 +1,4 @@
-"""Every script's DARE/merge flags come from utils/merge_flags.py: one help text, choices from the registry (a newly
+"""Every script's DARE/merge flags come from cli/merge_flags.py: one help text, choices from the registry (a newly
 registered method is offered everywhere), MergeLM's defaults unless a script states its own."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import importlib
 
 import pytest
 
+from cli import merge_flags
 from model_merging_methods import FISHER_ESTIMATORS, MERGE_METHODS, MERGING_METHOD_NAMES, MergeMethod
 from model_merging_methods.average import average_merging
-from utils import merge_flags
 
 CLIS = [
     "merge_checkpoints",

@@ -13,7 +13,7 @@ from conftest import make_family, tiny_llama_config
 from test_merge_engine import read_back, save_sharded, state_dicts_of, statistics_for
 
 import merge_checkpoints
-from utils.cli_command import command_from_args
+from common.cli_command import command_from_args
 
 CASES = {
     # DropOnly: no --use_weight_rescale (the CLI has no --no_use_weight_rescale flag)

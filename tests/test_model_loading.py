@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
+from evaluation.model_loading import smollm2_gguf_path, split_gguf_path
+from llms.model_names import FINETUNED_TO_BACKBONE, MODEL_HUB_IDS, TASK_TO_MODEL, backbone_for
+from llms.model_resolution import parse_model_path_overrides, resolve_model
+from llms.weight_diff import recover_wizardlm_7b
 from merge_engine.shard_index import index_checkpoint
-from utils.model_loading import parse_model_path_overrides, resolve_model, smollm2_gguf_path, split_gguf_path
-from utils.model_names import FINETUNED_TO_BACKBONE, MODEL_HUB_IDS, TASK_TO_MODEL, backbone_for
-from utils.weight_diff import recover_wizardlm_7b
 
 # --- names and maps ---------------------------------------------------------------------------------------------
 
@@ -89,7 +90,7 @@ def test_missing_override_path_is_an_error(tmp_path):
 def test_offline_resolution_error_lists_what_was_tried(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setattr("utils.model_loading._hub_cached", lambda repo_id: False)
+    monkeypatch.setattr("llms.model_resolution._hub_cached", lambda repo_id: False)
     with pytest.raises(FileNotFoundError) as info:
         resolve_model("WizardMath-13B-V1.0", {}, search_dirs=[tmp_path])
     message = str(info.value)

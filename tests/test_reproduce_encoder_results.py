@@ -27,7 +27,7 @@ def _run_script(*args: str) -> str:
 def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_dir):
     from transformers import BertModel
 
-    from utils.encoder_models import load_tokenizer
+    from glue.encoder_models import load_tokenizer
 
     tokenizer = load_tokenizer("all-MiniLM-L6-v2")
     torch.manual_seed(0)

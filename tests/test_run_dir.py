@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from utils.run_dir import atomic_write_json, hyperparameter_dirname, prepare_run_dir, read_json
+from common.run_dir import atomic_write_json, hyperparameter_dirname, prepare_run_dir, read_json
 
 
 def test_atomic_write_leaves_no_temporary_and_is_readable_by_others(tmp_path):
@@ -32,7 +32,7 @@ def test_non_empty_run_dir_needs_overwrite_or_resume(tmp_path):
 
 
 def test_long_folder_names_stay_within_the_file_name_limit_and_unique():
-    from utils.run_dir import hyperparameter_dirname
+    from common.run_dir import hyperparameter_dirname
 
     short = {"a": 1, "b": "x" * 200}
     assert hyperparameter_dirname(short) == "a=1,b=" + "x" * 200  # up to 255 bytes: unchanged

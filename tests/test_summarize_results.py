@@ -90,8 +90,8 @@ FILES_ONLY = {"num_examples": 8, "version": "v1"}  # alpaca_eval, or code withou
 
 @pytest.fixture
 def llm_tree(tmp_path):
-    from utils.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
-    from utils.llm_pipeline import EvaluationSettings
+    from llms.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
+    from llms.llm_pipeline import EvaluationSettings
 
     root = tmp_path / "llm_results"
     math = "WizardMath-7B-V1.0"
@@ -174,7 +174,7 @@ def test_llm_table_keeps_glue_tables_and_reads_old_records_as_other(tree, llm_tr
 
 
 def test_llm_cell_a_score_beats_files_and_the_later_score_wins(caplog):
-    from utils.results_tables import NOT_SCORED, _put
+    from llms.results_tables import NOT_SCORED, _put
 
     row: dict = {}
     _put(row, "mbpp", 25.0, Path("a"))
@@ -232,7 +232,7 @@ def test_seed_cells_are_mean_and_std_and_dare_effect_is_hand_computed(seeded_tre
 
 
 def test_majority_class_score_from_the_local_glue_copy(shared_data_dir):
-    from utils.glue_tables import majority_class_score
+    from glue.glue_tables import majority_class_score
 
     # RTE: the train part (90 % of GLUE train, seed-0 permutation) has 1134 label-0 vs 1107 label-1 examples;
     # GLUE dev (our test) has 146 label-0 of 277 -> 52.71

@@ -1,6 +1,6 @@
 """The paper's model names: short name -> hub id, fine-tuned model -> backbone, merged task -> model.
 
-Short names are MergeLM's (its ``cache_dir/<short name>`` folders); ``utils.model_loading.resolve_model`` turns
+Short names are MergeLM's (its ``cache_dir/<short name>`` folders); ``llms.model_resolution.resolve_model`` turns
 one into a local path or a hub id.
 """
 
@@ -56,7 +56,7 @@ TASK_TO_MODEL: dict[str, str] = {
     "code": "llama-2-13b-code-alpaca",
 }
 
-# Models published as a weight diff: name -> backbone the diff is added to (see utils.weight_diff).
+# Models published as a weight diff: name -> backbone the diff is added to (see llms.weight_diff).
 WEIGHT_DIFF_MODELS: dict[str, str] = {"WizardLM-7B-V1.0": "llama-7b-hf"}
 
 

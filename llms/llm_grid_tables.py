@@ -2,7 +2,7 @@
 
 Scores are the paper's metric x100 (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, AlpacaEval win rate from
 ``external_scores``); ``files`` = generated but scored outside the repository; empty = not finished.
-Written as markdown, CSV and JSON into the selection folder (``utils.llm_grid_search``).
+Written as markdown, CSV and JSON into the selection folder (``llms.llm_grid_search``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.llm_grid import GridPoint
-from utils.run_dir import atomic_write_json, atomic_write_text
+from common.run_dir import atomic_write_json, atomic_write_text
+from llms.llm_grid import GridPoint
 
 Table = tuple[list[str], list[list[Any]]]
 NOT_SCORED = "files"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from utils.llm_grid import METHOD_LABELS, GridPoint
+from llms.llm_grid import METHOD_LABELS, GridPoint
 
 ALL_DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 TA_DARE = "mask_merging+task_arithmetic"

@@ -1,7 +1,7 @@
 """WizardLM-7B-V1.0 weight-diff recovery (diff + LLaMA-7B), streamed tensor by tensor.
 
 The published ``WizardLMTeam/WizardLM-7B-V1.0`` is a weight diff against ``llama-7b-hf``
-(``utils.model_names.WEIGHT_DIFF_MODELS``); :func:`recover_wizardlm_7b` rebuilds the model as MergeLM's
+(``llms.model_names.WEIGHT_DIFF_MODELS``); :func:`recover_wizardlm_7b` rebuilds the model as MergeLM's
 ``recover_from_pretrained_model`` did.
 """
 

@@ -25,20 +25,20 @@ from typing import Any
 
 from delta_analysis import check_homology
 from evaluation.generation import release_hf_model
-from merge_engine import merge_checkpoints
-from merge_engine.model_source import resolve_model_dir
-from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
-from utils.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
-from utils.llm_pipeline import (
+from llms.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
+from llms.llm_pipeline import (
     TASK_DATASETS,
     EvaluationSettings,
     check_datasets_available,
     run_benchmark,
     warn_if_unscored,
 )
-from utils.model_loading import resolve_model
-from utils.model_names import TASK_TO_MODEL, WEIGHT_DIFF_MODELS
-from utils.weight_diff import recover_wizardlm_7b
+from llms.model_names import TASK_TO_MODEL, WEIGHT_DIFF_MODELS
+from llms.model_resolution import resolve_model
+from llms.weight_diff import recover_wizardlm_7b
+from merge_engine import merge_checkpoints
+from merge_engine.model_source import resolve_model_dir
+from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from utils.glue_data import GLUE_TASKS
-from utils.glue_metrics import compute_glue_metrics, primary_score
+from glue.glue_data import GLUE_TASKS
+from glue.glue_metrics import compute_glue_metrics, primary_score
 
 logger = logging.getLogger(__name__)
 

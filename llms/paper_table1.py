@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.llm_grid_tables import NOT_SCORED, csv_text, markdown_table, primary_score
-from utils.run_dir import atomic_write_text
+from common.run_dir import atomic_write_text
+from llms.llm_grid_tables import NOT_SCORED, csv_text, markdown_table, primary_score
 
 COLUMNS = {"alpaca_eval": "AlpacaEval", "gsm8k": "GSM8K", "MATH": "MATH", "human_eval": "HumanEval", "mbpp": "MBPP"}
 LM_MATH, ALL3 = "WizardLM + WizardMath", "WizardLM + WizardMath + code-alpaca"

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from utils.encoder_models import load_finetuned_classifier, load_pretrained_classifier, model_short_name
-from utils.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_task, load_glue_task, make_dataloader
-from utils.glue_finetune import checkpoint_tag
-from utils.glue_training import evaluate_model
-from utils.run_dir import hyperparameter_dirname, run_dir_for
+from common.run_dir import hyperparameter_dirname, run_dir_for
+from glue.encoder_models import load_finetuned_classifier, load_pretrained_classifier, model_short_name
+from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from glue.glue_finetune import checkpoint_tag
+from glue.glue_training import evaluate_model
 
 logger = logging.getLogger(__name__)
 

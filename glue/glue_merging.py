@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from utils.encoder_models import load_finetuned_classifier, load_pretrained_classifier
-from utils.glue_data import GLUE_TASKS, load_glue_task, make_dataloader
-from utils.glue_inference import GLUE_EXCLUDE_PARAM_NAMES_REGEX, DareSettings, dare_state_dict
-from utils.glue_metrics import primary_score
-from utils.glue_training import evaluate_model
+from glue.encoder_models import load_finetuned_classifier, load_pretrained_classifier
+from glue.glue_data import GLUE_TASKS, load_glue_task, make_dataloader
+from glue.glue_inference import GLUE_EXCLUDE_PARAM_NAMES_REGEX, DareSettings, dare_state_dict
+from glue.glue_metrics import primary_score
+from glue.glue_training import evaluate_model
 
 logger = logging.getLogger(__name__)
 

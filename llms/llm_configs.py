@@ -4,7 +4,7 @@ Every check runs in ``__post_init__``, before any model is read. ``save_model_na
 names (specification 4.4 / 4.5), so the temporary and merged model folders sit where the original put them
 (``save_models/{dataset}/{name}``, ``save_merge_models/{tasks}/{task}/{name}``) and the README's
 ``direct_inference_merged_llms_instruct_math_code.py`` command finds them. Results go to a separate folder
-named from the configuration (``utils.run_dir``).
+named from the configuration (``common.run_dir``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cli.merge_flags import merge_method_names, merging_method_names
+from common.run_dir import hyperparameter_dirname, run_dir_for
+from llms.llm_pipeline import TASK_DATASETS, EvaluationSettings
+from llms.model_names import FINETUNED_TO_BACKBONE, TASK_TO_MODEL, backbone_for
 from model_merging_methods import accepted_hyperparameters, build_merge_plan
 from model_merging_methods.registry import check_choice
-from utils.llm_pipeline import TASK_DATASETS, EvaluationSettings
-from utils.merge_flags import merge_method_names, merging_method_names
-from utils.model_names import FINETUNED_TO_BACKBONE, TASK_TO_MODEL, backbone_for
-from utils.run_dir import hyperparameter_dirname, run_dir_for
 
 logger = logging.getLogger(__name__)
 

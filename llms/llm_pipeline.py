@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.run_dir import atomic_write_text
 from evaluation.data import find_data_file, load_records
 from evaluation.generation import resolve_backend
 from evaluation.generation_subprocess import run_in_subprocess
@@ -30,7 +31,6 @@ from evaluation.generations_file import generate_to_jsonl, load_finished_generat
 from evaluation.output_formats import write_alpaca_eval_outputs, write_human_eval_samples, write_mbpp_generations
 from evaluation.scoring import score_completions
 from evaluation.tasks import TaskSpec, build_prompt, get_task
-from utils.run_dir import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

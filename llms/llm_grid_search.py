@@ -1,11 +1,11 @@
 """The paper's LLM selection protocol: a validation grid per benchmark, then the selected setting on the rest.
 
 Protocol (first author, MergeLM issues 21, 39, 44): each benchmark is split into a seeded 10 % validation sample
-and the other 90 % (``utils.llm_validation_split``); every grid point (``utils.llm_grid``) is merged once by the
+and the other 90 % (``llms.llm_validation_split``); every grid point (``llms.llm_grid``) is merged once by the
 streaming merger and evaluated on the validation sample of every benchmark; per benchmark the point with the best
 validation score is selected (ties: the earlier point of the grid) and only then evaluated on the test part; the
 full set (validation + test, what the paper reports) is scored from the same generations. Cells whose setting a
-preset states (``utils.llm_presets``) skip the grid and are evaluated with that setting.
+preset states (``llms.llm_presets``) skip the grid and are evaluated with that setting.
 
 Folder ``<results>/grid_search_llms_instruct_math_code/<tasks>/<split settings>/``:
 
@@ -35,15 +35,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from common.run_dir import atomic_write_json, atomic_write_text, hyperparameter_dirname, read_json, run_dir_for
 from evaluation.generation import release_hf_model
 from evaluation.generations_file import load_finished_generations
 from evaluation.tasks import get_task
-from utils.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
-from utils.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER, LlmMergeConfig
-from utils.llm_grid import GridPoint, shard_points
-from utils.llm_grid_tables import grid_table, primary_score, selection_table, write_tables
-from utils.llm_merging import merge_llms, remove_model_dir, resolve_paths
-from utils.llm_pipeline import (
+from llms.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
+from llms.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER, LlmMergeConfig
+from llms.llm_grid import GridPoint, shard_points
+from llms.llm_grid_tables import grid_table, primary_score, selection_table, write_tables
+from llms.llm_merging import merge_llms, remove_model_dir, resolve_paths
+from llms.llm_pipeline import (
     TASK_DATASETS,
     EvaluationSettings,
     check_datasets_available,
@@ -52,13 +53,12 @@ from utils.llm_pipeline import (
     select_examples,
     write_external_file,
 )
-from utils.llm_validation_split import (
+from llms.llm_validation_split import (
     DEFAULT_VALIDATION_FRACTION,
     ValidationSplit,
     check_validation_fraction,
     split_positions,
 )
-from utils.run_dir import atomic_write_json, atomic_write_text, hyperparameter_dirname, read_json, run_dir_for
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class GridSearchConfig:
         fixed: ``{dataset: (point, source)}``: settings stated by the paper or its author (no grid).
         label: name of the selection folder (the preset name, or the methods).
         table1_row: ``(models, method)`` of the paper's Table 1 row this search reproduces, if any.
-        validation_fraction, split_seed: the validation sample (``utils.llm_validation_split``).
+        validation_fraction, split_seed: the validation sample (``llms.llm_validation_split``).
         shard: ``(i, N)``: this job runs points ``i, i+N, ...`` of the grid.
         seed, ties_trim_scope, model_paths, save_merge_models_dir, save_dtype, keep_model, merge_num_threads:
             as in ``LlmMergeConfig``.

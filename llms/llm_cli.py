@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from utils.llm_configs import LLM_TIES_TRIM_SCOPE, SAVE_DTYPES, LlmMergeConfig
-from utils.llm_pipeline import EvaluationSettings
-from utils.logging_setup import setup_logging
-from utils.merge_flags import add_dare_flags, add_method_flags, add_ties_flags, add_ties_trim_scope_flag
-from utils.model_loading import parse_model_path_overrides
-from utils.run_dir import prepare_run_dir, write_config
-from utils.seeding import set_random_seed
+from cli.merge_flags import add_dare_flags, add_method_flags, add_ties_flags, add_ties_trim_scope_flag
+from common.logging_setup import setup_logging
+from common.run_dir import prepare_run_dir, write_config
+from common.seeding import set_random_seed
+from llms.llm_configs import LLM_TIES_TRIM_SCOPE, SAVE_DTYPES, LlmMergeConfig
+from llms.llm_pipeline import EvaluationSettings
+from llms.model_resolution import parse_model_path_overrides
 
 logger = logging.getLogger(__name__)
 

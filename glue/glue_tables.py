@@ -60,7 +60,7 @@ def mean_of(value: float | Stat | None) -> float | None:
 
 def primary(task: str, metrics: Mapping[str, Any] | None) -> float | None:
     """The task's primary metric x100 (None when missing or NaN)."""
-    from utils.glue_data import GLUE_TASKS
+    from glue.glue_data import GLUE_TASKS
 
     if not metrics:
         return None
@@ -75,8 +75,8 @@ def majority_class_score(task: str, glue_dir: str | None) -> float | None:
     None without a local GLUE copy."""
     import numpy as np
 
-    from utils.glue_data import load_raw_splits, resolve_glue_dir, split_train_validation
-    from utils.glue_metrics import compute_glue_metrics
+    from glue.glue_data import load_raw_splits, resolve_glue_dir, split_train_validation
+    from glue.glue_metrics import compute_glue_metrics
 
     try:
         if resolve_glue_dir(glue_dir) is None:

@@ -12,17 +12,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.encoder_models import (
+from common.run_dir import hyperparameter_dirname, run_dir_for
+from common.seeding import set_random_seed
+from glue.encoder_models import (
     build_multitask_model,
     load_pretrained_classifier,
     load_tokenizer,
     model_short_name,
     save_multitask_model,
 )
-from utils.glue_data import GLUE_TASKS, get_task, load_glue_task, make_dataloader
-from utils.glue_training import OptimConfig, evaluate_model, train_model
-from utils.run_dir import hyperparameter_dirname, run_dir_for
-from utils.seeding import set_random_seed
+from glue.glue_data import GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from glue.glue_training import OptimConfig, evaluate_model, train_model
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +221,6 @@ def resolve_checkpoints(args: argparse.Namespace, tasks: Sequence[str]) -> dict[
 
 
 def _default_learning_rate(task: str, language_model_name: str) -> float | None:
-    from utils.glue_inference import default_learning_rate
+    from glue.glue_inference import default_learning_rate
 
     return default_learning_rate(task, language_model_name)

@@ -1,0 +1,1 @@
+"""The encoder (GLUE) pipeline: data, metrics, fine-tuning, inference, merging and tables of the GLUE scripts."""

@@ -1,1 +1,0 @@
-"""Shared utilities for the scripts: run folders, data loading, model loading, seeding, logging."""
