@@ -41,7 +41,7 @@ _CHOICES = {
 
 
 @dataclass(frozen=True)
-class DareSettings:
+class DarePreprocessing:
     """DARE pre-processing of every model's deltas (MergeLM ``mask_merging`` flags)."""
 
     weight_mask_rates: tuple[float, ...]
@@ -59,7 +59,7 @@ class MergePlan:
     method: MergeMethod
     num_models: int
     hyperparameters: Mapping[str, Any]
-    dare: DareSettings | None = None
+    dare: DarePreprocessing | None = None
     seed: int = 0
 
     @property
@@ -278,11 +278,11 @@ def _validate_method_hyperparameters(hp: dict[str, Any], num_models: int) -> dic
     return hp
 
 
-def _build_dare(hp: dict[str, Any], num_models: int) -> DareSettings:
+def _build_dare(hp: dict[str, Any], num_models: int) -> DarePreprocessing:
     if hp["weight_mask_rate"] is None:
         raise ValueError("mask_merging needs weight_mask_rate (the DARE drop rate p in [0, 1)), got none")
     rates = _per_model_list("weight_mask_rate", hp["weight_mask_rate"], num_models)
-    return DareSettings(
+    return DarePreprocessing(
         weight_mask_rates=tuple(_check_rate("weight_mask_rate", rate) for rate in rates),
         use_weight_rescale=_check_bool("use_weight_rescale", hp["use_weight_rescale"]),
         mask_strategy=check_choice("mask_strategy", hp["mask_strategy"], _CHOICES["mask_strategy"]),
