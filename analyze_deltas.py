@@ -51,8 +51,10 @@ def main(argv: Sequence[str] | None = None) -> DeltaAnalysis:
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its files")
     setup_logging()
     logger.info("argv: %s", " ".join(sys.argv))
-    models = [resolve_model_name(m) for m in (args.pretrained_model, *args.finetuned_models)]
-    result = analyze_deltas(models[0], models[1:], num_threads=args.num_threads, progress=not args.quiet)
+    names = [args.pretrained_model, *args.finetuned_models]
+    models = [resolve_model_name(m) for m in names]
+    result = analyze_deltas(models[0], models[1:], num_threads=args.num_threads, progress=not args.quiet,
+                            labels=names)  # report the names as given, not machine-specific resolved folders
     written = write_report(result, prepare_run_dir(output_dir, overwrite=args.overwrite))
     for model in result.models:
         print(f"{model.name}: {model.verdict.label} ({model.verdict.reason})")

@@ -250,6 +250,7 @@ def analyze_deltas(
     num_threads: int | None = None,
     progress: bool = True,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    labels: Sequence[str] | None = None,
 ) -> DeltaAnalysis:
     """Delta statistics of each fine-tuned checkpoint against the base, streamed one row block at a time.
 
@@ -259,14 +260,19 @@ def analyze_deltas(
         num_threads: worker threads (default: CPU count, at most 4).
         progress: show a tqdm bar over tensors.
         chunk_numel: elements per row block and model.
+        labels: the names reported for the base and each fine-tuned model (default: the paths or ids given), e.g.
+            the alias a user typed rather than the folder it resolved to.
     Returns:
         A ``DeltaAnalysis`` (per-model statistics and verdicts, pairwise cosine / sign conflicts).
     Raises:
         FileNotFoundError: a model cannot be found (before anything is read).
         ValueError: no common tensors, or shapes that differ beyond vocabulary rows (before anything is read).
     """
-    labels = [pretrained_model, *finetuned_models]
-    _, indexes = index_models(labels)
+    paths = [pretrained_model, *finetuned_models]
+    labels = list(labels) if labels is not None else paths
+    if len(labels) != len(paths):
+        raise ValueError(f"labels must name the base and every fine-tuned model ({len(paths)}), got {len(labels)}")
+    _, indexes = index_models(paths)
     catalogs = [{n: (info.shape, info.dtype) for n, info in index.tensors.items()} for index in indexes]
     plan = build_plan(catalogs, labels)
     readers = [TensorReader(index) for index in indexes]

@@ -209,6 +209,9 @@ def test_minilm_finetune_end_to_end(tmp_path):
     assert [g for g in finetuned.layers if g.startswith("layer.")] == [f"layer.{i}" for i in range(6)]
     assert finetuned.overall["max_abs"] < 5e-4 * 10
     assert (out / "summary.md").exists()
+    # the report names the base as the user did, not the folder the alias resolved to on this machine
+    assert json.loads((out / "analysis.json").read_text())["pretrained_model"] == "all-MiniLM-L6-v2"
+    assert (out / "summary.md").read_text().startswith("# Delta analysis against all-MiniLM-L6-v2\n")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
