@@ -49,7 +49,7 @@ from glue.encoder_models import device_for, load_tokenizer, model_short_name
 from glue.glue_data import GLUE_TASK_NAMES
 from glue.glue_finetune import add_checkpoint_args, add_rerun_flags, checkpoints_tag, resolve_checkpoints
 from glue.glue_inference import DareSettings, check_drop_rates
-from glue.glue_merging import GRIDS, grid_search_pair, load_pair_merger
+from glue.glue_merging import GRIDS, grid_search_pair, load_task_pool
 
 logger = logging.getLogger(__name__)
 SCRIPT_NAME = "merge_plms_glue"
@@ -190,41 +190,70 @@ def run_variant(args: argparse.Namespace, merger: Any, pair: Sequence[str], vari
     for key in ("mask_apply_method", "seeds"):
         config.pop(key)
     write_config(run_dir, config, argv)
+    plain_best = None
+    if name == "mask_merging":  # the plain method's selection, when its run is finished (MergeLM reads it too)
+        plain = run_dir_of(args, pair, Variant(method, method, None, variant.fisher_estimator), merger.checkpoints)
+        if (plain / "metrics.json").exists():
+            plain_best = {task: result["hyperparameters"] for task, result in
+                          read_json(plain / "metrics.json").items()}
+            logger.info("plain %s hyperparameters from %s: %s", method, plain, plain_best)
     first = len(merger.evaluations)
-    metrics = grid_search_pair(merger, method, grid, dare_rates=rates, select_on=args.select_on)
+    metrics = grid_search_pair(merger, method, grid, dare_rates=rates, select_on=args.select_on,
+                               plain_best=plain_best)
     atomic_write_json(run_dir / "grid.json", merger.evaluations[first:])
     write_metrics(run_dir, metrics)
     return metrics
 
 
-def merge_pair(args: argparse.Namespace, pair: Sequence[str], tokenizer: Any, argv: list[str]) -> dict[str, Any]:
-    """Load one pair once and run every requested method on it (sharing statistics and scores).
+def finished_and_todo(args: argparse.Namespace, pairs: Sequence[tuple[str, str]]
+                      ) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[Variant]]]:
+    """Per pair: the finished runs' metrics (read back with ``--resume``) and the variants left to run."""
+    results: dict[str, dict[str, Any]] = {}
+    todo: dict[tuple[str, str], list[Variant]] = {}
+    for pair in pairs:
+        checkpoints = resolve_checkpoints(args, pair)
+        results["+".join(pair)], todo[pair] = {}, []
+        for variant in variants(args):
+            metrics_path = run_dir_of(args, pair, variant, checkpoints) / "metrics.json"
+            if args.resume and metrics_path.exists():
+                results["+".join(pair)][variant.key] = read_json(metrics_path)
+            else:
+                todo[pair].append(variant)
+        logger.info("%s: %d runs to compute, %d finished", "+".join(pair), len(todo[pair]),
+                    len(results["+".join(pair)]))
+    return results, todo
 
-    With ``--resume``, runs whose ``metrics.json`` exists are read back, and a pair with nothing left to do is
-    not loaded at all.
+
+def run_pairs(args: argparse.Namespace, pairs: Sequence[tuple[str, str]], tokenizer: Any, argv: list[str]
+              ) -> dict[str, dict[str, Any]]:
+    """Every requested run of every pair, the plain methods first, then one DARE seed at a time.
+
+    Each task is loaded once (``TaskPool``) and its Fisher / Gram statistics are shared by the pairs it is in; a
+    DARE seed's statistics are released when all its runs are done. Pairs with nothing left are not loaded.
     """
-    checkpoints = resolve_checkpoints(args, pair)
-    results, todo = {}, []
-    for variant in variants(args):
-        metrics_path = run_dir_of(args, pair, variant, checkpoints) / "metrics.json"
-        if args.resume and metrics_path.exists():
-            results[variant.key] = read_json(metrics_path)
-        else:
-            todo.append(variant)
-    logger.info("%s: %d runs to compute, %d finished", "+".join(pair), len(todo), len(results))
-    if not todo:
+    results, todo = finished_and_todo(args, pairs)
+    tasks = list(dict.fromkeys(t for pair in pairs if todo[pair] for t in pair))
+    if not tasks:
         return results
-    merger = load_pair_merger(
-        pair, checkpoints, tokenizer, language_model_name=args.language_model_name,
-        dare=DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed),
+    checkpoints = resolve_checkpoints(args, tasks)
+    pool = load_task_pool(
+        tasks, checkpoints, tokenizer, language_model_name=args.language_model_name,
         data_options={"glue_dir": args.glue_dir, "max_seq_length": args.max_seq_length,
                       "max_eval_samples": args.max_eval_samples,
                       "max_validation_samples": args.max_validation_samples},
-        batch_size=args.batch_size, device=device_for(args.gpu),
-        fisher_options={"normalize_fisher_weight": args.normalize_fisher_weight,
-                        "minimal_fisher_weight": args.minimal_fisher_weight})
-    for variant in todo:
-        results[variant.key] = run_variant(args, merger, pair, variant, argv)
+        batch_size=args.batch_size, device=device_for(args.gpu))
+    dare = DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed)
+    fisher_options = {"normalize_fisher_weight": args.normalize_fisher_weight,
+                      "minimal_fisher_weight": args.minimal_fisher_weight}
+    mergers = {pair: pool.pair(pair, dare, fisher_options) for pair in pairs if todo[pair]}
+    seeds = list(dict.fromkeys(v.seed for pair_todo in todo.values() for v in pair_todo))
+    for seed in sorted(seeds, key=lambda s: (s is not None, s or 0)):  # plain runs (seed None) first
+        for pair, merger in mergers.items():
+            for variant in (v for v in todo[pair] if v.seed == seed):
+                results["+".join(pair)][variant.key] = run_variant(args, merger, pair, variant, argv)
+            merger._last = None  # the last merged state dict, no longer needed
+        if seed is not None:
+            pool.release(seed)
     return results
 
 
@@ -236,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     for variant in variants(args):
         search_space(args, variant.name, variant.method)
     tokenizer = load_tokenizer(args.language_model_name)
-    return {"+".join(pair): merge_pair(args, pair, tokenizer, argv) for pair in dataset_pairs(args)}
+    return run_pairs(args, dataset_pairs(args), tokenizer, argv)
 
 
 if __name__ == "__main__":

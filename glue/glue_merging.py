@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glue.encoder_models import load_finetuned_classifier, load_pretrained_classifier
-from glue.glue_data import GLUE_TASKS, load_glue_task, make_dataloader
+from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, load_glue_task, make_dataloader
 from glue.glue_inference import GLUE_EXCLUDE_PARAM_NAMES_REGEX, DareSettings, dare_state_dict
 from glue.glue_metrics import primary_score
 from glue.glue_training import evaluate_model
@@ -72,6 +72,50 @@ def _key(setting: Mapping[str, Any]) -> tuple:
 
 
 @dataclass
+class TaskModel:
+    """One fine-tuned task: its model (reused for every evaluation), weights and data loaders."""
+
+    task: str
+    checkpoint: Any
+    model: torch.nn.Module
+    finetuned: dict[str, torch.Tensor]
+    loaders: dict[str, Any]
+
+
+@dataclass
+class TaskPool:
+    """The fine-tuned tasks of a run, loaded once and shared by every pair they are in.
+
+    ``statistics`` holds each model's Fisher diagonals and Gram matrices keyed by (task, kind, examples,
+    estimator, DARE rate, DARE seed): a task's DARE mask depends on the seed and the task, not on the pair, so the
+    statistics of a DARE'd model are computed once for all the pairs it is in (4 of the 10 pairs of 5 tasks).
+    """
+
+    pretrained: dict[str, torch.Tensor]
+    tasks: dict[str, TaskModel]
+    device: str = "cpu"
+    statistics: dict[tuple, dict] = field(default_factory=dict)
+
+    def release(self, dare_seed: int) -> None:
+        """Drop the statistics of the models DARE'd with ``dare_seed`` (a seed's runs are finished)."""
+        for key in [k for k in self.statistics if k[-1] == dare_seed]:
+            del self.statistics[key]
+
+    def pair(self, tasks: Sequence[str], dare: DareSettings, fisher_options: Mapping[str, Any] | None = None
+             ) -> PairMerger:
+        members = [self.tasks[t] for t in tasks]
+        return PairMerger(list(tasks), [m.finetuned for m in members], self.pretrained, [m.model for m in members],
+                          {m.task: m.loaders for m in members}, dare, fisher_options=dict(fisher_options or {}),
+                          device=self.device, checkpoints={m.task: m.checkpoint for m in members},
+                          _stats=self.statistics)
+
+
+def dare_mask_index(task: str) -> int:
+    """The DARE mask key of a task's model: its GLUE task index, the same in every pair (see TaskPool)."""
+    return GLUE_TASK_NAMES.index(task)
+
+
+@dataclass
 class PairMerger:
     """Fine-tuned models, data and caches for merging one pair of tasks and scoring the merges."""
 
@@ -100,18 +144,21 @@ class PairMerger:
         # heads are never dropped, and their shapes differ between tasks (STS-B has one output): DARE runs on the
         # encoder only and each model keeps its own head
         encoder = lambda sd: {k: v for k, v in sd.items() if "classifier" not in k}
-        return [{**sd, **dare_state_dict(encoder(self.pretrained), encoder(sd), rate, self.dare, model_index=i)}
-                for i, sd in enumerate(self.finetuned)]
+        return [{**sd, **dare_state_dict(encoder(self.pretrained), encoder(sd), rate, self.dare,
+                                         model_index=dare_mask_index(task))}
+                for task, sd in zip(self.tasks, self.finetuned, strict=True)]
 
     def _statistics(self, kind: str, index: int, num_examples: int, rate: float | None, state: dict) -> dict:
         estimator = self.fisher_estimator if kind == "fisher" else None
-        key = (kind, index, num_examples, estimator, *self._dare_key(rate))
+        task = self.tasks[index]
+        settings = (self.dare.use_weight_rescale, self.dare.mask_strategy, self.dare.weight_format) if rate else None
+        key = (task, kind, num_examples, estimator, settings, *self._dare_key(rate))
         if key not in self._stats:
             from model_merging_methods import compute_fisher_weights, compute_gram_matrices
 
             model = self.models[index]
             model.load_state_dict(state)
-            train = self.loaders[self.tasks[index]]["train"]
+            train = self.loaders[task]["train"]
             loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in train)
             if kind == "fisher":
                 self._stats[key] = compute_fisher_weights(model, loader, num_examples=num_examples,
@@ -159,23 +206,22 @@ class PairMerger:
         return self._scores[key]
 
 
-def load_pair_merger(
+def load_task_pool(
     tasks: Sequence[str], checkpoints: Mapping[str, Any], tokenizer: Any, *, language_model_name: str,
-    dare: DareSettings, data_options: Mapping[str, Any], batch_size: int = 16, device: str = "cpu",
-    fisher_options: Mapping[str, Any] | None = None, max_statistics_examples: int = 2048,
-) -> PairMerger:
-    """Load the fine-tuned models, the pretrained encoder and each task's train/validation/test loaders."""
-    models = [load_finetuned_classifier(checkpoints[t]).to(device) for t in tasks]
-    finetuned = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in models]
-    pretrained = load_pretrained_classifier(language_model_name, GLUE_TASKS[tasks[0]].num_labels).state_dict()
-    loaders = {}
+    data_options: Mapping[str, Any], batch_size: int = 16, device: str = "cpu", max_statistics_examples: int = 2048,
+) -> TaskPool:
+    """Load each task's fine-tuned model and train/validation/test loaders once, and the pretrained encoder."""
+    loaded = {}
     for task in tasks:
+        model = load_finetuned_classifier(checkpoints[task]).to(device)
         data = load_glue_task(task, tokenizer, max_train_samples=max_statistics_examples, **data_options)
-        loaders[task] = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size,
-                                                shuffle=split == "train", seed=0, sort_by_length=split != "train")
-                         for split in ("train", "validation", "test")}
-    return PairMerger(list(tasks), finetuned, pretrained, models, loaders, dare,
-                      fisher_options=dict(fisher_options or {}), device=device, checkpoints=dict(checkpoints))
+        loaders = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size,
+                                          shuffle=split == "train", seed=0, sort_by_length=split != "train")
+                   for split in ("train", "validation", "test")}
+        finetuned = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        loaded[task] = TaskModel(task, checkpoints[task], model, finetuned, loaders)
+    pretrained = load_pretrained_classifier(language_model_name, GLUE_TASKS[tasks[0]].num_labels).state_dict()
+    return TaskPool(pretrained, loaded, device=device)
 
 
 def select_best(merger: PairMerger, method: str, settings: Sequence[Mapping[str, Any]], task: str,
@@ -197,16 +243,21 @@ def select_best(merger: PairMerger, method: str, settings: Sequence[Mapping[str,
 
 
 def grid_search_pair(merger: PairMerger, method: str, grid: Mapping[str, Sequence[Any]], *,
-                     dare_rates: Sequence[float] | None = None, select_on: str = "validation") -> dict[str, Any]:
+                     dare_rates: Sequence[float] | None = None, select_on: str = "validation",
+                     plain_best: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Per target task: the selected setting with its validation and test metrics.
 
-    With ``dare_rates``, the plain method's best setting is selected first, then the drop rate (MergeLM order).
+    With ``dare_rates``, the plain method's best setting is selected first, then the drop rate (MergeLM order);
+    ``plain_best`` (``{task: setting}``, e.g. read from the finished plain run) skips that first search.
     """
     if select_on not in ("validation", "test"):
         raise ValueError(f"select_on must be 'validation' or 'test', got {select_on!r}")
     results = {}
     for task in merger.tasks:
-        best = select_best(merger, method, expand_grid(grid), task, select_on)
+        if plain_best is not None and task in plain_best:
+            best = dict(plain_best[task])
+        else:
+            best = select_best(merger, method, expand_grid(grid), task, select_on)
         if dare_rates:
             best = select_best(merger, method, [{**best, "weight_mask_rate": r} for r in dare_rates], task,
                                select_on)

@@ -147,3 +147,26 @@ def test_dare_in_a_pair_with_a_regression_head_keeps_each_head():
         kept = delta != 0
         assert 0 < kept.sum() < kept.numel()  # some deltas dropped, the others rescaled by 1 / (1 - 0.5)
         torch.testing.assert_close(delta[kept].abs(), torch.full_like(delta[kept], 0.02))
+
+
+def test_a_tasks_dare_mask_is_the_same_in_every_pair():
+    import torch
+
+    from glue.glue_merging import PairMerger
+
+    torch.manual_seed(0)
+    base = {"encoder.weight": torch.randn(8, 8)}
+    finetuned = {t: {"encoder.weight": base["encoder.weight"] + 0.01 * torch.randn(8, 8),
+                     "classifier.weight": torch.randn(2, 8)} for t in ("rte", "mrpc", "cola")}
+
+    def dared(tasks, seed=0):
+        merger = PairMerger(list(tasks), [finetuned[t] for t in tasks], base, [], {}, DareSettings(True, seed=seed))
+        return dict(zip(tasks, merger._dared(0.5), strict=True))
+
+    first, second, third = dared(("rte", "mrpc")), dared(("mrpc", "cola")), dared(("cola", "rte"))
+    assert torch.equal(first["rte"]["encoder.weight"], third["rte"]["encoder.weight"])  # position 0 and 1
+    assert torch.equal(first["mrpc"]["encoder.weight"], second["mrpc"]["encoder.weight"])
+    # two tasks never share a mask (the drop positions of rte and mrpc differ), and the seed changes the mask
+    assert not torch.equal(first["rte"]["encoder.weight"] != base["encoder.weight"],
+                           first["mrpc"]["encoder.weight"] != base["encoder.weight"])
+    assert not torch.equal(first["rte"]["encoder.weight"], dared(("rte", "mrpc"), seed=1)["rte"]["encoder.weight"])

@@ -176,3 +176,40 @@ def test_multitask_training_end_to_end(workspace):
     from glue.encoder_models import load_multitask_model
 
     assert set(load_multitask_model(folder / "model").heads) == {"rte", "stsb"}
+
+
+def test_statistics_of_a_dared_model_are_computed_once_for_all_its_pairs(workspace, monkeypatch):
+    """3 tasks -> 3 pairs, each task in 2 of them: one Fisher per (task, DARE seed), not one per (pair, model)."""
+    import merge_plms_glue
+    import model_merging_methods
+    import train_plms_glue
+
+    train_plms_glue.main([*workspace["common"], "--dataset_name", "stsb", "--num_runs", "1", "--num_epochs", "1",
+                          "--learning_rate", "1e-3"])
+    real, calls = model_merging_methods.compute_fisher_weights, []
+    monkeypatch.setattr(model_merging_methods, "compute_fisher_weights",
+                        lambda model, *a, **k: calls.append(model.num_labels) or real(model, *a, **k))
+    out = merge_plms_glue.main([*workspace["common"], "--dataset_names", *TASKS, "stsb", "--grid", "none",
+                                "--merging_method_name", "fisher_merging", "mask_merging", "--mask_apply_method",
+                                "fisher_merging", "--use_weight_rescale", "--weight_mask_rate", "0.5",
+                                "--seeds", "0", "1", "--nums_fisher_examples", "8", "--overwrite"])
+    assert set(out) == {"rte+mrpc", "rte+stsb", "mrpc+stsb"}
+    assert all(len(runs) == 3 for runs in out.values())  # plain + DARE seeds 0 and 1
+    # plain, seed 0, seed 1 for each of the 3 tasks; stsb's model is the one with a single output
+    assert len(calls) == 9 and calls.count(1) == 3
+
+
+def test_a_dare_run_takes_the_plain_selection_from_the_finished_plain_run(workspace):
+    import merge_plms_glue
+
+    common = [*workspace["common"], "--dataset_names", *TASKS, "--grid", "quick", "--use_weight_rescale"]
+    plain = merge_plms_glue.main([*common, "--merging_method_name", "task_arithmetic", "--overwrite"])
+    dare = merge_plms_glue.main([*common, "--merging_method_name", "mask_merging", "--mask_apply_method",
+                                 "task_arithmetic", "--seeds", "3", "--overwrite"])
+    base = workspace["root"] / "results" / "merge_plms_glue" / "rte+mrpc" / "tiny-bert" / "mask_merging"
+    grid = json.loads(next((base / "task_arithmetic").glob("*seed=3*/grid.json")).read_text())
+    assert grid and all("weight_mask_rate" in e["setting"] for e in grid)  # no plain setting evaluated again
+    for task in TASKS:
+        chosen = dare["rte+mrpc"]["mask_merging/task_arithmetic/seed=3"][task]["hyperparameters"]
+        assert chosen["scaling_coefficient"] == plain["rte+mrpc"]["task_arithmetic"][task]["hyperparameters"][
+            "scaling_coefficient"]

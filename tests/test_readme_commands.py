@@ -75,6 +75,16 @@ def _raise_with(captured: list, value: Any) -> None:
     raise _Stop
 
 
+class _PoolStandIn:
+    """merge_plms_glue's task pool: records the loading options, then the DARE and Fisher settings of a pair."""
+
+    def __init__(self, captured: list, options: dict) -> None:
+        self.captured, self.options = captured, options
+
+    def pair(self, tasks: Any, dare: Any, fisher_options: Any) -> None:
+        _raise_with(self.captured, {**self.options, "dare": dare, "fisher_options": fisher_options})
+
+
 def _what_the_script_would_run(module: ModuleType, argv: list[str], monkeypatch) -> list[Any]:
     """The configuration objects ``main(argv)`` builds, caught before any model is touched."""
     args, captured = module.parse_args(argv), []
@@ -91,7 +101,7 @@ def _what_the_script_would_run(module: ModuleType, argv: list[str], monkeypatch)
     elif name == "merge_plms_glue":
         monkeypatch.setattr(module, "load_tokenizer", lambda *a, **k: None)
         monkeypatch.setattr(module, "resolve_checkpoints", lambda a, pair: {t: Path("/absent", t) for t in pair})
-        monkeypatch.setattr(module, "load_pair_merger", lambda *a, **k: _raise_with(captured, k))
+        monkeypatch.setattr(module, "load_task_pool", lambda *a, **k: _PoolStandIn(captured, k))
         captured.append({"variants": module.variants(args)})
     else:
         raise AssertionError(f"no way to see what {name} would run; add one here")
