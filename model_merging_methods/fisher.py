@@ -13,9 +13,10 @@ Two separate steps:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +47,11 @@ FISHER_ESTIMATORS = ("mergelm", "exact")
 
 def _exact_example_fisher(model: nn.Module, example: Mapping[str, Tensor], params: Mapping[str, Tensor],
                           fisher: dict[str, Tensor]) -> None:
-    """Add ``sum_y p(y|x) g_y**2`` (classification) or ``(d f / d theta)**2`` (regression) of one example."""
+    """Add ``sum_y p(y|x) g_y**2`` (classification) or ``(d f / d theta)**2`` (regression) of one example.
+
+    Embedding tables are switched to sparse gradients by the caller: their gradient is then the rows of the
+    example's tokens only (summed per token id, then squared), not a dense table of zeros.
+    """
     logits = model(**example).logits.squeeze(0)
     names = list(params)
     tensors = [params[n] for n in names]
@@ -58,8 +63,28 @@ def _exact_example_fisher(model: nn.Module, example: Mapping[str, Tensor], param
     for index, (weight, output) in enumerate(targets):
         grads = torch.autograd.grad(output, tensors, retain_graph=index + 1 < len(targets), allow_unused=True)
         for name, grad in zip(names, grads, strict=True):
-            if grad is not None:
-                fisher[name].add_(grad.detach().float().pow(2), alpha=weight)
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                grad = grad.coalesce()  # one row per token id: the sum of its occurrences' gradients
+                values = grad.values().float()
+                fisher[name].index_add_(0, grad.indices()[0], values * values, alpha=weight)
+            else:
+                grad = grad.float()
+                fisher[name].addcmul_(grad, grad, value=weight)
+
+
+@contextlib.contextmanager
+def _sparse_embedding_gradients(model: nn.Module) -> Iterator[None]:
+    """``nn.Embedding`` layers give sparse gradients inside the block (restored afterwards)."""
+    switched = [m for m in model.modules() if isinstance(m, nn.Embedding) and not m.sparse]
+    for module in switched:
+        module.sparse = True
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.sparse = False
 
 
 def compute_fisher_weights(
@@ -108,10 +133,11 @@ def compute_fisher_weights(
         model.zero_grad(set_to_none=True)
         if estimator == "exact":
             size = len(next(iter(batch.values())))
-            for i in range(min(size, num_examples - counted)):
-                example = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
-                _exact_example_fisher(model, example, params, fisher)
-                counted += 1
+            with _sparse_embedding_gradients(model):
+                for i in range(min(size, num_examples - counted)):
+                    example = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
+                    _exact_example_fisher(model, example, params, fisher)
+                    counted += 1
             continue
         _fisher_objective(model(**batch).logits, labels).backward()
         for name, p in params.items():

@@ -148,3 +148,37 @@ def test_compute_fisher_regression_uses_mse_and_counts_nominal_batches():
     model.zero_grad()
     nn.functional.mse_loss(model.linear(x[:4]).squeeze(-1), y[:4]).backward()
     assert_close(fisher["linear.bias"], model.linear.bias.grad ** 2 / 4)
+
+
+class _Embedder(nn.Module):
+    """Token + broadcast position embeddings, mean-pooled into a linear head (the layout of BERT's embeddings)."""
+
+    def __init__(self, vocab=11, length=6, dim=4, classes=3):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1])[None]  # (1, length), broadcast over the batch
+        hidden = torch.tanh(self.tokens(input_ids) + self.positions(positions))
+        return type("Out", (), {"logits": self.head(hidden.mean(dim=1))})()
+
+
+def test_exact_fisher_of_embedding_tables_sums_repeated_tokens_before_squaring():
+    torch.manual_seed(0)
+    model = _Embedder()
+    ids = torch.tensor([[1, 1, 3, 1, 5, 0], [2, 2, 2, 2, 2, 2], [4, 7, 4, 9, 10, 3]])
+    fisher = compute_fisher_weights(model, [{"input_ids": ids, "labels": torch.zeros(3)}], num_examples=3,
+                                    estimator="exact")
+    assert not model.tokens.sparse and model.tokens.weight.grad is None  # the model is left as it was
+    reference = _copy(model).double()
+    expected = {n: torch.zeros_like(p) for n, p in reference.named_parameters()}
+    for row in ids:
+        for y in range(3):
+            log_p = torch.log_softmax(reference(row[None]).logits[0], -1)
+            grads = torch.autograd.grad(log_p[y], list(reference.parameters()))  # dense tables
+            for (name, _), g in zip(reference.named_parameters(), grads, strict=True):
+                expected[name] += float(log_p[y].detach().exp()) * g ** 2 / len(ids)
+    for name, value in expected.items():
+        assert_close(fisher[name], value.float(), rtol=1e-5, atol=1e-8)
+    assert fisher["tokens.weight"][[6, 8]].abs().sum() == 0 and fisher["tokens.weight"][2].abs().sum() > 0
