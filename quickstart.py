@@ -101,8 +101,8 @@ def headline(tables: Mapping[str, Any]) -> str:
     sentence = f"At drop rate {high}, " + "; ".join(parts) + "." if parts else "No drop-rate sweep to compare."
     effect = tables.get("dare_effect", ([], []))[1]
     if effect:
-        changes = ", ".join(f"{row[0]} {row[2]:+.2f} %" for row in effect)
-        sentence += f" DARE before merging changed the merged test scores by (mean relative change) {changes}."
+        changes = ", ".join(f"{row[0]} {row[2]:+.2f}" for row in effect)
+        sentence += f" DARE before merging changed the merged test scores by (mean over cells, points) {changes}."
     return sentence
 
 

@@ -179,26 +179,35 @@ def merge_table(runs: Sequence[dict]) -> Table:
     return ["pair", "target task", *columns], rows
 
 
+# A relative change is only meaningful against a score clearly away from 0: CoLA's MCC of a merged model can be
+# 0.9 points, where +2 points is +220 %. Cells whose plain score is below this (x100 scale) are left out of the
+# relative mean (and counted in the change in points).
+RELATIVE_CHANGE_MIN_PLAIN = 10.0
+
+
 def dare_effect_table(runs: Sequence[dict]) -> Table:
-    """Per method: the mean relative change ``(DARE - plain) / |plain|`` in %, over the (pair, target) cells with
-    both (DARE side: the mean over seeds), the mean change in points (a relative change is large where the plain
-    score is near 0, e.g. CoLA's MCC), how many cells DARE raised / lowered, next to the paper's average (stated
-    for MergeLM's Fisher estimator only)."""
+    """Per method, over the (pair, target) cells with both a plain and a DARE score (DARE: the mean over seeds):
+    the mean change in points, how many cells DARE raised / lowered, and the mean relative change
+    ``(DARE - plain) / |plain|`` in % over the cells whose plain score is at least ``RELATIVE_CHANGE_MIN_PLAIN``,
+    next to the paper's average (stated for MergeLM's Fisher estimator only)."""
     cells = merge_cells(runs)
     rows = []
     for method in MERGE_METHOD_ORDER:
-        changes, points = [], []
+        points, relative = [], []
         for row in cells.values():
             plain, dare = mean_of(row.get(method)), mean_of(row.get(f"{method} +DARE"))
-            if plain is not None and dare is not None and plain != 0:
-                changes.append((dare - plain) / abs(plain) * 100)
-                points.append(dare - plain)
-        if changes:
-            rows.append([method, len(changes), statistics.fmean(changes), statistics.fmean(points),
-                         sum(c > 0 for c in changes), sum(c < 0 for c in changes),
+            if plain is None or dare is None:
+                continue
+            points.append(dare - plain)
+            if abs(plain) >= RELATIVE_CHANGE_MIN_PLAIN:
+                relative.append((dare - plain) / abs(plain) * 100)
+        if points:
+            rows.append([method, len(points), statistics.fmean(points), sum(c > 0 for c in points),
+                         sum(c < 0 for c in points), len(relative), statistics.fmean(relative) if relative else None,
                          PAPER_DARE_RELATIVE_CHANGE.get(method)])
-    return ["method", "cells", "mean relative change with DARE (%)", "mean change (points)", "DARE higher",
-            "DARE lower", "paper (%)"], rows
+    return ["method", "cells", "mean change (points)", "DARE higher", "DARE lower",
+            f"cells with plain >= {RELATIVE_CHANGE_MIN_PLAIN:g}", "mean relative change on those (%)",
+            "paper (%)"], rows
 
 
 def plot_sweeps(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]],

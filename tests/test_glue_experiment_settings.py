@@ -121,12 +121,12 @@ def test_quickstart_headline_reads_the_numbers():
         "dare_sweep": (["task", "variant", "p=0.0", "p=0.9", "p=0.99"],
                        [["sst2", "DARE-n500", 88.0, Stat((87.0, 89.0)), 60.0],
                         ["sst2", "DropOnly-n500", 88.0, Stat((50.0, 52.0)), 50.0]]),
-        "dare_effect": (["method", "cells", "relative", "points", "up", "down", "paper"],
-                        [["ties_merging", 2, 1.5, 1.2, 2, 0, 0.84]]),
+        "dare_effect": (["method", "cells", "points", "up", "down", "cells >= 10", "relative", "paper"],
+                        [["ties_merging", 2, 1.2, 2, 0, 2, 1.5, 0.84]]),
     }
     assert quickstart.headline(tables) == (
         "At drop rate 0.9, sst2 88.0 -> DARE 88.0 / DropOnly 51.0. DARE before merging changed the merged test "
-        "scores by (mean relative change) ties_merging +1.50 %.")
+        "scores by (mean over cells, points) ties_merging +1.20.")
 
 
 def test_dare_in_a_pair_with_a_regression_head_keeps_each_head():

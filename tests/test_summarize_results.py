@@ -219,8 +219,8 @@ def test_seed_cells_are_mean_and_std_and_dare_effect_is_hand_computed(seeded_tre
     assert "| rte+mrpc | rte | 50.00 | 54.00 ± 2.83 | 40.00 | 44.00 | 33.00 |" in summary["markdown"]
     effect = {r[0]: r for r in summary["tables"]["dare_effect"][1]}
     # task arithmetic: (54 - 50) / 50 = +8 %; Fisher (exact): (33 - 44) / 44 = -25 %; paper's TA average +0.36 %
-    assert effect["task_arithmetic"][1:] == [1, pytest.approx(8.0), pytest.approx(4.0), 1, 0, 0.36]
-    assert effect["fisher_merging (exact)"][1:] == [1, pytest.approx(-25.0), pytest.approx(-11.0), 0, 1, None]
+    assert effect["task_arithmetic"][1:] == [1, pytest.approx(4.0), 1, 0, 1, pytest.approx(8.0), 0.36]
+    assert effect["fisher_merging (exact)"][1:] == [1, pytest.approx(-11.0), 0, 1, 1, pytest.approx(-25.0), None]
     assert "fisher_merging" not in effect  # no DARE run of MergeLM's estimator
     out = Path(summary["output_dir"])
     with open(out / "dare_sweep.csv") as handle:
@@ -241,3 +241,20 @@ def test_majority_class_score_from_the_local_glue_copy(shared_data_dir):
     # MRPC: label 1 is the majority; accuracy 279/408 and F1 2*279/(2*279+129) averaged
     acc, f1 = 279 / 408, 2 * 279 / (2 * 279 + 129)
     assert majority_class_score("mrpc", str(shared_data_dir / "glue")) == pytest.approx((acc + f1) / 2 * 100)
+
+
+def test_dare_effect_leaves_scores_near_zero_out_of_the_relative_mean():
+    from glue.glue_tables import dare_effect_table
+
+    def run(name, seed, scores):
+        return {"config": {"merging_method_name": name, "applied_method": "ties_merging", "seed": seed,
+                           "fisher_estimator": None, "dataset_pair": ["cola", "sst2"]},
+                "metrics": {t: {"test": {k: v}} for t, k, v in scores}}
+
+    scores = lambda cola, sst2: [("cola", "matthews_correlation", cola), ("sst2", "accuracy", sst2)]
+    header, rows = dare_effect_table([run("ties_merging", None, scores(-0.003, 0.80)),
+                                      run("mask_merging", 0, scores(0.130, 0.84)),
+                                      run("mask_merging", 1, scores(0.110, 0.82))])
+    # cola: -0.3 -> 12.0 (+12.3 points; a relative change of +4,100 % left out); sst2: 80 -> 83 (+3, +3.75 %)
+    assert header[5:7] == ["cells with plain >= 10", "mean relative change on those (%)"]
+    assert rows == [["ties_merging", 2, pytest.approx(7.65), 2, 0, 1, pytest.approx(3.75), 0.84]]
