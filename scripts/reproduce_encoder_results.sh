@@ -10,6 +10,8 @@
 #
 # Every step is one of the project's scripts with --resume (or its own skip of finished training runs): run the
 # same command again after an interruption and only what is missing is computed. Copy and edit for ablations.
+# On a CPU the independent calls of a step run --jobs at a time (default: one per core, one thread each), since
+# one single-threaded process per core is faster than one process using all cores on these small models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,7 @@ OUT=results/glue_reproduction
 GLUE_DIR=${MERGELM_GLUE_DIR:-../shared/data/glue}
 GPU=-1
 SMOKE=0
+JOBS=""
 STEPS="train deltas sweep merge summary"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
     --glue_dir) GLUE_DIR=$2; shift 2 ;;
     --gpu) GPU=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;   # e.g. --steps "train sweep" to run only those
+    --jobs) JOBS=$2; shift 2 ;;     # calls run at the same time (default: CPU cores, or 1 with --gpu)
     --smoke) SMOKE=1; shift ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -47,18 +51,29 @@ if [ "$SMOKE" = 1 ]; then
 fi
 COMMON=(--language_model_name "$MODEL" --glue_dir "$GLUE_DIR" --output_dir "$OUT" --gpu "$GPU"
         --batch_size 16 --max_seq_length 128)
+if [ -z "$JOBS" ]; then
+  if [ "$GPU" -ge 0 ]; then JOBS=1; else JOBS=$(nproc); fi
+fi
+if [ "$GPU" -lt 0 ] && [ "$JOBS" -gt 1 ]; then
+  export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 ))
+fi
 
 step() { echo "[$(date +%H:%M:%S), $((SECONDS / 60)) min] $*"; }
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+cmd() { printf '%q ' "$@"; }   # one command line, quoted, for run_jobs
+# run_jobs LINE...: run the command lines, $JOBS at a time; fails when one of them fails
+run_jobs() { printf '%s\0' "$@" | xargs -0 -n 1 -P "$JOBS" bash -c; }
 
 if wants train; then
+  step "fine-tune $(for spec in "${TRAIN_SPECS[@]}"; do printf '%s, ' "${spec%% *}"; done)$JOBS at a time"
+  calls=()
   for spec in "${TRAIN_SPECS[@]}"; do
     read -r task epochs extra <<< "$spec"
-    step "fine-tune $task ($epochs epochs)"
     # shellcheck disable=SC2086  # $extra holds flags
-    python train_plms_glue.py "${COMMON[@]}" --dataset_name "$task" --num_runs 1 --num_epochs "$epochs" \
-      --learning_rate $LR --warmup_ratio 0.06 --group_by_length $extra ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"}
+    calls+=("$(cmd python train_plms_glue.py "${COMMON[@]}" --dataset_name "$task" --num_runs 1 --num_epochs "$epochs" \
+      --learning_rate $LR --warmup_ratio 0.06 --group_by_length $extra ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"})")
   done
+  run_jobs "${calls[@]}"
 fi
 
 if wants deltas && [ ! -f "$OUT/delta_analysis/analysis.json" ]; then
@@ -69,22 +84,30 @@ if wants deltas && [ ! -f "$OUT/delta_analysis/analysis.json" ]; then
 fi
 
 if wants sweep; then
+  step "drop-rate sweeps: DARE, DropOnly (no rescale), magnitude pruning, DARE on the fine-tuned weights"
+  calls=()
   # shellcheck disable=SC2086
   for variant in "--use_weight_rescale" "" "--mask_strategy magnitude" \
                  "--use_weight_rescale --weight_format finetuned_weight"; do
-    step "drop-rate sweep: ${variant:-DropOnly (no rescale)}"
-    python inference_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS \
-      --weight_mask_rate $RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume
+    calls+=("$(cmd python inference_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS \
+      --weight_mask_rate $RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume)")
   done
+  run_jobs "${calls[@]}"
 fi
 
 if wants merge; then
-  METHODS="average_merging task_arithmetic fisher_merging regmean_merging ties_merging"
-  step "pairwise merges: 5 methods, without and with DARE (seeds $SEEDS), grid $GRID"
-  # shellcheck disable=SC2086
-  python merge_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS --grid $GRID \
-    --merging_method_name $METHODS mask_merging --mask_apply_method $METHODS --use_weight_rescale \
-    --seeds $SEEDS --fisher_estimator mergelm exact "${MERGE_CAPS[@]}" --resume
+  MERGE=(python merge_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS --grid $GRID
+         --fisher_estimator mergelm exact "${MERGE_CAPS[@]}" --resume)
+  step "pairwise merges without DARE: 5 methods, grid $GRID"
+  run_jobs "$(cmd "${MERGE[@]}" --merging_method_name average_merging task_arithmetic ties_merging)" \
+           "$(cmd "${MERGE[@]}" --merging_method_name fisher_merging regmean_merging)"
+  step "pairwise merges with DARE: the plain runs' settings, then the drop rate; seeds $SEEDS"
+  calls=()
+  for seed in $SEEDS; do
+    calls+=("$(cmd "${MERGE[@]}" --merging_method_name mask_merging --use_weight_rescale --seeds "$seed" \
+      --mask_apply_method average_merging task_arithmetic fisher_merging regmean_merging ties_merging)")
+  done
+  run_jobs "${calls[@]}"
 fi
 
 if wants summary; then

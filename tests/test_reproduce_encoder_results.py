@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_script(*args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_encoder_results.sh"), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = ROOT / "scripts" / "reproduce_encoder_results.sh"
+    done = subprocess.run(["bash", str(script), "--jobs", "2", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -42,8 +43,8 @@ def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_di
     args = ("--smoke", "--model", str(tmp_path / "tiny-bert"), "--glue_dir", str(tmp_path / "glue"),
             "--output_dir", str(tmp_path / "out"))
     log = _run_script(*args)
-    for step in ("fine-tune rte", "fine-tune mrpc", "delta analysis", "drop-rate sweep: DropOnly", "pairwise merges",
-                 "done"):
+    for step in ("fine-tune rte, mrpc, 2 at a time", "delta analysis", "drop-rate sweeps: DARE, DropOnly",
+                 "pairwise merges without DARE", "pairwise merges with DARE", "done"):
         assert step in log
     deltas = json.loads((tmp_path / "out" / "delta_analysis" / "analysis.json").read_text())
     assert len(deltas["models"]) == 2 and all(m["verdict"]["code"] for m in deltas["models"])
@@ -64,5 +65,8 @@ def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_di
     before = {p: p.stat().st_mtime_ns for p in metrics}
 
     rerun = _run_script(*args)
-    assert "already trained" in rerun and "rte+mrpc: 0 runs to compute, 18 finished" in rerun
+    assert rerun.count("already trained") == 2
+    # four merge calls (two plain, one per DARE seed), nothing to compute in any: 3 + 3 + 6 + 6 finished runs
+    finished = re.findall(r"rte\+mrpc: (\d+) runs to compute, (\d+) finished", rerun)
+    assert sorted(finished) == [("0", "3"), ("0", "3"), ("0", "6"), ("0", "6")]
     assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "out").rglob("metrics.json"))} == before
