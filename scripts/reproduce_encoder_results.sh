@@ -40,8 +40,8 @@ LR=3e-5                     # one learning rate for every task (MiniLM learns al
 RATES="0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 0.99"
 SEEDS="0 1 2"
 GRID=reduced                # a subset of the paper's grid (glue/glue_merging.py: REDUCED_GRIDS)
-# task, epochs, extra training flags (SST-2 capped at 8,000 of its 60,614 train examples)
-TRAIN_SPECS=("rte 5" "mrpc 3" "stsb 3" "cola 3" "sst2 3 --max_train_samples 8000")
+# task, epochs, extra training flags (SST-2 capped at 8,000 of its 60,614 train examples); longest first
+TRAIN_SPECS=("rte 5" "mrpc 3" "sst2 3 --max_train_samples 8000" "stsb 3" "cola 3")
 EVAL_CAPS=()                                 # test = the full GLUE dev set
 MERGE_CAPS=(--max_validation_samples 500)    # merge selection on at most 500 validation examples per task
 if [ "$SMOKE" = 1 ]; then
@@ -98,14 +98,23 @@ fi
 if wants merge; then
   MERGE=(python merge_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS --grid $GRID
          --fisher_estimator mergelm exact "${MERGE_CAPS[@]}" --resume)
+  # two groups of about equal cost (Fisher's statistics are the dearest), so that two jobs finish together
+  METHOD_GROUPS=("fisher_merging" "average_merging task_arithmetic regmean_merging ties_merging")
   step "pairwise merges without DARE: 5 methods, grid $GRID"
-  run_jobs "$(cmd "${MERGE[@]}" --merging_method_name average_merging task_arithmetic ties_merging)" \
-           "$(cmd "${MERGE[@]}" --merging_method_name fisher_merging regmean_merging)"
+  calls=()
+  for group in "${METHOD_GROUPS[@]}"; do
+    # shellcheck disable=SC2086  # $group holds method names
+    calls+=("$(cmd "${MERGE[@]}" --merging_method_name $group)")
+  done
+  run_jobs "${calls[@]}"
   step "pairwise merges with DARE: the plain runs' settings, then the drop rate; seeds $SEEDS"
   calls=()
   for seed in $SEEDS; do
-    calls+=("$(cmd "${MERGE[@]}" --merging_method_name mask_merging --use_weight_rescale --seeds "$seed" \
-      --mask_apply_method average_merging task_arithmetic fisher_merging regmean_merging ties_merging)")
+    for group in "${METHOD_GROUPS[@]}"; do
+      # shellcheck disable=SC2086
+      calls+=("$(cmd "${MERGE[@]}" --merging_method_name mask_merging --use_weight_rescale --seeds "$seed" \
+        --mask_apply_method $group)")
+    done
   done
   run_jobs "${calls[@]}"
 fi

@@ -66,7 +66,8 @@ def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_di
 
     rerun = _run_script(*args)
     assert rerun.count("already trained") == 2
-    # four merge calls (two plain, one per DARE seed), nothing to compute in any: 3 + 3 + 6 + 6 finished runs
+    # six merge calls (Fisher / the other four methods, each plain and per DARE seed), nothing left in any:
+    # 2 Fisher runs (both estimators) and 4 others per call
     finished = re.findall(r"rte\+mrpc: (\d+) runs to compute, (\d+) finished", rerun)
-    assert sorted(finished) == [("0", "3"), ("0", "3"), ("0", "6"), ("0", "6")]
+    assert sorted(finished) == [("0", "2")] * 3 + [("0", "4")] * 3
     assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "out").rglob("metrics.json"))} == before
