@@ -125,8 +125,8 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
                              sweep_table(series)),
               "merging": ("Pairwise merging, test split (primary metric x100; +DARE: mean ± std over DARE seeds)",
                           merge_table(merges)),
-              "dare_effect": ("What DARE changes in merging, over (pair, target) cells: the change in points, and in % "
-                              "where the plain score is at least 10",
+              "dare_effect": ("What DARE changes in merging, over (pair, target) cells: the change in points, and in "
+                              "% where the plain score is at least 10",
                               dare_effect_table(merges)),
               "llm": ("LLMs (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, x100; files = outputs for the "
                       "external evaluator only)", llm_table(llm_runs)),
