@@ -87,8 +87,8 @@ if wants sweep; then
   step "drop-rate sweeps: DARE, DropOnly (no rescale), magnitude pruning, DARE on the fine-tuned weights"
   calls=()
   # shellcheck disable=SC2086
-  for variant in "--use_weight_rescale" "" "--mask_strategy magnitude" \
-                 "--use_weight_rescale --weight_format finetuned_weight"; do
+  for variant in "" "--use_weight_rescale" "--use_weight_rescale --weight_format finetuned_weight" \
+                 "--mask_strategy magnitude"; do   # longest first: DropOnly, DARE, fine-tuned weights, magnitude
     calls+=("$(cmd python inference_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS \
       --weight_mask_rate $RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume)")
   done
