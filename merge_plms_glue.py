@@ -251,7 +251,7 @@ def run_pairs(args: argparse.Namespace, pairs: Sequence[tuple[str, str]], tokeni
         for pair, merger in mergers.items():
             for variant in (v for v in todo[pair] if v.seed == seed):
                 results["+".join(pair)][variant.key] = run_variant(args, merger, pair, variant, argv)
-            merger._last = None  # the last merged state dict, no longer needed
+            merger.clear_merged()
         if seed is not None:
             pool.release(seed)
     return results

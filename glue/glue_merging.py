@@ -87,19 +87,22 @@ class TaskPool:
     """The fine-tuned tasks of a run, loaded once and shared by every pair they are in.
 
     ``statistics`` holds each model's Fisher diagonals and Gram matrices keyed by (task, kind, examples,
-    estimator, DARE rate, DARE seed): a task's DARE mask depends on the seed and the task, not on the pair, so the
-    statistics of a DARE'd model are computed once for all the pairs it is in (4 of the 10 pairs of 5 tasks).
+    estimator, DARE settings, rate, seed), ``dared`` each DARE'd state dict keyed by (task, DARE settings, rate,
+    seed): a task's DARE mask depends on the seed and the task, not on the pair, so a DARE'd model and its
+    statistics are computed once for all the pairs it is in (4 of the 10 pairs of 5 tasks) and all the methods.
     """
 
     pretrained: dict[str, torch.Tensor]
     tasks: dict[str, TaskModel]
     device: str = "cpu"
     statistics: dict[tuple, dict] = field(default_factory=dict)
+    dared: dict[tuple, dict] = field(default_factory=dict)
 
     def release(self, dare_seed: int) -> None:
-        """Drop the statistics of the models DARE'd with ``dare_seed`` (a seed's runs are finished)."""
-        for key in [k for k in self.statistics if k[-1] == dare_seed]:
-            del self.statistics[key]
+        """Drop the DARE'd models of ``dare_seed`` and their statistics (the seed's runs are finished)."""
+        for cache in (self.statistics, self.dared):
+            for key in [k for k in cache if k[-1] == dare_seed]:
+                del cache[key]
 
     def pair(self, tasks: Sequence[str], dare: DareSettings, fisher_options: Mapping[str, Any] | None = None
              ) -> PairMerger:
@@ -107,7 +110,7 @@ class TaskPool:
         return PairMerger(list(tasks), [m.finetuned for m in members], self.pretrained, [m.model for m in members],
                           {m.task: m.loaders for m in members}, dare, fisher_options=dict(fisher_options or {}),
                           device=self.device, checkpoints={m.task: m.checkpoint for m in members},
-                          _stats=self.statistics)
+                          _stats=self.statistics, _dared_cache=self.dared)
 
 
 def dare_mask_index(task: str) -> int:
@@ -130,6 +133,7 @@ class PairMerger:
     fisher_estimator: str = "mergelm"
     checkpoints: dict[str, Any] = field(default_factory=dict)
     _stats: dict[tuple, dict] = field(default_factory=dict)
+    _dared_cache: dict[tuple, dict] = field(default_factory=dict)
     _scores: dict[tuple, dict] = field(default_factory=dict)
     _last: tuple[tuple, dict] | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -138,21 +142,32 @@ class PairMerger:
         """What a DARE'd model depends on besides the rate: the mask seed (none without DARE)."""
         return (rate, self.dare.seed) if rate else (None, None)
 
+    def _dare_settings(self, rate: float | None) -> tuple | None:
+        return (self.dare.use_weight_rescale, self.dare.mask_strategy, self.dare.weight_format) if rate else None
+
     def _dared(self, rate: float | None) -> list[dict[str, torch.Tensor]]:
         if not rate:
             return self.finetuned
         # heads are never dropped, and their shapes differ between tasks (STS-B has one output): DARE runs on the
         # encoder only and each model keeps its own head
         encoder = lambda sd: {k: v for k, v in sd.items() if "classifier" not in k}
-        return [{**sd, **dare_state_dict(encoder(self.pretrained), encoder(sd), rate, self.dare,
-                                         model_index=dare_mask_index(task))}
-                for task, sd in zip(self.tasks, self.finetuned, strict=True)]
+        out = []
+        for task, sd in zip(self.tasks, self.finetuned, strict=True):
+            key = (task, self._dare_settings(rate), *self._dare_key(rate))
+            if key not in self._dared_cache:
+                self._dared_cache[key] = {**sd, **dare_state_dict(encoder(self.pretrained), encoder(sd), rate,
+                                                                  self.dare, model_index=dare_mask_index(task))}
+            out.append(self._dared_cache[key])
+        return out
+
+    def clear_merged(self) -> None:
+        """Forget the last merged state dict (kept while one setting is scored on both tasks)."""
+        self._last = None
 
     def _statistics(self, kind: str, index: int, num_examples: int, rate: float | None, state: dict) -> dict:
         estimator = self.fisher_estimator if kind == "fisher" else None
         task = self.tasks[index]
-        settings = (self.dare.use_weight_rescale, self.dare.mask_strategy, self.dare.weight_format) if rate else None
-        key = (task, kind, num_examples, estimator, settings, *self._dare_key(rate))
+        key = (task, kind, num_examples, estimator, self._dare_settings(rate), *self._dare_key(rate))
         if key not in self._stats:
             from model_merging_methods import compute_fisher_weights, compute_gram_matrices
 

@@ -186,9 +186,14 @@ def test_statistics_of_a_dared_model_are_computed_once_for_all_its_pairs(workspa
 
     train_plms_glue.main([*workspace["common"], "--dataset_name", "stsb", "--num_runs", "1", "--num_epochs", "1",
                           "--learning_rate", "1e-3"])
+    import glue.glue_merging
+
     real, calls = model_merging_methods.compute_fisher_weights, []
     monkeypatch.setattr(model_merging_methods, "compute_fisher_weights",
                         lambda model, *a, **k: calls.append(model.num_labels) or real(model, *a, **k))
+    real_dare, dared = glue.glue_merging.dare_state_dict, []
+    monkeypatch.setattr(glue.glue_merging, "dare_state_dict",
+                        lambda *a, **k: dared.append(k["model_index"]) or real_dare(*a, **k))
     out = merge_plms_glue.main([*workspace["common"], "--dataset_names", *TASKS, "stsb", "--grid", "none",
                                 "--merging_method_name", "fisher_merging", "mask_merging", "--mask_apply_method",
                                 "fisher_merging", "--use_weight_rescale", "--weight_mask_rate", "0.5",
@@ -197,6 +202,8 @@ def test_statistics_of_a_dared_model_are_computed_once_for_all_its_pairs(workspa
     assert all(len(runs) == 3 for runs in out.values())  # plain + DARE seeds 0 and 1
     # plain, seed 0, seed 1 for each of the 3 tasks; stsb's model is the one with a single output
     assert len(calls) == 9 and calls.count(1) == 3
+    # and one DARE'd model per (task, seed), keyed by the task: 6, where one per (pair, model, seed) would be 12
+    assert sorted(dared) == sorted([glue.glue_merging.dare_mask_index(t) for t in (*TASKS, "stsb")] * 2)
 
 
 def test_a_dare_run_takes_the_plain_selection_from_the_finished_plain_run(workspace):
