@@ -49,12 +49,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_epochs", type=int, default=2)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--weight_mask_rates", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 0.99])
+    parser.add_argument("--weight_mask_rates", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 0.99],
+                        help="drop rates of the DARE / DropOnly sweeps; 0.0 (the fine-tuned model, one test "
+                             "evaluation per task) is added when missing, so the summary can always state the "
+                             "fine-tuned score")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="DARE / DropOnly mask seeds")
     parser.add_argument("--merging_methods", nargs="+", default=list(MERGING_METHODS), choices=MERGING_METHODS)
     parser.add_argument("--grid", default="quick", choices=["quick", "reduced", "paper", "none"])
     parser.add_argument("--skip_merging", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if 0.0 not in args.weight_mask_rates:  # the fine-tuned score the headline starts from (cheap: no drop)
+        args.weight_mask_rates = [0.0, *args.weight_mask_rates]
+    return args
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
@@ -85,19 +91,23 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
 
 def headline(tables: Mapping[str, Any]) -> str:
-    """One sentence from the numbers: DARE vs DropOnly at the highest rate below 0.99, and DARE in merging."""
+    """One sentence from the numbers: DARE vs DropOnly at the highest rate below 0.99, and DARE in merging.
+
+    The fine-tuned score (``p=0.0``) starts each task's part when the sweep has it; without it the part gives only
+    DARE and DropOnly."""
     header, rows = tables.get("dare_sweep", ([], []))
     rates = [float(h[2:]) for h in header[2:]]
-    high = max([r for r in rates if r < 0.99], default=None)
+    high = max([r for r in rates if 0.0 < r < 0.99], default=None)
     parts = []
-    if high:
+    if high is not None:
         for task in sorted({row[0] for row in rows}):
             series = {re.sub(r"-n\d+$", "", row[1]): row[2:] for row in rows if row[0] == task}  # test-cap suffix
             if {"DARE", "DropOnly"} <= set(series):
-                start = mean_of(series["DARE"][rates.index(0.0)])
+                start = mean_of(series["DARE"][rates.index(0.0)]) if 0.0 in rates else None
                 dare, drop = (mean_of(series[v][rates.index(high)]) for v in ("DARE", "DropOnly"))
-                if None not in (start, dare, drop):
-                    parts.append(f"{task} {start:.1f} -> DARE {dare:.1f} / DropOnly {drop:.1f}")
+                if None not in (dare, drop):
+                    parts.append(f"{task} {'' if start is None else f'{start:.1f} -> '}"
+                                 f"DARE {dare:.1f} / DropOnly {drop:.1f}")
     sentence = f"At drop rate {high}, " + "; ".join(parts) + "." if parts else "No drop-rate sweep to compare."
     effect = tables.get("dare_effect", ([], []))[1]
     if effect:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,10 +54,43 @@ def run_dir_for(results_root: str | os.PathLike, *parts: str) -> Path:
     return Path(results_root, *parts)
 
 
+def _check_clearable(path: Path) -> None:
+    """Refuse to clear the working folder (or one above it), the home folder or a file system root."""
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve() or resolved == Path(
+            resolved.anchor):
+        raise ValueError(f"refusing to clear {path} (resolves to {resolved}): --overwrite empties a run folder, "
+                         f"and this one is the working folder, a folder above it, the home folder or a root; "
+                         f"choose a dedicated output folder")
+
+
+def clear_dir(path: str | os.PathLike) -> None:
+    """Remove everything inside the folder ``path``; symlinks are unlinked, never followed."""
+    for entry in Path(path).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``run_dir``; a non-empty folder is an error unless ``overwrite`` or ``resume`` is given."""
+    """Create ``run_dir``; a non-empty folder is an error unless ``overwrite`` or ``resume`` is given.
+
+    ``resume`` keeps the folder's files (it wins over ``overwrite``); ``overwrite`` alone empties the folder first,
+    so no file of an earlier run (``metrics.json``, ``grid.json``, ...) survives to pass for the new run's. A
+    ``run_dir`` that is a symlink is unlinked (its target is left alone) and made a fresh folder; a file is refused.
+    """
     path = Path(run_dir)
-    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"run folder {path} is a file; a run folder must be a folder, got a file; move or "
+                                 f"delete the file, or choose another output folder")
+    if overwrite and not resume:
+        if path.is_symlink():
+            path.unlink()
+        elif path.is_dir() and any(path.iterdir()):
+            _check_clearable(path)
+            clear_dir(path)
+    elif path.exists() and any(path.iterdir()) and not resume:
         raise FileExistsError(f"{path} is not empty; pass --overwrite to replace it or --resume to continue")
     path.mkdir(parents=True, exist_ok=True)
     return path

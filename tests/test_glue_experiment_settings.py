@@ -129,6 +129,33 @@ def test_quickstart_headline_reads_the_numbers():
         "scores by (mean over cells, points) ties_merging +1.20.")
 
 
+def test_quickstart_headline_without_a_rate_zero_column_says_the_sentence_without_the_start():
+    import quickstart
+
+    tables = {"dare_sweep": (["task", "variant", "p=0.5", "p=0.9"],
+                             [["sst2", "DARE-n500", 88.0, 87.0], ["sst2", "DropOnly-n500", 80.0, 51.0]])}
+    assert quickstart.headline(tables) == "At drop rate 0.9, sst2 DARE 87.0 / DropOnly 51.0."
+
+
+def test_quickstart_always_evaluates_rate_zero_for_the_fine_tuned_score(monkeypatch, tmp_path):
+    import inference_plms_glue
+    import quickstart
+    import train_plms_glue
+
+    calls = []
+    monkeypatch.setattr(train_plms_glue, "main", lambda argv: None)
+    monkeypatch.setattr(inference_plms_glue, "main", lambda argv: calls.append(argv))
+    args = quickstart.parse_args(["--output_dir", str(tmp_path), "--weight_mask_rates", "0.5", "0.9",
+                                  "--skip_merging"])
+    assert args.weight_mask_rates == [0.0, 0.5, 0.9]
+    quickstart.run_pipeline(args)
+    assert len(calls) == 2
+    for argv in calls:
+        start = argv.index("--weight_mask_rate") + 1
+        assert argv[start:start + 3] == ["0.0", "0.5", "0.9"]
+    assert quickstart.parse_args(["--weight_mask_rates", "0.9", "0"]).weight_mask_rates == [0.9, 0.0]
+
+
 def test_dare_in_a_pair_with_a_regression_head_keeps_each_head():
     import torch
 

@@ -40,3 +40,53 @@ def test_long_folder_names_stay_within_the_file_name_limit_and_unique():
     names = [hyperparameter_dirname(h) for h in (long_a, long_b)]
     assert all(len(n.encode()) <= 255 for n in names) and names[0] != names[1]
     assert names[0].startswith("a=1,b=xxx") and names[0] == hyperparameter_dirname(dict(long_a))
+
+
+def test_overwrite_clears_the_old_files_and_resume_keeps_them(tmp_path):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / "grid.json").write_text("{}")
+    (run / "model" / "weights.bin").write_text("w")
+    assert prepare_run_dir(run, resume=True) == run
+    assert sorted(p.name for p in run.iterdir()) == ["grid.json", "metrics.json", "model"]
+    assert prepare_run_dir(run, overwrite=True, resume=True) == run  # resume keeps the files
+    assert (run / "metrics.json").exists()
+    assert prepare_run_dir(run, overwrite=True) == run
+    assert run.is_dir() and not any(run.iterdir())  # no stale metrics.json / grid.json left to mistake
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # only that folder's contents
+
+
+def test_overwrite_unlinks_symlinks_without_touching_their_targets(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("k")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (run / "metrics.json").write_text("{}")
+    prepare_run_dir(run, overwrite=True)
+    assert not any(run.iterdir()) and (elsewhere / "keep.txt").read_text() == "k"
+    linked_run = tmp_path / "linked_run"
+    linked_run.symlink_to(elsewhere, target_is_directory=True)  # the run folder itself is a link
+    assert prepare_run_dir(linked_run, overwrite=True) == linked_run
+    assert linked_run.is_dir() and not linked_run.is_symlink() and not any(linked_run.iterdir())
+    assert (elsewhere / "keep.txt").read_text() == "k"
+
+
+def test_a_file_or_the_working_folder_is_never_cleared(tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    path.write_text("not a folder")
+    for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(NotADirectoryError, match="is a file"):
+            prepare_run_dir(path, **kwargs)
+    assert path.read_text() == "not a folder"
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("n")
+    (work / "sub" / "notes.txt").write_text("n")
+    monkeypatch.chdir(work / "sub")
+    for folder in (work, work / "sub", "."):
+        with pytest.raises(ValueError, match="refusing to clear"):
+            prepare_run_dir(folder, overwrite=True)
+    assert (work / "notes.txt").exists() and (work / "sub" / "notes.txt").exists()
