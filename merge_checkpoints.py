@@ -25,30 +25,23 @@ from cli.native_libraries import limit_blas_threads, tune_malloc_for_merging
 
 limit_blas_threads()  # before NumPy/SciPy are imported
 
-from cli.merge_flags import (  # noqa: E402
-    add_dare_flags,
-    add_fisher_flags,
+from cli.recipe_flags import (  # noqa: E402
     add_homology_flags,
+    add_hyperparameter_flags,
     add_method_flags,
-    add_regmean_flags,
-    add_ties_flags,
-    add_ties_trim_scope_flag,
+    recipe_from_args,
+    refuse_unused_flags,
 )
 from common.cli_command import command_from_args  # noqa: E402
 from common.logging_setup import setup_logging  # noqa: E402
 from delta_analysis import check_homology  # noqa: E402
 from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
 from merge_engine.tensor_plan import DTYPES  # noqa: E402
-from model_merging_methods import accepted_hyperparameters  # noqa: E402
+from model_merging_methods import Recipe  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_HYPERPARAMETER_FLAGS = (
-    "mask_apply_method", "scaling_coefficient", "param_value_mask_rate", "ties_trim_scope", "weight_mask_rate",
-    "use_weight_rescale", "mask_strategy", "weight_format", "seed", "normalize_fisher_weight",
-    "minimal_fisher_weight", "fisher_scaling_coefficients", "reduce_non_diagonal_ratio",
-)
 _NOT_RECORDED_FLAGS = ("overwrite", "resume", "quiet", "log_file", "skip_homology_check")
 
 
@@ -65,17 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_model", required=True, help="base model folder or hub id")
     p.add_argument("--finetuned_models", nargs="+", required=True, help="fine-tuned model folders or hub ids")
     p.add_argument("--output_dir", required=True)
-    # library_defaults: an unset flag leaves the method's own default (MergeLM's merging_models), e.g.
-    # normalize_fisher_weight on and the global TIES trim, and stays out of the recorded command
+    # library_defaults: an unset flag leaves the method's own declared default (MergeLM's merging_models), e.g.
+    # normalize_fisher_weight on and the global TIES trim, and stays out of the recorded command; the statistics
+    # settings are not flags here: the statistics come from --statistics_files
     add_method_flags(p, library_defaults=True)
-    add_ties_flags(p, library_defaults=True)
-    add_ties_trim_scope_flag(p, default=None)
-    add_dare_flags(p, rates="per_model", library_defaults=True)
-    add_fisher_flags(p, normalize_fisher_weight=None, library_defaults=True)
-    add_regmean_flags(p, library_defaults=True)
+    add_hyperparameter_flags(p, statistics=False, library_defaults=True)
     p.add_argument("--statistics_files", nargs="+", help="Fisher/RegMean statistics, one file per fine-tuned model")
     p.add_argument("--exclude_param_names_regex", nargs="*", default=[])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the pretrained model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where the maths runs)")
     p.add_argument("--num_threads", type=int, help="worker threads (default: CPU count, at most 4)")
@@ -105,32 +94,32 @@ def rerun_command(args: argparse.Namespace) -> str:
                              skip=_NOT_RECORDED_FLAGS, replace={"output_dir": "OUT"})
 
 
-def hyperparameters_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags the chosen method accepts (given ones only; MergeLM CLI default: no rescale)."""
-    accepted = accepted_hyperparameters(args.merging_method_name, args.mask_apply_method)
-    hp = {}
-    for name in _HYPERPARAMETER_FLAGS:
-        value = getattr(args, name)
-        if name not in accepted or value is None:
-            continue
-        if name == "weight_mask_rate" and len(value) == 1:
-            value = value[0]
-        hp[name] = value
-    if "use_weight_rescale" in hp and not hp["use_weight_rescale"] and hp.get("mask_strategy", "random") == "random":
+def recipe_of(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Recipe:
+    """The recipe of the flags; a flag the chosen method does not read is an error (MergeLM CLI: no rescale)."""
+    recipe = recipe_from_args(args, args.merging_method_name, args.mask_apply_method)
+    refuse_unused_flags(parser or build_parser(), args, [recipe])
+    if args.mask_apply_method is not None and recipe.dare is None:
+        raise ValueError(f"--mask_apply_method applies after DARE, got it with --merging_method_name "
+                         f"{args.merging_method_name}; pass --merging_method_name mask_merging or drop it")
+    dare = recipe.dare
+    if dare is not None and not dare.use_weight_rescale and dare.mask_strategy == "random":
         logger.warning("--use_weight_rescale not given: dropping without rescale (DropOnly), not DARE")
-    return hp
+    return recipe
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     tune_malloc_for_merging()
     setup_logging(args.log_file)
     logger.info("config: %s", vars(args))
+    recipe = recipe_of(args, parser)
+    logger.info("recipe: %s", recipe.describe())
     if not args.skip_homology_check:
         check_homology(args.pretrained_model, args.finetuned_models, strict=args.strict)
     summary = merge_checkpoints(
         args.pretrained_model, args.finetuned_models, args.output_dir,
-        merging_method_name=args.merging_method_name, hyperparameters=hyperparameters_from_args(args),
+        merging_method_name=recipe,
         exclude_param_names_regex=args.exclude_param_names_regex, dtype=args.dtype, device=args.device,
         num_threads=args.num_threads, vocab_policy=args.vocab_policy, copy_config_from=args.copy_config_from,
         overwrite=args.overwrite, resume=args.resume, strict=args.strict, max_shard_bytes=args.max_shard_size,

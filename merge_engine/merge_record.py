@@ -13,6 +13,7 @@ from typing import Any
 
 from common.run_dir import git_commit
 from merge_engine.shard_index import CheckpointIndex
+from model_merging_methods.recipe import Recipe
 
 _PACKAGES = ("torch", "safetensors", "numpy", "transformers", "huggingface_hub")
 
@@ -36,7 +37,7 @@ def _describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[st
 
 
 def build_merge_record(labels: Sequence[str], dirs: Sequence[Path], indexes: Sequence[CheckpointIndex],
-                       method: str, hyperparameters: Mapping[str, Any], seed: int, exclude: Sequence[str],
+                       recipe: Recipe, exclude: Sequence[str],
                        dtype: str | None, vocab_policy: str, copy_config_from: int, max_shard_bytes: int,
                        statistics_files: Sequence[str] | None, command: str | None = None) -> dict[str, Any]:
     """The ``merge_config.json`` content (also the fingerprint ``--resume`` compares, less ``command``/``versions``).
@@ -47,9 +48,10 @@ def build_merge_record(labels: Sequence[str], dirs: Sequence[Path], indexes: Seq
     described = [_describe_input(lab, d, i) for lab, d, i in zip(labels, dirs, indexes, strict=True)]
     return {
         "inputs": {"pretrained_model": labels[0], "finetuned_models": list(labels[1:]), "models": described},
-        "merging_method_name": method,
-        "hyperparameters": dict(hyperparameters),
-        "seed": seed,
+        "merging_method_name": recipe.merging_method_name,
+        "hyperparameters": recipe.mergelm_hyperparameters(),
+        "seed": recipe.dare.seed if recipe.dare is not None else None,
+        "recipe": recipe.record(statistics=False),  # statistics come from statistics_files
         "exclude_param_names_regex": list(exclude),
         "dtype": dtype or "same as the pretrained model",
         "vocab_policy": vocab_policy,

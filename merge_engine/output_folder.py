@@ -25,7 +25,8 @@ TOKENIZER_FILES = (
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
 )
 MERGE_CONFIG = "merge_config.json"
-_UNCOMPARED_KEYS = ("versions", "command")  # neither changes the merged tensors
+# neither changes the merged tensors; the method's name, flat hyperparameters and seed are derived from "recipe"
+_UNCOMPARED_KEYS = ("versions", "command", "merging_method_name", "hyperparameters", "seed")
 
 
 def work_dir_for(output_dir: Path) -> Path:

@@ -49,7 +49,7 @@ from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_task import UnitRunner, plan_units
 from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
 from merge_engine.vocab import VOCAB_POLICIES
-from model_merging_methods import build_merge_plan
+from model_merging_methods import Recipe, build_merge_plan
 from model_merging_methods.task_vector import get_param_names_to_merge
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def merge_checkpoints(
     finetuned_models: Sequence[str],
     output_dir: str,
     *,
-    merging_method_name: str,
+    merging_method_name: str | Recipe,
     hyperparameters: Mapping[str, Any] | None = None,
     exclude_param_names_regex: Sequence[str] = (),
     dtype: str | None = None,
@@ -219,10 +219,10 @@ def merge_checkpoints(
         finetuned_models: fine-tuned model folders or hub ids (one model + ``mask_merging`` +
             ``mask_apply_method="average_merging"`` is single-model DARE: ``base + DARE(delta)``).
         output_dir: the merged model's folder (must not exist or be empty, unless ``overwrite``).
-        merging_method_name: a ``MERGING_METHOD_NAMES`` entry (MergeLM names).
-        hyperparameters: the method's (``scaling_coefficient``, ``param_value_mask_rate``, ``ties_trim_scope``,
+        merging_method_name: a ``Recipe``, or a ``MERGING_METHOD_NAMES`` entry (MergeLM names) with
+            ``hyperparameters`` (``scaling_coefficient``, ``param_value_mask_rate``, ``ties_trim_scope``,
             ``mask_apply_method``, ``weight_mask_rate``, ``use_weight_rescale``, ``mask_strategy``,
-            ``weight_format``, ``seed``, ...); validated by ``build_merge_plan``.
+            ``weight_format``, ``seed``, ...), validated by ``Recipe.from_mergelm``.
         exclude_param_names_regex: names matched (``re.match``) are copied from the base, not merged.
         dtype: output dtype of floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps the base's.
         device: where the maths runs (``cpu``, ``cuda``, ``cuda:1``); reads and writes stay on the CPU.
@@ -243,15 +243,14 @@ def merge_checkpoints(
         ``resume`` on a finished folder of the same merge nothing is written and ``already_complete`` is True.
     """
     start = time.perf_counter()
-    hyperparameters = dict(hyperparameters or {})
-    plan = build_merge_plan(merging_method_name, len(finetuned_models), **hyperparameters)
+    plan = build_merge_plan(merging_method_name, len(finetuned_models), **dict(hyperparameters or {}))
     _check_options(vocab_policy, device, num_threads, len(finetuned_models), copy_config_from)
     statistics = open_statistics(statistics_files, statistics_kind=plan.statistics,
                                  num_models=len(finetuned_models), method_name=plan.method.name)
     labels = [pretrained_model, *finetuned_models]
     setup = _validate_models(labels, Path(output_dir).expanduser().resolve(), plan, exclude_param_names_regex,
                              vocab_policy, parse_dtype(dtype), statistics)
-    record = build_merge_record(labels, setup.dirs, setup.indexes, merging_method_name, hyperparameters, plan.seed,
+    record = build_merge_record(labels, setup.dirs, setup.indexes, plan.recipe,
                                 exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
                                 statistics_files, command)
     if resume and finished_merge_matches(setup.output, record, overwrite=overwrite):

@@ -6,12 +6,31 @@
 """
 
 from model_merging_methods.fisher import FISHER_ESTIMATORS, compute_fisher_weights
+from model_merging_methods.hyperparameters import DARE_HYPERPARAMETERS, PROTOCOLS, Hyperparameter
 from model_merging_methods.merge_plan import MergePlan, accepted_hyperparameters, build_merge_plan
 from model_merging_methods.merge_state_dicts import apply_dare, merge_models, merge_state_dicts
-from model_merging_methods.registry import MERGE_METHODS, MERGING_METHOD_NAMES, MergeMethod, get_merge_method
+from model_merging_methods.recipe import Dare, Recipe, expand_grid, grid_recipes, searched_values
+from model_merging_methods.registry import (
+    DARE_METHOD_NAME,
+    MERGE_METHODS,
+    MERGING_METHOD_NAMES,
+    MergeMethod,
+    get_merge_method,
+    merging_method_names,
+)
 from model_merging_methods.regmean import compute_gram_matrices
 
 __all__ = [
+    "DARE_HYPERPARAMETERS",
+    "DARE_METHOD_NAME",
+    "Dare",
+    "Hyperparameter",
+    "PROTOCOLS",
+    "Recipe",
+    "expand_grid",
+    "grid_recipes",
+    "merging_method_names",
+    "searched_values",
     "MERGE_METHODS",
     "MERGING_METHOD_NAMES",
     "MergeMethod",

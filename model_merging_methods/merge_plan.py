@@ -1,7 +1,8 @@
 """A validated merge recipe and its per-tensor step, shared by the in-memory and the streaming paths.
 
-``build_merge_plan(merging_method_name, num_models, **hyperparameters)`` checks every name and value once,
-before any tensor is touched, and returns a ``MergePlan``. For each parameter the plan
+``build_merge_plan(recipe, num_models)`` (or MergeLM's ``build_merge_plan(merging_method_name, num_models,
+**hyperparameters)``) checks every name and value once, before any tensor is touched (``Recipe`` does, from the
+declarations), and returns a ``MergePlan``. For each parameter the plan
 
 1. turns each fine-tuned tensor into a float32 delta and applies DARE (``mask_merging`` only), keyed by
    ``(seed, model index, parameter name)`` so the result does not depend on visiting order or chunking;
@@ -14,7 +15,6 @@ merged tensors, in any order; ``merge_state_dicts`` and ``merge_engine`` run the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,44 +23,49 @@ import torch
 from torch import Tensor
 
 from model_merging_methods.dare import dare_delta, mask_tensor
-from model_merging_methods.registry import (
-    DARE_HYPERPARAMETERS,
-    MERGE_METHODS,
-    GlobalState,
-    MergeMethod,
-    check_choice,
-    unknown_name_error,
-)
+from model_merging_methods.hyperparameters import DARE_SPECS, unknown_name_error
+from model_merging_methods.recipe import Dare, Recipe
+from model_merging_methods.registry import DARE_METHOD_NAME, MERGE_METHODS, GlobalState, MergeMethod, get_merge_method
 from model_merging_methods.regmean import gram_module_name
-
-_CHOICES = {
-    "mask_strategy": ("random", "magnitude"),
-    "weight_format": ("delta_weight", "finetuned_weight"),
-    "ties_trim_scope": ("global", "per_tensor"),
-}
-
-
-@dataclass(frozen=True)
-class DarePreprocessing:
-    """DARE pre-processing of every model's deltas (MergeLM ``mask_merging`` flags)."""
-
-    weight_mask_rates: tuple[float, ...]
-    use_weight_rescale: bool = True
-    mask_strategy: str = "random"
-    weight_format: str = "delta_weight"
-    model_indices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class MergePlan:
     """What to compute for every parameter; build it with ``build_merge_plan``."""
 
-    merging_method_name: str
-    method: MergeMethod
+    recipe: Recipe
     num_models: int
-    hyperparameters: Mapping[str, Any]
-    dare: DarePreprocessing | None = None
-    seed: int = 0
+    #: DARE's drop rate of each model, and the model index each model's mask is keyed by (``apply_dare`` and the
+    #: GLUE pipeline key a model's mask by its task, not its position)
+    dare_rates: tuple[float, ...] = ()
+    model_indices: tuple[int, ...] = ()
+
+    @property
+    def merging_method_name(self) -> str:
+        return self.recipe.merging_method_name
+
+    @property
+    def method(self) -> MergeMethod:
+        return self.recipe.spec
+
+    @property
+    def hyperparameters(self) -> Mapping[str, Any]:
+        """The settings the method's ``merge`` reads (statistics settings are the caller's); a per-model setting
+        given as one value is repeated for every model, and per-model values are lists."""
+        values = {}
+        for name, value in self.recipe.merge_hyperparameters().items():
+            if self.method.specs[name].per_model and value is not None:
+                value = list(value) if isinstance(value, tuple) else [value] * self.num_models
+            values[name] = value
+        return values
+
+    @property
+    def dare(self) -> Dare | None:
+        return self.recipe.dare
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.dare.seed if self.recipe.dare is not None else 0
 
     @property
     def statistics(self) -> str | None:
@@ -98,19 +103,19 @@ class MergePlan:
             masked_weight = self.dare.weight_format == "finetuned_weight"
             if not masked_weight and self.dare.mask_strategy == "random":
                 out.append(dare_delta(
-                    ft, base32, drop_rate=self.dare.weight_mask_rates[i],
+                    ft, base32, drop_rate=self.dare_rates[i],
                     use_weight_rescale=self.dare.use_weight_rescale, seed=self.seed,
-                    model_index=self.dare.model_indices[i], name=name, element_offset=element_offset,
+                    model_index=self.model_indices[i], name=name, element_offset=element_offset,
                 ))
                 continue
             tensor = ft.to(torch.float32, copy=True) if masked_weight else _subtract(ft, base32)
             tensor = mask_tensor(
                 tensor,
-                drop_rate=self.dare.weight_mask_rates[i],
+                drop_rate=self.dare_rates[i],
                 use_weight_rescale=self.dare.use_weight_rescale,
                 mask_strategy=self.dare.mask_strategy,
                 seed=self.seed,
-                model_index=self.dare.model_indices[i],
+                model_index=self.model_indices[i],
                 name=name,
                 element_offset=element_offset,
             )
@@ -211,115 +216,34 @@ def _subtract(finetuned: Tensor, base32: Tensor) -> Tensor:
     return torch.sub(finetuned, base32) if finetuned.is_floating_point() else finetuned.float() - base32
 
 
-def _check_rate(name: str, value: Any, *, upper_inclusive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value > 1 if upper_inclusive else value >= 1):
-        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
-        fix = "; 1.0 would drop every value (and divide by zero with rescaling)" if not upper_inclusive else ""
-        raise ValueError(f"{name} must be in {interval}, got {value!r}{fix}")
-    return float(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _per_model_list(name: str, value: Any, num_models: int) -> list:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * num_models
-    if len(values) != num_models:
-        raise ValueError(f"{name} needs one value per fine-tuned model ({num_models}), got {len(values)}: {value!r}")
-    return values
-
-
 def accepted_hyperparameters(merging_method_name: str, mask_apply_method: str | None = None) -> dict[str, Any]:
-    """The hyperparameter names (with defaults) a method accepts; ``seed`` is accepted by all."""
-    if merging_method_name != "mask_merging" and merging_method_name not in MERGE_METHODS:
-        raise unknown_name_error("merging_method_name", merging_method_name, [*MERGE_METHODS, "mask_merging"])
-    accepted: dict[str, Any] = {"seed": 0}
-    if merging_method_name == "mask_merging":
-        apply_name = mask_apply_method or "average_merging"
-        if apply_name not in MERGE_METHODS:
-            raise unknown_name_error("mask_apply_method", apply_name, list(MERGE_METHODS))
-        accepted.update(DARE_HYPERPARAMETERS, mask_apply_method="average_merging")
-        accepted.update(MERGE_METHODS[apply_name].hyperparameters)
-    else:
-        accepted.update(MERGE_METHODS[merging_method_name].hyperparameters)
-    return accepted
+    """MergeLM's flat names a method accepts, with their defaults (``seed`` for all; DARE's with ``mask_merging``)."""
+    if merging_method_name != DARE_METHOD_NAME and merging_method_name not in MERGE_METHODS:
+        raise unknown_name_error("merging_method_name", merging_method_name, [*MERGE_METHODS, DARE_METHOD_NAME])
+    if merging_method_name == DARE_METHOD_NAME:
+        method = get_merge_method(mask_apply_method or "average_merging")
+        dare = {name: spec.default for name, spec in DARE_SPECS.items()}
+        return {"mask_apply_method": "average_merging", **dare, **method.defaults}
+    return {"seed": 0, **get_merge_method(merging_method_name).defaults}
 
 
-def _validate_method_hyperparameters(hp: dict[str, Any], num_models: int) -> dict[str, Any]:
-    if "scaling_coefficient" in hp:
-        hp["scaling_coefficient"] = _check_number("scaling_coefficient", hp["scaling_coefficient"])
-    if "param_value_mask_rate" in hp:
-        hp["param_value_mask_rate"] = _check_rate("param_value_mask_rate", hp["param_value_mask_rate"])
-    if "ties_trim_scope" in hp:
-        check_choice("ties_trim_scope", hp["ties_trim_scope"], _CHOICES["ties_trim_scope"])
-    if "reduce_non_diagonal_ratio" in hp:
-        hp["reduce_non_diagonal_ratio"] = _check_rate(
-            "reduce_non_diagonal_ratio", hp["reduce_non_diagonal_ratio"], upper_inclusive=True
-        )
-    if "normalize_fisher_weight" in hp:
-        _check_bool("normalize_fisher_weight", hp["normalize_fisher_weight"])
-    if "minimal_fisher_weight" in hp:
-        epsilon = _check_number("minimal_fisher_weight", hp["minimal_fisher_weight"])
-        if epsilon < 0:
-            raise ValueError(f"minimal_fisher_weight must be >= 0, got {epsilon}")
-    if hp.get("fisher_scaling_coefficients") is not None:
-        name = "fisher_scaling_coefficients"
-        hp[name] = [_check_number(name, c) for c in _per_model_list(name, hp[name], num_models)]
-    return hp
-
-
-def _build_dare(hp: dict[str, Any], num_models: int) -> DarePreprocessing:
-    if hp["weight_mask_rate"] is None:
-        raise ValueError("mask_merging needs weight_mask_rate (the DARE drop rate p in [0, 1)), got none")
-    rates = _per_model_list("weight_mask_rate", hp["weight_mask_rate"], num_models)
-    return DarePreprocessing(
-        weight_mask_rates=tuple(_check_rate("weight_mask_rate", rate) for rate in rates),
-        use_weight_rescale=_check_bool("use_weight_rescale", hp["use_weight_rescale"]),
-        mask_strategy=check_choice("mask_strategy", hp["mask_strategy"], _CHOICES["mask_strategy"]),
-        weight_format=check_choice("weight_format", hp["weight_format"], _CHOICES["weight_format"]),
-        model_indices=tuple(range(num_models)),
-    )
-
-
-def build_merge_plan(merging_method_name: str, num_models: int, **hyperparameters: Any) -> MergePlan:
-    """Validate a merge recipe (MergeLM names) and return its ``MergePlan``.
+def build_merge_plan(recipe: Recipe | str, num_models: int, **hyperparameters: Any) -> MergePlan:
+    """The ``MergePlan`` of a recipe for ``num_models`` fine-tuned models.
 
     Args:
-        merging_method_name: one of ``MERGING_METHOD_NAMES``; ``mask_merging`` is DARE followed by
-            ``mask_apply_method``.
+        recipe: a ``Recipe``, or MergeLM's ``merging_method_name`` with its flat ``hyperparameters``
+            (``Recipe.from_mergelm``): unknown names, out-of-range values and per-model lists of the wrong
+            length are a ValueError naming the method.
         num_models: number of fine-tuned models.
-        **hyperparameters: the method's hyperparameters (see ``accepted_hyperparameters``); unknown names,
-            out-of-range rates and per-model lists of the wrong length are a ValueError.
     """
     if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
         raise ValueError(f"merging needs at least one fine-tuned model, got {num_models!r}")
-    accepted = accepted_hyperparameters(merging_method_name, hyperparameters.get("mask_apply_method"))
-    unknown = sorted(set(hyperparameters) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {', '.join(unknown)} for {merging_method_name}"
-            f"{' + ' + accepted['mask_apply_method'] if merging_method_name == 'mask_merging' else ''}; "
-            f"accepted: {', '.join(sorted(accepted))}"
-        )
-    hp = {**accepted, **hyperparameters}
-    seed = hp.pop("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    dare = None
-    if merging_method_name == "mask_merging":
-        method = MERGE_METHODS[hp.pop("mask_apply_method") or "average_merging"]
-        dare = _build_dare({k: hp.pop(k) for k in DARE_HYPERPARAMETERS}, num_models)
-    else:
-        method = MERGE_METHODS[merging_method_name]
-    hp = _validate_method_hyperparameters(hp, num_models)
-    return MergePlan(merging_method_name, method, num_models, hp, dare, seed)
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_mergelm(recipe, **hyperparameters)
+    elif hyperparameters:
+        raise ValueError(f"a Recipe carries its hyperparameters, got extra {sorted(hyperparameters)}; use "
+                         "recipe.replace(...)")
+    for name, value in recipe.merge_hyperparameters().items():  # per-model lists now that the count is known
+        recipe.spec.specs[name].check(value, num_models=num_models, where=f"{recipe.method}'s ")
+    rates = recipe.dare.rates(num_models) if recipe.dare is not None else ()
+    return MergePlan(recipe, num_models, rates, tuple(range(num_models)) if rates else ())

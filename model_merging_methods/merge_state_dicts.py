@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from model_merging_methods.merge_plan import MergePlan, build_merge_plan
+from model_merging_methods.recipe import Dare, Recipe
 from model_merging_methods.task_vector import get_param_names_to_merge, is_mergeable
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _merge_with_plan(plan, pretrained, finetuned, exclude_param_names_regex, sta
 
 
 def merge_state_dicts(
-    merging_method_name: str,
+    merging_method_name: str | Recipe,
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
     *,
@@ -115,8 +116,9 @@ def merge_state_dicts(
     """Merge fine-tuned state dicts into the pretrained one (MergeLM names; arXiv:2311.03099 for DARE).
 
     Args:
-        merging_method_name: ``average_merging``, ``task_arithmetic``, ``ties_merging``, ``fisher_merging``,
-            ``regmean_merging`` or ``mask_merging`` (DARE, then ``mask_apply_method``).
+        merging_method_name: a ``Recipe``, or MergeLM's name: ``average_merging``, ``task_arithmetic``,
+            ``ties_merging``, ``fisher_merging``, ``regmean_merging`` or ``mask_merging`` (DARE, then
+            ``mask_apply_method``) with its ``hyperparameters``.
         pretrained: the base model's state dict.
         finetuned: the fine-tuned models' state dicts (same names and shapes).
         exclude_param_names_regex: names matched (``re.match``) are not merged but copied from ``pretrained``.
@@ -124,7 +126,7 @@ def merge_state_dicts(
         gram_matrices: for RegMean, one ``{linear module: Gram}`` per model (``compute_gram_matrices``).
         **hyperparameters: e.g. ``scaling_coefficient``, ``param_value_mask_rate``, ``ties_trim_scope``,
             ``weight_mask_rate`` (float or one per model), ``use_weight_rescale``, ``mask_strategy``,
-            ``weight_format``, ``seed`` (see ``accepted_hyperparameters``).
+            ``weight_format``, ``seed`` (``Recipe.from_mergelm``).
 
     Returns:
         A new full state dict: merged tensors computed in float32 and cast to the pretrained dtype; excluded
@@ -152,11 +154,8 @@ def apply_dare(
     The mask is keyed by ``(seed, model_index, name)``, so ``apply_dare(..., model_index=i)`` equals model i's
     pre-processing inside ``mask_merging``. Excluded names (e.g. a classifier head) keep the fine-tuned values.
     """
-    plan = build_merge_plan(
-        "mask_merging", 1, mask_apply_method="average_merging", weight_mask_rate=weight_mask_rate,
-        use_weight_rescale=use_weight_rescale, mask_strategy=mask_strategy, weight_format=weight_format, seed=seed,
-    )
-    plan = replace(plan, dare=replace(plan.dare, model_indices=(model_index,)))
+    dare = Dare(weight_mask_rate, use_weight_rescale, mask_strategy, weight_format, seed)
+    plan = replace(build_merge_plan(Recipe("average_merging", dare=dare), 1), model_indices=(model_index,))
     return _merge_with_plan(plan, pretrained, [finetuned], exclude_param_names_regex, None, copy_from=finetuned)
 
 

@@ -9,19 +9,29 @@ these records, never a method's name.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from torch import Tensor
 
 from model_merging_methods.average import average_merging
-from model_merging_methods.fisher import fisher_arguments, fisher_global_state, fisher_merging
+from model_merging_methods.fisher import FISHER_ESTIMATORS, fisher_arguments, fisher_global_state, fisher_merging
+from model_merging_methods.hyperparameters import (
+    DARE_HYPERPARAMETERS,
+    DARE_SPECS,
+    Hyperparameter,
+    by_name,
+    check_choice,
+    unknown_name_error,
+)
 from model_merging_methods.regmean import regmean_arguments, regmean_merging
 from model_merging_methods.task_arithmetic import task_arithmetic
 from model_merging_methods.ties import ties_arguments, ties_chunkable, ties_global_state, ties_merging
+
+__all__ = ["DARE_HYPERPARAMETERS", "DARE_SPECS", "MERGE_METHODS", "MERGING_METHOD_NAMES", "GlobalState", "Hyperparameter",
+           "MergeMethod", "check_choice", "get_merge_method", "unknown_name_error"]
 
 
 class GlobalState(Protocol):
@@ -46,7 +56,7 @@ class GlobalState(Protocol):
 
 def hyperparameters_as_arguments(hyperparameters: Mapping[str, Any], *, name: str, num_models: int,
                                  statistics: Sequence[Tensor] | None, global_state: GlobalState | None) -> dict:
-    """The default ``merge_arguments``: the method's hyperparameters, passed as they are."""
+    """The default ``merge_arguments``: the method's (non-statistics) hyperparameters, passed as they are."""
     return dict(hyperparameters)
 
 
@@ -70,79 +80,139 @@ class MergeMethod:
     Attributes:
         name: MergeLM name, used on every command line.
         merge: the pure per-parameter function.
-        hyperparameters: user-facing hyperparameters and their defaults (MergeLM's library defaults).
+        hyperparameters: the declaration of every setting (``Hyperparameter``): default, range, help, grids.
+            Settings with ``statistics=True`` configure the caller's Fisher / Gram computation and are not
+            passed to ``merge``.
         statistics: extra per-model input the caller supplies: Fisher diagonals or Gram matrices.
         merge_arguments: ``(hyperparameters, *, name, num_models, statistics, global_state) -> kwargs`` of
-            ``merge`` for one parameter; by default the hyperparameters themselves.
+            ``merge`` for one parameter; by default the (non-statistics) hyperparameters themselves.
         global_state: ``(hyperparameters, num_models, total_numel) -> GlobalState | None``, the whole-model
             accumulator the method needs (None: none).
         chunkable: ``(hyperparameters) -> bool``; True when a tensor may be merged in row chunks (element-wise
             maths given the global state). Methods with ``statistics`` are never chunked.
         propagates_non_finite: True when a NaN/Inf in any input always leaves a NaN/Inf in the merged tensor
             (only adds and scales), so checking the output finds every non-finite input.
+        label: the name tables show (default: ``name``).
     """
 
     name: str
     merge: Callable[..., Tensor]
-    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    hyperparameters: tuple[Hyperparameter, ...] = ()
     statistics: Literal["fisher", "gram"] | None = None
     merge_arguments: Callable[..., dict[str, Any]] = hyperparameters_as_arguments
     global_state: Callable[[Mapping[str, Any], int, int], GlobalState | None] = no_global_state
     chunkable: Callable[[Mapping[str, Any]], bool] = never
     propagates_non_finite: bool = False
+    label: str = ""
 
+    def __post_init__(self) -> None:
+        specs = by_name(self.hyperparameters)
+        clash = sorted(set(specs) & set(DARE_SPECS))
+        if clash:
+            raise ValueError(f"{self.name} declares {clash}, which are DARE's settings; choose other names")
+        if self.statistics is None and any(spec.statistics for spec in self.hyperparameters):
+            raise ValueError(f"{self.name} declares statistics settings but needs no statistics")
+
+    @property
+    def specs(self) -> Mapping[str, Hyperparameter]:
+        """``{name: Hyperparameter}`` in declaration order (the grids' nesting order)."""
+        return MappingProxyType(by_name(self.hyperparameters))
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """``{name: default}`` of every setting (required ones excluded)."""
+        return {spec.name: spec.default for spec in self.hyperparameters if not spec.required}
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+
+_SCALING_HELP = "lambda, the scale of the summed deltas"
+_PAPER_LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # MergeLM's merge_plms_glue.py grid
+_TABLE1_LAMBDAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the paper's [0.5, 1.0]; the step (0.1) is not stated
+_STATISTICS_COUNTS = (256, 512, 1024, 2048)  # MergeLM's merge_plms_glue.py grid
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
-        MergeMethod("average_merging", average_merging, MappingProxyType({}), chunkable=always,
-                    propagates_non_finite=True),
-        MergeMethod("task_arithmetic", task_arithmetic, MappingProxyType({"scaling_coefficient": 1.0}),
-                    chunkable=always, propagates_non_finite=True),
+        MergeMethod("average_merging", average_merging, chunkable=always, propagates_non_finite=True,
+                    label="Average Merging"),
         MergeMethod(
-            "ties_merging",
-            ties_merging,
-            MappingProxyType({"param_value_mask_rate": 0.8, "scaling_coefficient": 1.0, "ties_trim_scope": "global"}),
-            merge_arguments=ties_arguments, global_state=ties_global_state, chunkable=ties_chunkable,
+            "task_arithmetic", task_arithmetic,
+            (Hyperparameter("scaling_coefficient", "number", 1.0, help=_SCALING_HELP,
+                            why="lambda = 1 adds every task vector whole (MergeLM's default)",
+                            grids={"glue_paper": _PAPER_LAMBDAS, "glue_reduced": (0.3, 0.5, 0.7, 1.0),
+                                   "glue_quick": (0.5, 1.0), "llm_table1": _TABLE1_LAMBDAS}),),
+            chunkable=always, propagates_non_finite=True, label="Task Arithmetic",
         ),
         MergeMethod(
-            "fisher_merging",
-            fisher_merging,
-            MappingProxyType(
-                {"fisher_scaling_coefficients": None, "normalize_fisher_weight": True, "minimal_fisher_weight": 1e-6}
-            ),
+            "ties_merging", ties_merging,
+            (Hyperparameter("scaling_coefficient", "number", 1.0, help=_SCALING_HELP,
+                            why="lambda = 1 adds the disjoint mean whole (MergeLM's default)",
+                            grids={"glue_paper": _PAPER_LAMBDAS, "glue_reduced": (0.5, 1.0), "glue_quick": (0.5, 1.0),
+                                   "llm_table1": _TABLE1_LAMBDAS}),
+             Hyperparameter("param_value_mask_rate", "rate", 0.8,
+                            help="TIES trim rate: fraction of each delta's smallest |values| reset to 0 (1 - the "
+                                 "retain ratio)",
+                            why="keep the top 20 %, the TIES paper's k (MergeLM's default)",
+                            grids={"glue_paper": (0.7, 0.8, 0.9), "glue_reduced": (0.7, 0.9), "glue_quick": (0.8,),
+                                   "llm_table1": (0.5, 0.3, 0.1)}),
+             Hyperparameter("ties_trim_scope", "choice", "global", choices=("global", "per_tensor"),
+                            help="TIES trim over the whole model (global: MergeLM's, one extra pass over every "
+                                 "model) or per tensor (per_tensor: mergekit's, one streaming pass)",
+                            why="MergeLM trims over the whole model")),
+            merge_arguments=ties_arguments, global_state=ties_global_state, chunkable=ties_chunkable, label="TIES",
+        ),
+        MergeMethod(
+            "fisher_merging", fisher_merging,
+            (Hyperparameter("fisher_scaling_coefficients", "number", None, optional=True, per_model=True,
+                            help="per-model Fisher coefficients (default 1/M each; equal values cancel out)",
+                            why="equal weights; MergeLM's default",
+                            grids={"glue_paper": _PAPER_LAMBDAS, "glue_reduced": (1.0,), "glue_quick": (1.0,)}),
+             Hyperparameter("normalize_fisher_weight", "bool", True, cli_default=False,
+                            help="divide each model's Fisher by its global L2 norm before merging",
+                            why="MergeLM's library normalises; its merge_plms_glue.py flag is off unless given"),
+             Hyperparameter("minimal_fisher_weight", "number", 1e-6, minimum=0.0,
+                            help="epsilon added to every Fisher value", why="MergeLM's default; avoids 0/0"),
+             Hyperparameter("num_fisher_examples", "count", 256, statistics=True, cli_flag="nums_fisher_examples",
+                            help="training examples per model for the Fisher statistics",
+                            why="MergeLM's command-line default",
+                            grids={"glue_paper": _STATISTICS_COUNTS, "glue_reduced": (256,), "glue_quick": (64,)}),
+             Hyperparameter("fisher_estimator", "choice", "mergelm", choices=FISHER_ESTIMATORS, statistics=True,
+                            run_per_value=True,
+                            help="Fisher estimator: MergeLM's batch objective, or the exact diagonal Fisher",
+                            why="MergeLM's estimator, for parity")),
             statistics="fisher", merge_arguments=fisher_arguments, global_state=fisher_global_state,
+            label="Fisher Merging",
         ),
         MergeMethod(
-            "regmean_merging",
-            regmean_merging,
-            MappingProxyType({"reduce_non_diagonal_ratio": 1.0}),
-            statistics="gram", merge_arguments=regmean_arguments,
+            "regmean_merging", regmean_merging,
+            (Hyperparameter("num_regmean_examples", "count", 256, statistics=True, cli_flag="nums_regmean_examples",
+                            help="training examples per model for the Gram matrices",
+                            why="MergeLM's command-line default",
+                            grids={"glue_paper": _STATISTICS_COUNTS, "glue_reduced": (256,), "glue_quick": (64,)}),
+             Hyperparameter("reduce_non_diagonal_ratio", "rate_inclusive", 1.0,
+                            help="RegMean alpha: scale of the Gram matrices' off-diagonal entries",
+                            why="MergeLM's default (no reduction)",
+                            grids={"glue_paper": (0.7, 0.8, 0.9, 1.0), "glue_reduced": (0.7, 0.9),
+                                   "glue_quick": (0.9,)})),
+            statistics="gram", merge_arguments=regmean_arguments, label="RegMean",
         ),
     )
 }
 
-#: DARE's pre-processing hyperparameters (``mask_merging``) and their defaults; ``weight_mask_rate`` is required.
-DARE_HYPERPARAMETERS: Mapping[str, Any] = MappingProxyType(
-    {"weight_mask_rate": None, "use_weight_rescale": True, "mask_strategy": "random", "weight_format": "delta_weight"}
-)
-
-#: Every ``merging_method_name`` accepted by the entry points (MergeLM's list).
-MERGING_METHOD_NAMES: tuple[str, ...] = (*MERGE_METHODS, "mask_merging")
+#: MergeLM's ``merging_method_name`` for DARE followed by ``mask_apply_method`` (not a registered method).
+DARE_METHOD_NAME = "mask_merging"
 
 
-def unknown_name_error(kind: str, name: object, choices: list[str] | tuple[str, ...]) -> ValueError:
-    """``ValueError("unknown <kind> 'x'. Did you mean: y? Available: a, b, c")``."""
-    close = difflib.get_close_matches(str(name), choices, n=1)
-    hint = f" Did you mean: {close[0]}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Available: {', '.join(sorted(choices))}")
+def merging_method_names() -> tuple[str, ...]:
+    """Every ``merging_method_name`` accepted by the entry points: the registered methods and ``mask_merging``."""
+    return (*MERGE_METHODS, DARE_METHOD_NAME)
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> Any:
-    """``value`` when it is one of ``choices``; otherwise ``unknown_name_error``."""
-    if value not in choices:
-        raise unknown_name_error(name, value, tuple(choices))
-    return value
+#: MergeLM's list at import time (``merging_method_names()`` sees methods registered later).
+MERGING_METHOD_NAMES: tuple[str, ...] = merging_method_names()
 
 
 def get_merge_method(name: str) -> MergeMethod:

@@ -207,7 +207,7 @@ def test_output_folder_loads_with_transformers(llama_family, tmp_path):
     for name, param in model.state_dict().items():
         assert torch.equal(param, merged[name]), name
     record = json.loads((out / "merge_config.json").read_text())
-    assert record["merging_method_name"] == "task_arithmetic" and record["seed"] == 0
+    assert record["merging_method_name"] == "task_arithmetic" and record["seed"] is None  # no DARE, no mask seed
     assert record["hyperparameters"] == {"scaling_coefficient": 0.5}
     assert record["command"] is None  # a Python API call; merge_checkpoints.py records its command line
     assert "Merged through the Python API" in (out / "README.md").read_text()
@@ -352,10 +352,11 @@ def normalised_sum(base, deltas, *, scaling_coefficient=1.0, largest_delta=1.0):
 
 
 def _toy_method():
+    from model_merging_methods import Hyperparameter
     from model_merging_methods.registry import MergeMethod, always
 
     return MergeMethod(
-        "normalised_sum", normalised_sum, {"scaling_coefficient": 1.0},
+        "normalised_sum", normalised_sum, (Hyperparameter("scaling_coefficient", "number", 1.0, help="lambda"),),
         merge_arguments=lambda hp, *, global_state, **_: {**hp, "largest_delta": global_state.value},
         global_state=lambda hp, num_models, total_numel: _LargestDelta(), chunkable=always,
     )

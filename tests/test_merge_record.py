@@ -115,7 +115,7 @@ def test_resume_on_a_finished_folder_of_another_merge_is_refused(folders, tmp_pa
     merge_checkpoints.main(cli_args("drop_only", folders, out))
     args = cli_args("drop_only", folders, out) + ["--resume"]
     args[args.index("--seed") + 1] = "5"
-    with pytest.raises(FileExistsError, match=r"holds a finished merge with other settings \(hyperparameters, seed "
+    with pytest.raises(FileExistsError, match=r"holds a finished merge with other settings \(recipe "
                                               r"differ from .*pass --overwrite to replace it"):
         merge_checkpoints.main(args)
     summary = merge_checkpoints.main(args + ["--overwrite"])  # --overwrite --resume: merged again
