@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from cli.merge_flags import add_dare_flags
+from cli.recipe_flags import add_hyperparameter_flags, dare_from_args
 from common.logging_setup import setup_logging
 from common.run_dir import prepare_run_dir, read_json, write_config, write_metrics
 from glue.encoder_models import device_for, load_tokenizer
 from glue.glue_data import GLUE_TASK_NAMES
 from glue.glue_finetune import add_checkpoint_args, add_rerun_flags, resolve_checkpoints
-from glue.glue_inference import SCRIPT_NAME, DareSettings, InferenceConfig, sweep_drop_rates
+from glue.glue_inference import SCRIPT_NAME, InferenceConfig, sweep_drop_rates
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
-    add_dare_flags(parser, rates="sweep")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
+    # DARE's declared flags; --weight_mask_rate takes a sweep (one run per rate, 0 = the fine-tuned model)
+    add_hyperparameter_flags(parser, methods=(), several=("weight_mask_rate",))
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several mask seeds (one run folder each; summarize_results.py reports mean +- std); "
                              "overrides --seed")
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[float, int],
     config = InferenceConfig(
         language_model_name=args.language_model_name, dataset_names=tuple(args.dataset_names),
         weight_mask_rates=tuple(args.weight_mask_rate),
-        dare=DareSettings(args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed),
+        dare=dare_from_args(args, values={"weight_mask_rate": args.weight_mask_rate[0]}),
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_eval_samples=args.max_eval_samples,
         glue_dir=args.glue_dir, device=device_for(args.gpu), seeds=tuple(args.seeds or ()))
     checkpoints = resolve_checkpoints(args, config.dataset_names)
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[float, int],
         computed = sweep_drop_rates(config, task, checkpoints[task], tokenizer, todo) if todo else {}
         results[task] = {**done, **computed}
         for rate, seed in todo:
-            record = {"script": SCRIPT_NAME, **asdict(config), "dare": asdict(config.settings(seed)),
+            record = {"script": SCRIPT_NAME, **asdict(config), "dare": config.settings(rate, seed).settings(),
                       "dataset_name": task, "weight_mask_rate": rate, "seed": seed,
                       "checkpoint": str(checkpoints[task])}
             write_config(run_dirs[(rate, seed)], record, argv)

@@ -30,8 +30,8 @@ import summarize_results
 import train_plms_glue
 from common.logging_setup import setup_logging
 from glue.glue_data import GLUE_TASK_NAMES
-from glue.glue_merging import MERGING_METHODS
 from glue.glue_tables import mean_of
+from model_merging_methods import merge_method_names
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "evaluation per task) is added when missing, so the summary can always state the "
                              "fine-tuned score")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="DARE / DropOnly mask seeds")
-    parser.add_argument("--merging_methods", nargs="+", default=list(MERGING_METHODS), choices=MERGING_METHODS)
+    parser.add_argument("--merging_methods", nargs="+", default=list(merge_method_names()),
+                        choices=merge_method_names())
     parser.add_argument("--grid", default="quick", choices=["quick", "reduced", "paper", "none"])
     parser.add_argument("--skip_merging", action="store_true")
     args = parser.parse_args(argv)

@@ -18,11 +18,20 @@ import argparse
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from model_merging_methods import DARE_HYPERPARAMETERS, DARE_METHOD_NAME, MERGE_METHODS, Dare, Hyperparameter, Recipe
+from model_merging_methods import (
+    DARE_HYPERPARAMETERS,
+    DARE_METHOD_NAME,
+    MERGE_METHODS,
+    Dare,
+    Hyperparameter,
+    Recipe,
+    merge_method_names,
+    merging_method_names,
+)
 
 __all__ = ["DARE_METHOD_NAME", "add_hyperparameter_flags", "add_homology_flags", "add_method_flags",
-           "declared_flags", "merge_method_names", "merging_method_names", "recipe_from_args",
-           "refuse_unused_flags"]
+           "dare_from_args", "declared_flags", "merge_method_names", "merging_method_names", "recipe_from_args",
+           "refuse_unused_flags", "unused_flags"]
 
 METHOD_HELP = {
     "merging_method_name": f"merge method; {DARE_METHOD_NAME} = DARE on every delta, then --mask_apply_method",
@@ -35,16 +44,6 @@ HOMOLOGY_HELP = {
                              "outside the SFT range) is an error before any model is written, not a warning",
 }
 _SEVERAL_HELP = " (one or more, one run each)"
-
-
-def merge_method_names(*, without_statistics: bool = False) -> list[str]:
-    """The registered methods, in registry order; ``without_statistics``: only those needing no Fisher/Gram data."""
-    return [name for name, method in MERGE_METHODS.items() if not (without_statistics and method.statistics)]
-
-
-def merging_method_names(*, without_statistics: bool = False) -> list[str]:
-    """``--merging_method_name`` choices: the registered methods plus DARE (``mask_merging``)."""
-    return [*merge_method_names(without_statistics=without_statistics), DARE_METHOD_NAME]
 
 
 def add_method_flags(parser: argparse.ArgumentParser, *, several: bool = False, without_statistics: bool = False,
@@ -61,9 +60,10 @@ def add_method_flags(parser: argparse.ArgumentParser, *, several: bool = False, 
     default = "average_merging"  # MergeLM's command-line default of both flags
     name_default = {"required": True} if library_defaults else {"default": [default] if several else default}
     parser.add_argument("--merging_method_name", help=METHOD_HELP["merging_method_name"] + suffix,
-                        choices=merging_method_names(without_statistics=without_statistics), **nargs, **name_default)
+                        choices=list(merging_method_names(without_statistics=without_statistics)), **nargs,
+                        **name_default)
     parser.add_argument("--mask_apply_method", help=METHOD_HELP["mask_apply_method"] + suffix,
-                        choices=merge_method_names(without_statistics=without_statistics), **nargs,
+                        choices=list(merge_method_names(without_statistics=without_statistics)), **nargs,
                         default=None if library_defaults else [default] if several else default)
 
 
@@ -175,6 +175,24 @@ def _one(spec: Hyperparameter, value: Any) -> Any:
     return value
 
 
+def _given(args: argparse.Namespace, specs: Iterable[Hyperparameter], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: value}`` of the declared settings set by ``values`` or by a flag (None / absent: not given)."""
+    out = {}
+    for spec in specs:
+        value = values[spec.name] if spec.name in values else getattr(args, spec.name, None)
+        if value is not None:
+            out[spec.name] = _one(spec, value)
+    return out
+
+
+def dare_from_args(args: argparse.Namespace, *, values: Mapping[str, Any] | None = None) -> Dare:
+    """DARE's settings from the parsed flags; ``values`` (``{name: value}``) overrides flags (e.g. a swept rate)."""
+    settings = _given(args, DARE_HYPERPARAMETERS, dict(values or {}))
+    if "weight_mask_rate" not in settings:
+        raise ValueError(f"{DARE_METHOD_NAME} needs --weight_mask_rate (the DARE drop rate p in [0, 1)), got none")
+    return Dare(**settings)
+
+
 def recipe_from_args(args: argparse.Namespace, merging_method_name: str, mask_apply_method: str | None = None, *,
                      values: Mapping[str, Any] | None = None) -> Recipe:
     """The recipe of the parsed flags for one method (``mask_merging``: DARE, then ``mask_apply_method``).
@@ -188,41 +206,30 @@ def recipe_from_args(args: argparse.Namespace, merging_method_name: str, mask_ap
     method = (mask_apply_method or "average_merging") if dare else merging_method_name
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merging method {method!r}; available: {', '.join(merging_method_names())}")
+    return Recipe(method, _given(args, MERGE_METHODS[method].hyperparameters, values),
+                  dare_from_args(args, values=values) if dare else None)
 
-    def given(specs: Iterable[Hyperparameter]) -> dict[str, Any]:
-        out = {}
-        for spec in specs:
-            value = values[spec.name] if spec.name in values else getattr(args, spec.name, None)
-            if value is not None:
-                out[spec.name] = _one(spec, value)
-        return out
 
-    dare_settings = None
-    if dare:
-        settings = given(DARE_HYPERPARAMETERS)
-        if "weight_mask_rate" not in settings:
-            raise ValueError(f"{DARE_METHOD_NAME} needs --weight_mask_rate (the DARE drop rate p in [0, 1)), got "
-                             "none")
-        dare_settings = Dare(**settings)
-    return Recipe(method, given(MERGE_METHODS[method].hyperparameters), dare_settings)
+def unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, recipes: Iterable[Recipe], *,
+                 also_used: Collection[str] = ()) -> list[str]:
+    """``--flag (owners)`` of every declared flag given a non-default value that none of ``recipes`` reads.
+
+    ``also_used``: names the script reads itself (e.g. ``seed``, which also seeds generation).
+    """
+    used = set(also_used) | {name for r in recipes for name in r.declarations()}
+    wrong = []
+    for flag, (spec, owners) in declared_flags().items():
+        value = getattr(args, spec.name, None)
+        if spec.name not in used and value is not None and value != parser.get_default(spec.name):
+            wrong.append(f"--{flag} ({', '.join(owners)})")
+    return wrong
 
 
 def refuse_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, recipes: Iterable[Recipe], *,
                         also_used: Collection[str] = ()) -> None:
-    """A ValueError naming every declared flag given a non-default value that none of ``recipes`` reads.
-
-    ``also_used``: names the script reads itself (e.g. ``seed``, which also seeds generation).
-    """
+    """A ValueError naming every declared flag given a value that none of ``recipes`` reads (``unused_flags``)."""
     recipes = list(recipes)
-    used = set(also_used) | {name for r in recipes for name in r.declarations()}
-    declared = declared_flags()
-    wrong = []
-    for flag, (spec, owners) in declared.items():
-        default = parser.get_default(spec.name)
-        value = getattr(args, spec.name, None)
-        if spec.name in used or value is None or value == default:
-            continue
-        wrong.append(f"--{flag} ({', '.join(owners)})")
+    wrong = unused_flags(parser, args, recipes, also_used=also_used)
     if wrong:
         methods = ", ".join(sorted({r.describe().split(":")[0] for r in recipes})) or "no method"
         raise ValueError(f"{', '.join(wrong)} given, but {methods} does not use it; drop the flag or choose a method "

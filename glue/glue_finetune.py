@@ -26,6 +26,24 @@ from glue.glue_training import OptimConfig, evaluate_model, train_model
 
 logger = logging.getLogger(__name__)
 
+# MergeLM's "best checkpoint" learning rate per task for the paper's two encoders (inference_plms_glue.py).
+DATASET_MODEL_LEARNING_RATE: dict[str, dict[str, float]] = {
+    "cola": {"bert-base-uncased": 5e-5, "roberta-base": 1e-5},
+    "sst2": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "mrpc": {"bert-base-uncased": 5e-5, "roberta-base": 5e-5},
+    "stsb": {"bert-base-uncased": 5e-5, "roberta-base": 1e-5},
+    "qqp": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "mnli": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "qnli": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+    "rte": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
+}
+
+
+def default_learning_rate(task: str, language_model_name: str) -> float | None:
+    """The table's learning rate for the paper's encoders; None (any) for other models."""
+    return DATASET_MODEL_LEARNING_RATE.get(task, {}).get(model_short_name(language_model_name))
+
+
 SCRIPT_NAME = "train_plms_glue"
 
 
@@ -216,11 +234,5 @@ def resolve_checkpoints(args: argparse.Namespace, tasks: Sequence[str]) -> dict[
         explicit[task] = Path(path)
     return {task: explicit.get(task) or find_finetuned_checkpoint(
         args.output_dir, task, args.language_model_name, seed=args.train_seed,
-        learning_rate=args.learning_rate or _default_learning_rate(task, args.language_model_name),
+        learning_rate=args.learning_rate or default_learning_rate(task, args.language_model_name),
         max_train_samples=args.max_train_samples) for task in tasks}
-
-
-def _default_learning_rate(task: str, language_model_name: str) -> float | None:
-    from glue.glue_inference import default_learning_rate
-
-    return default_learning_rate(task, language_model_name)

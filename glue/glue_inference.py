@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,64 +16,23 @@ from glue.encoder_models import load_finetuned_classifier, load_pretrained_class
 from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_task, load_glue_task, make_dataloader
 from glue.glue_finetune import checkpoint_tag
 from glue.glue_training import evaluate_model
+from model_merging_methods import Dare, apply_dare
 
 logger = logging.getLogger(__name__)
 
 SCRIPT_NAME = "inference_plms_glue"
 GLUE_EXCLUDE_PARAM_NAMES_REGEX = (".*classifier.*",)
-# MergeLM's "best checkpoint" learning rate per task for the paper's two encoders (inference_plms_glue.py).
-DATASET_MODEL_LEARNING_RATE: dict[str, dict[str, float]] = {
-    "cola": {"bert-base-uncased": 5e-5, "roberta-base": 1e-5},
-    "sst2": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
-    "mrpc": {"bert-base-uncased": 5e-5, "roberta-base": 5e-5},
-    "stsb": {"bert-base-uncased": 5e-5, "roberta-base": 1e-5},
-    "qqp": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
-    "mnli": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
-    "qnli": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
-    "rte": {"bert-base-uncased": 1e-5, "roberta-base": 1e-5},
-}
-
-
-def default_learning_rate(task: str, language_model_name: str) -> float | None:
-    """The table's learning rate for the paper's encoders; None (any) for other models."""
-    return DATASET_MODEL_LEARNING_RATE.get(task, {}).get(model_short_name(language_model_name))
-
-
-@dataclass(frozen=True)
-class DareSettings:
-    """How fine-tuned weights are dropped: DARE = random + rescale; DropOnly = random without rescale."""
-
-    use_weight_rescale: bool = False
-    mask_strategy: str = "random"
-    weight_format: str = "delta_weight"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_drop_rates([0.0], self)
-
-
-def check_drop_rates(rates: Sequence[float], settings: DareSettings | None = None) -> list[float]:
-    """Validate drop rates (in [0, 1)) and DARE settings with the merging core's own checks, before any work."""
-    from model_merging_methods import build_merge_plan
-
-    options = {} if settings is None else asdict(settings)
-    for rate in rates:
-        build_merge_plan("mask_merging", 1, weight_mask_rate=rate, **options)
-    return list(rates)
 
 
 def dare_state_dict(
-    pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], rate: float,
-    settings: DareSettings, *, model_index: int = 0,
+    pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], dare: Dare, *, model_index: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The fine-tuned state dict after dropping at ``rate`` (identity at 0); classifier heads are never dropped."""
-    if rate == 0.0:
+    """The fine-tuned state dict after DARE (identity at rate 0); classifier heads are never dropped."""
+    if dare.weight_mask_rate == 0.0:
         return dict(finetuned)
-    from model_merging_methods import apply_dare
-
-    return apply_dare(dict(pretrained), dict(finetuned), weight_mask_rate=rate,
-                      use_weight_rescale=settings.use_weight_rescale, mask_strategy=settings.mask_strategy,
-                      weight_format=settings.weight_format, seed=settings.seed, model_index=model_index,
+    return apply_dare(dict(pretrained), dict(finetuned), weight_mask_rate=dare.weight_mask_rate,
+                      use_weight_rescale=dare.use_weight_rescale, mask_strategy=dare.mask_strategy,
+                      weight_format=dare.weight_format, seed=dare.seed, model_index=model_index,
                       exclude_param_names_regex=list(GLUE_EXCLUDE_PARAM_NAMES_REGEX))
 
 
@@ -84,7 +43,8 @@ class InferenceConfig:
     language_model_name: str = "roberta-base"
     dataset_names: tuple[str, ...] = GLUE_TASK_NAMES
     weight_mask_rates: tuple[float, ...] = (0.1,)
-    dare: DareSettings = field(default_factory=DareSettings)
+    #: how weights are dropped: the first point of the sweep (each point replaces its rate and seed)
+    dare: Dare = field(default_factory=lambda: Dare(0.1))
     batch_size: int = 16
     max_seq_length: int = 128
     max_eval_samples: int | None = None
@@ -95,7 +55,11 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         for name in self.dataset_names:
             get_task(name)
-        check_drop_rates(self.weight_mask_rates)
+        if not self.weight_mask_rates:
+            raise ValueError("the sweep needs at least one drop rate, got none; pass --weight_mask_rate")
+        for rate in self.weight_mask_rates:  # each drop rate checked by DARE's declaration, before any work
+            self.settings(rate, self.dare.seed)
+        object.__setattr__(self, "dare", self.settings(self.weight_mask_rates[0], self.dare.seed))
 
     @property
     def mask_seeds(self) -> tuple[int, ...]:
@@ -103,14 +67,14 @@ class InferenceConfig:
         seeds = tuple(dict.fromkeys(self.seeds or (self.dare.seed,)))
         return seeds[:1] if self.dare.mask_strategy == "magnitude" else seeds
 
-    def settings(self, seed: int) -> DareSettings:
-        return replace(self.dare, seed=seed)
+    def settings(self, rate: float, seed: int) -> Dare:
+        """The DARE settings of one point of the sweep."""
+        return replace(self.dare, weight_mask_rate=rate, seed=seed)
 
     def run_dir(self, output_dir: str | os.PathLike, task: str, checkpoint: Path, rate: float,
                 seed: int | None = None) -> Path:
         """``<output>/inference_plms_glue/<task>/<model>/<fine-tuning run>/<drop settings>``."""
-        dare = self.dare if seed is None else self.settings(seed)
-        hyper = {"weight_mask_rate": rate, **asdict(dare)}
+        hyper = self.settings(rate, self.dare.seed if seed is None else seed).settings()
         if self.max_eval_samples is not None:
             hyper["max_eval_samples"] = self.max_eval_samples
         return run_dir_for(output_dir, SCRIPT_NAME, task, model_short_name(self.language_model_name),
@@ -137,7 +101,7 @@ def sweep_drop_rates(config: InferenceConfig, task: str, checkpoint: Path, token
         if rate == 0.0 and unmasked is not None:
             results[(rate, seed)] = unmasked
             continue
-        finetuned_model.load_state_dict(dare_state_dict(pretrained, finetuned, rate, config.settings(seed)))
+        finetuned_model.load_state_dict(dare_state_dict(pretrained, finetuned, config.settings(rate, seed)))
         finetuned_model.to(config.device)
         results[(rate, seed)] = evaluate_model(finetuned_model, loader, [task], device=config.device,
                                                desc=f"{task} p={rate} seed={seed}")

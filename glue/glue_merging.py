@@ -5,11 +5,13 @@ pair with that task's own (unmerged) classifier head; hyperparameters are select
 MergeLM's ordered-pair protocol (``source, target``) with the merge shared between the two orders. DARE
 (``mask_merging``) is applied to each fine-tuned model's delta before the chosen method; its drop-rate grid runs
 after the plain method's grid in the same run, so it never needs an earlier run's results file.
+
+A run is a :class:`Search`: a :class:`~model_merging_methods.Recipe` (every setting) and the values searched. Every
+merge, statistics pass and evaluation is keyed by the recipe it belongs to, so two settings never share a result.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,57 +20,70 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from common.selection import select_best
 from glue.encoder_models import load_finetuned_classifier, load_pretrained_classifier
 from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, load_glue_task, make_dataloader
-from glue.glue_inference import GLUE_EXCLUDE_PARAM_NAMES_REGEX, DareSettings, dare_state_dict
+from glue.glue_inference import GLUE_EXCLUDE_PARAM_NAMES_REGEX, dare_state_dict
 from glue.glue_metrics import primary_score
 from glue.glue_training import evaluate_model
+from model_merging_methods import Dare, Recipe, compute_statistics, grid_recipes, merge_state_dicts
 
 logger = logging.getLogger(__name__)
 
-MERGING_METHODS = ("average_merging", "task_arithmetic", "fisher_merging", "regmean_merging", "ties_merging")
-# MergeLM's grids (merge_plms_glue.py). Fisher's equal per-model coefficients cancel in its weighted mean, so
-# the coefficient grid has no effect; it is kept at one value ("paper" keeps MergeLM's six for parity).
-PAPER_GRIDS: dict[str, dict[str, list]] = {
-    "average_merging": {},
-    "task_arithmetic": {"scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]},
-    "fisher_merging": {"fisher_scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
-                       "num_fisher_examples": [256, 512, 1024, 2048]},
-    "regmean_merging": {"num_regmean_examples": [256, 512, 1024, 2048],
-                        "reduce_non_diagonal_ratio": [0.7, 0.8, 0.9, 1.0]},
-    "ties_merging": {"scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0], "param_value_mask_rate": [0.7, 0.8, 0.9]},
-}
-QUICK_GRIDS: dict[str, dict[str, list]] = {
-    "average_merging": {},
-    "task_arithmetic": {"scaling_coefficient": [0.5, 1.0]},
-    "fisher_merging": {"fisher_scaling_coefficient": [1.0], "num_fisher_examples": [64]},
-    "regmean_merging": {"num_regmean_examples": [64], "reduce_non_diagonal_ratio": [0.9]},
-    "ties_merging": {"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8]},
-}
-# "reduced": the CPU reproduction's grid (scripts/reproduce_encoder_results.sh), a subset of the paper's values
-# that fits 10 pairs x 5 methods x (plain + 3 DARE seeds) x 2 Fisher estimators in a few CPU hours.
-REDUCED_GRIDS: dict[str, dict[str, list]] = {
-    "average_merging": {},
-    "task_arithmetic": {"scaling_coefficient": [0.3, 0.5, 0.7, 1.0]},
-    "fisher_merging": {"fisher_scaling_coefficient": [1.0], "num_fisher_examples": [256]},
-    "regmean_merging": {"num_regmean_examples": [256], "reduce_non_diagonal_ratio": [0.7, 0.9]},
-    "ties_merging": {"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.7, 0.9]},
-}
-PAPER_DARE_RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
-REDUCED_DARE_RATES = [0.1, 0.5, 0.9]
-QUICK_DARE_RATES = [0.5, 0.9]
-GRIDS = {"paper": (PAPER_GRIDS, PAPER_DARE_RATES), "reduced": (REDUCED_GRIDS, REDUCED_DARE_RATES),
-         "quick": (QUICK_GRIDS, QUICK_DARE_RATES)}
+#: ``--grid`` name -> the declared grid protocol (``Hyperparameter.grids``); ``none`` searches the flags' values
+GRID_PROTOCOLS = {"paper": "glue_paper", "reduced": "glue_reduced", "quick": "glue_quick"}
+#: training examples loaded per task for the Fisher / Gram statistics (the largest count of MergeLM's grid)
+DEFAULT_MAX_STATISTICS_EXAMPLES = 2048
 
 
-def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of a ``{name: values}`` grid, in MergeLM's nesting order; ``[{}]`` when empty."""
-    names = list(grid)
-    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))]
+@dataclass(frozen=True)
+class Search:
+    """One run of a pair: a recipe, the method's values searched on it, then (with DARE) the drop rates.
 
+    Attributes:
+        recipe: every setting of the run; a searched setting holds its first value.
+        grid: ``{name: values}`` of the method's settings searched first (the first name varies slowest, MergeLM's
+            nesting order).
+        dare_rates: DARE drop rates searched after the method's best setting (MergeLM's order); empty without DARE.
+    """
 
-def _key(setting: Mapping[str, Any]) -> tuple:
-    return tuple(sorted(setting.items()))
+    recipe: Recipe
+    grid: Mapping[str, tuple] = field(default_factory=dict)
+    dare_rates: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", {k: tuple(v) for k, v in self.grid.items()})
+        object.__setattr__(self, "dare_rates", tuple(self.dare_rates))
+        if bool(self.dare_rates) != (self.recipe.dare is not None):
+            raise ValueError(f"DARE drop rates are searched exactly when the recipe has DARE, got rates "
+                             f"{list(self.dare_rates)} for {self.recipe.describe()}")
+        for recipe in self.candidates():  # every value checked by its declaration, before any work
+            self.with_rates(recipe)
+
+    @property
+    def searched_names(self) -> tuple[str, ...]:
+        return (*self.grid, *(("weight_mask_rate",) if self.dare_rates else ()))
+
+    @property
+    def key(self) -> str:
+        """``mask_merging/ties_merging/fisher_estimator=exact/seed=0``: the method, then each setting that is one run
+        per value (``Hyperparameter.run_per_value``)."""
+        declarations = self.recipe.declarations()
+        per_run = [f"{n}={v}" for n, v in self.recipe.settings().items() if declarations[n].run_per_value]
+        return "/".join([*self.recipe.method_path, *per_run])
+
+    def candidates(self) -> list[Recipe]:
+        """The method's grid (without DARE's rates: DARE keeps the recipe's first rate)."""
+        return grid_recipes(self.recipe, self.grid)
+
+    def with_rates(self, best: Recipe) -> list[Recipe]:
+        """``best`` at every DARE drop rate."""
+        return [best.replace(weight_mask_rate=rate) for rate in self.dare_rates]
+
+    def searched(self, recipe: Recipe) -> dict[str, Any]:
+        """The searched settings of ``recipe`` (``metrics.json``'s ``hyperparameters``)."""
+        settings = recipe.settings()
+        return {name: settings[name] for name in self.searched_names}
 
 
 @dataclass
@@ -86,10 +101,10 @@ class TaskModel:
 class TaskPool:
     """The fine-tuned tasks of a run, loaded once and shared by every pair they are in.
 
-    ``statistics`` holds each model's Fisher diagonals and Gram matrices keyed by (task, kind, examples,
-    estimator, DARE settings, rate, seed), ``dared`` each DARE'd state dict keyed by (task, DARE settings, rate,
-    seed): a task's DARE mask depends on the seed and the task, not on the pair, so a DARE'd model and its
-    statistics are computed once for all the pairs it is in (4 of the 10 pairs of 5 tasks) and all the methods.
+    ``statistics`` holds each model's Fisher diagonals and Gram matrices keyed by (task, kind, statistics settings,
+    DARE settings), ``dared`` each DARE'd state dict keyed by (task, DARE settings): a task's DARE mask depends on
+    the DARE settings (seed included) and the task, not on the pair, so a DARE'd model and its statistics are
+    computed once for all the pairs it is in (4 of the 10 pairs of 5 tasks) and all the methods.
     """
 
     pretrained: dict[str, torch.Tensor]
@@ -101,16 +116,15 @@ class TaskPool:
     def release(self, dare_seed: int) -> None:
         """Drop the DARE'd models of ``dare_seed`` and their statistics (the seed's runs are finished)."""
         for cache in (self.statistics, self.dared):
-            for key in [k for k in cache if k[-1] == dare_seed]:
+            for key in [k for k in cache if k[-1] is not None and k[-1].seed == dare_seed]:
                 del cache[key]
 
-    def pair(self, tasks: Sequence[str], dare: DareSettings, fisher_options: Mapping[str, Any] | None = None
-             ) -> PairMerger:
+    def pair(self, tasks: Sequence[str]) -> PairMerger:
         members = [self.tasks[t] for t in tasks]
         return PairMerger(list(tasks), [m.finetuned for m in members], self.pretrained, [m.model for m in members],
-                          {m.task: m.loaders for m in members}, dare, fisher_options=dict(fisher_options or {}),
-                          device=self.device, checkpoints={m.task: m.checkpoint for m in members},
-                          _stats=self.statistics, _dared_cache=self.dared)
+                          {m.task: m.loaders for m in members}, device=self.device,
+                          checkpoints={m.task: m.checkpoint for m in members}, _stats=self.statistics,
+                          _dared_cache=self.dared)
 
 
 def dare_mask_index(task: str) -> int:
@@ -118,45 +132,38 @@ def dare_mask_index(task: str) -> int:
     return GLUE_TASK_NAMES.index(task)
 
 
+def _encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without classifier heads (their shapes differ between tasks; they are never merged)."""
+    return {k: v for k, v in state.items() if "classifier" not in k}
+
+
 @dataclass
 class PairMerger:
-    """Fine-tuned models, data and caches for merging one pair of tasks and scoring the merges."""
+    """Fine-tuned models, data and caches for merging one pair of tasks and scoring the merges of recipes."""
 
     tasks: list[str]
     finetuned: list[dict[str, torch.Tensor]]
     pretrained: dict[str, torch.Tensor]
     models: list[torch.nn.Module]
     loaders: dict[str, dict[str, Any]]
-    dare: DareSettings
-    fisher_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
-    fisher_estimator: str = "mergelm"
     checkpoints: dict[str, Any] = field(default_factory=dict)
     _stats: dict[tuple, dict] = field(default_factory=dict)
     _dared_cache: dict[tuple, dict] = field(default_factory=dict)
     _scores: dict[tuple, dict] = field(default_factory=dict)
-    _last: tuple[tuple, dict] | None = None
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    _last: tuple[Recipe, dict] | None = None
 
-    def _dare_key(self, rate: float | None) -> tuple:
-        """What a DARE'd model depends on besides the rate: the mask seed (none without DARE)."""
-        return (rate, self.dare.seed) if rate else (None, None)
-
-    def _dare_settings(self, rate: float | None) -> tuple | None:
-        return (self.dare.use_weight_rescale, self.dare.mask_strategy, self.dare.weight_format) if rate else None
-
-    def _dared(self, rate: float | None) -> list[dict[str, torch.Tensor]]:
-        if not rate:
+    def _dared(self, dare: Dare | None) -> list[dict[str, torch.Tensor]]:
+        if dare is None:
             return self.finetuned
         # heads are never dropped, and their shapes differ between tasks (STS-B has one output): DARE runs on the
         # encoder only and each model keeps its own head
-        encoder = lambda sd: {k: v for k, v in sd.items() if "classifier" not in k}
         out = []
-        for task, sd in zip(self.tasks, self.finetuned, strict=True):
-            key = (task, self._dare_settings(rate), *self._dare_key(rate))
+        for task, state in zip(self.tasks, self.finetuned, strict=True):
+            key = (task, dare)
             if key not in self._dared_cache:
-                self._dared_cache[key] = {**sd, **dare_state_dict(encoder(self.pretrained), encoder(sd), rate,
-                                                                  self.dare, model_index=dare_mask_index(task))}
+                self._dared_cache[key] = {**state, **dare_state_dict(_encoder(self.pretrained), _encoder(state), dare,
+                                                                     model_index=dare_mask_index(task))}
             out.append(self._dared_cache[key])
         return out
 
@@ -164,68 +171,60 @@ class PairMerger:
         """Forget the last merged state dict (kept while one setting is scored on both tasks)."""
         self._last = None
 
-    def _statistics(self, kind: str, index: int, num_examples: int, rate: float | None, state: dict) -> dict:
-        estimator = self.fisher_estimator if kind == "fisher" else None
-        task = self.tasks[index]
-        key = (task, kind, num_examples, estimator, self._dare_settings(rate), *self._dare_key(rate))
-        if key not in self._stats:
-            from model_merging_methods import compute_fisher_weights, compute_gram_matrices
+    def statistics_examples(self, recipe: Recipe) -> dict[str, int]:
+        """``{task: training examples}`` the recipe's statistics use: the requested count, or fewer where a task's
+        loaded training set is smaller (what ``grid.json`` records)."""
+        specs = recipe.spec.specs
+        counts = [v for k, v in recipe.statistics_settings().items() if specs[k].statistics == "num_examples"]
+        if not counts:
+            return {}
+        return {task: min(*counts, len(self.loaders[task]["train"].dataset)) for task in self.tasks}
 
+    def _statistics(self, index: int, recipe: Recipe, state: dict) -> dict:
+        task, settings = self.tasks[index], recipe.statistics_settings()
+        key = (task, recipe.spec.statistics, tuple(sorted(settings.items())), recipe.dare)
+        if key not in self._stats:
             model = self.models[index]
             model.load_state_dict(state)
-            train = self.loaders[task]["train"]
-            loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in train)
-            if kind == "fisher":
-                self._stats[key] = compute_fisher_weights(model, loader, num_examples=num_examples,
-                                                          device=self.device, estimator=estimator)
-            else:
-                self._stats[key] = compute_gram_matrices(model, loader, num_examples=num_examples, device=self.device)
+            loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in self.loaders[task]["train"])
+            self._stats[key] = compute_statistics(recipe.spec, settings, model, loader, device=self.device)
         return self._stats[key]
 
-    def merge(self, method: str, setting: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Merged encoder state dict (classifier heads excluded) for one setting; DARE first if it has a rate."""
-        from model_merging_methods import merge_state_dicts
+    def merge(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Merged encoder state dict (classifier heads excluded) of ``recipe``; DARE first when it has DARE."""
+        states = self._dared(recipe.dare)
+        statistics = {}
+        if recipe.spec.statistics is not None:
+            argument = {"fisher": "fisher_weights", "gram": "gram_matrices"}[recipe.spec.statistics]
+            statistics[argument] = [self._statistics(i, recipe, s) for i, s in enumerate(states)]
+        undared = Recipe(recipe.method, recipe.hyperparameters)  # the deltas are DARE'd already
+        return merge_state_dicts(undared, _encoder(self.pretrained), [_encoder(s) for s in states],
+                                 exclude_param_names_regex=list(GLUE_EXCLUDE_PARAM_NAMES_REGEX), **statistics)
 
-        rate = setting.get("weight_mask_rate")
-        states = self._dared(rate)
-        hyper = {k: v for k, v in setting.items() if k != "weight_mask_rate"}
-        if method == "fisher_merging":
-            n, c = hyper.pop("num_fisher_examples"), hyper.pop("fisher_scaling_coefficient")
-            hyper["fisher_weights"] = [self._statistics("fisher", i, n, rate, s) for i, s in enumerate(states)]
-            hyper.update(fisher_scaling_coefficients=[c] * len(states), **self.fisher_options)
-        elif method == "regmean_merging":
-            n = hyper.pop("num_regmean_examples")
-            hyper["gram_matrices"] = [self._statistics("gram", i, n, rate, s) for i, s in enumerate(states)]
-        strip = lambda sd: {k: v for k, v in sd.items() if "classifier" not in k}
-        return merge_state_dicts(method, strip(self.pretrained), [strip(s) for s in states],
-                                 exclude_param_names_regex=list(GLUE_EXCLUDE_PARAM_NAMES_REGEX), **hyper)
-
-    def score(self, method: str, setting: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
-        """Metrics of the merged model on ``task``/``split`` with ``task``'s own head (memoised)."""
-        fisher = self.fisher_estimator if method == "fisher_merging" else None
-        mkey = (method, fisher, _key(setting), *self._dare_key(setting.get("weight_mask_rate")))
-        key = (*mkey, task, split)
+    def score(self, recipe: Recipe, task: str, split: str) -> dict[str, Any]:
+        """Metrics of the merge of ``recipe`` on ``task``/``split`` with ``task``'s own head (memoised by recipe)."""
+        key = (recipe, task, split)
         if key not in self._scores:
-            if self._last is None or self._last[0] != mkey:
-                self._last = (mkey, self.merge(method, setting))
+            if self._last is None or self._last[0] != recipe:
+                self._last = (recipe, self.merge(recipe))
             index = self.tasks.index(task)
             heads = {k: v for k, v in self.finetuned[index].items() if "classifier" in k}
             model = self.models[index]
             model.load_state_dict({**self._last[1], **heads})
-            metrics = evaluate_model(model, self.loaders[task][split], [task], device=self.device,
-                                     desc=f"{task} {split}")
-            self._scores[key] = metrics
-            self.evaluations.append({"method": method, "setting": dict(setting), "task": task, "split": split,
-                                     "dare_seed": self._dare_key(setting.get("weight_mask_rate"))[1],
-                                     "fisher_estimator": fisher, "metrics": metrics})
+            self._scores[key] = evaluate_model(model, self.loaders[task][split], [task], device=self.device,
+                                               desc=f"{task} {split}")
         return self._scores[key]
 
 
 def load_task_pool(
     tasks: Sequence[str], checkpoints: Mapping[str, Any], tokenizer: Any, *, language_model_name: str,
-    data_options: Mapping[str, Any], batch_size: int = 16, device: str = "cpu", max_statistics_examples: int = 2048,
+    data_options: Mapping[str, Any], batch_size: int = 16, device: str = "cpu",
+    max_statistics_examples: int = DEFAULT_MAX_STATISTICS_EXAMPLES,
 ) -> TaskPool:
-    """Load each task's fine-tuned model and train/validation/test loaders once, and the pretrained encoder."""
+    """Load each task's fine-tuned model and train/validation/test loaders once, and the pretrained encoder.
+
+    The train loader holds the first ``max_statistics_examples`` training examples (the statistics' source).
+    """
     loaded = {}
     for task in tasks:
         model = load_finetuned_classifier(checkpoints[task]).to(device)
@@ -239,45 +238,60 @@ def load_task_pool(
     return TaskPool(pretrained, loaded, device=device)
 
 
-def select_best(merger: PairMerger, method: str, settings: Sequence[Mapping[str, Any]], task: str,
-                select_on: str) -> dict[str, Any]:
-    """The first setting with the highest primary metric on ``select_on`` (strictly-greater replaces).
+class Evaluations:
+    """The evaluations one run used, each listed once in the order first used, cached or not (``grid.json``)."""
 
-    A NaN score (e.g. STS-B's correlation of a constant prediction) never wins; when every setting scores NaN the
-    first setting is selected, with a warning.
-    """
-    best, best_score = None, -float("inf")
-    for setting in tqdm(settings, desc=f"{method} grid ({task})", leave=False):
-        score = primary_score(task, merger.score(method, setting, task, select_on))
-        if best is None or score > best_score:  # NaN > x is False: a NaN never replaces a number
-            best, best_score = dict(setting), score if score == score else -float("inf")
-    if best_score == -float("inf"):
-        logger.warning("%s on %s: every setting scored NaN on %s; selected the first, %s", method, task, select_on,
-                       best)
-    return best
+    def __init__(self, merger: PairMerger, search: Search) -> None:
+        self.merger, self.search = merger, search
+        self.used: dict[tuple, dict[str, Any]] = {}
+
+    def score(self, recipe: Recipe, task: str, split: str) -> dict[str, Any]:
+        metrics = self.merger.score(recipe, task, split)
+        if (recipe, task, split) not in self.used:
+            self.used[(recipe, task, split)] = {
+                "setting": self.search.searched(recipe), "task": task, "split": split, "recipe": recipe.record(),
+                "statistics_examples": self.merger.statistics_examples(recipe), "metrics": metrics}
+        return metrics
+
+    def records(self) -> list[dict[str, Any]]:
+        return list(self.used.values())
 
 
-def grid_search_pair(merger: PairMerger, method: str, grid: Mapping[str, Sequence[Any]], *,
-                     dare_rates: Sequence[float] | None = None, select_on: str = "validation",
-                     plain_best: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Per target task: the selected setting with its validation and test metrics.
+def select_on_split(evaluations: Evaluations, candidates: Sequence[Recipe], task: str, select_on: str) -> Recipe:
+    """The candidate with the highest primary metric on ``select_on`` (``common.selection.select_best``: the first
+    on ties; a NaN score, e.g. STS-B's correlation of a constant prediction, never wins). When every candidate scores
+    NaN the first is selected, with a warning."""
+    label = candidates[0].spec.display_name
+    scored = [(recipe, primary_score(task, evaluations.score(recipe, task, select_on)))
+              for recipe in tqdm(candidates, desc=f"{label} grid ({task})", leave=False)]
+    best = select_best(scored)
+    if best is None:
+        logger.warning("%s on %s: every setting scored NaN on %s; selected the first, %s", label, task, select_on,
+                       candidates[0].describe())
+        return candidates[0]
+    return best[0]
 
-    With ``dare_rates``, the plain method's best setting is selected first, then the drop rate (MergeLM order);
-    ``plain_best`` (``{task: setting}``, e.g. read from the finished plain run) skips that first search.
+
+def grid_search_pair(merger: PairMerger, search: Search, *, select_on: str = "validation",
+                     plain_best: Mapping[str, Recipe] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per target task: the selected recipe with its validation and test metrics; and every evaluation used.
+
+    With DARE, the plain method's best setting is selected first, then the drop rate (MergeLM order);
+    ``plain_best`` (``{task: recipe without DARE}``, e.g. read from the finished plain run) skips that first search.
     """
     if select_on not in ("validation", "test"):
         raise ValueError(f"select_on must be 'validation' or 'test', got {select_on!r}")
+    evaluations = Evaluations(merger, search)
     results = {}
     for task in merger.tasks:
         if plain_best is not None and task in plain_best:
-            best = dict(plain_best[task])
+            best = Recipe(search.recipe.method, plain_best[task].hyperparameters, search.recipe.dare)
         else:
-            best = select_best(merger, method, expand_grid(grid), task, select_on)
-        if dare_rates:
-            best = select_best(merger, method, [{**best, "weight_mask_rate": r} for r in dare_rates], task,
-                               select_on)
-        results[task] = {"hyperparameters": best, "selected_on": select_on,
-                         "validation": merger.score(method, best, task, "validation"),
-                         "test": merger.score(method, best, task, "test")}
-        logger.info("%s on %s: best %s -> test %s", method, task, best, results[task]["test"])
-    return results
+            best = select_on_split(evaluations, search.candidates(), task, select_on)
+        if search.dare_rates:
+            best = select_on_split(evaluations, search.with_rates(best), task, select_on)
+        results[task] = {"hyperparameters": search.searched(best), "recipe": best.record(), "selected_on": select_on,
+                         "validation": evaluations.score(best, task, "validation"),
+                         "test": evaluations.score(best, task, "test")}
+        logger.info("%s on %s: best %s -> test %s", search.key, task, best.describe(), results[task]["test"])
+    return results, evaluations.records()

@@ -6,7 +6,7 @@ The record holds no timestamps, so two runs of the same merge (or a resumed one)
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any

@@ -6,7 +6,7 @@
 """
 
 from model_merging_methods.fisher import FISHER_ESTIMATORS, compute_fisher_weights
-from model_merging_methods.hyperparameters import DARE_HYPERPARAMETERS, PROTOCOLS, Hyperparameter
+from model_merging_methods.hyperparameters import DARE_HYPERPARAMETERS, DARE_SPECS, PROTOCOLS, Hyperparameter
 from model_merging_methods.merge_plan import MergePlan, accepted_hyperparameters, build_merge_plan
 from model_merging_methods.merge_state_dicts import apply_dare, merge_models, merge_state_dicts
 from model_merging_methods.recipe import Dare, Recipe, expand_grid, grid_recipes, searched_values
@@ -15,7 +15,9 @@ from model_merging_methods.registry import (
     MERGE_METHODS,
     MERGING_METHOD_NAMES,
     MergeMethod,
+    compute_statistics,
     get_merge_method,
+    merge_method_names,
     merging_method_names,
 )
 from model_merging_methods.regmean import compute_gram_matrices
@@ -23,12 +25,15 @@ from model_merging_methods.regmean import compute_gram_matrices
 __all__ = [
     "DARE_HYPERPARAMETERS",
     "DARE_METHOD_NAME",
+    "DARE_SPECS",
     "Dare",
     "Hyperparameter",
     "PROTOCOLS",
     "Recipe",
     "expand_grid",
     "grid_recipes",
+    "compute_statistics",
+    "merge_method_names",
     "merging_method_names",
     "searched_values",
     "MERGE_METHODS",

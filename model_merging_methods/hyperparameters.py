@@ -64,7 +64,9 @@ class Hyperparameter:
         optional: ``None`` is a valid value (``default`` None: derived, e.g. 1/M per model).
         required: no default: a recipe must give it.
         grids: ``{protocol: values}`` searched by that protocol (see ``PROTOCOLS``).
-        statistics: a setting of the Fisher / Gram statistics, computed by the caller; never passed to ``merge``.
+        statistics: for a setting of the Fisher / Gram statistics (computed by the caller, never passed to
+            ``merge``): the keyword it is passed as to the method's statistics function (``compute_statistics``),
+            e.g. ``num_examples``; empty for every other setting.
         run_per_value: several values on a command line are separate runs (one folder each), never a search.
         cli_flag: the command-line flag when MergeLM named it differently (``nums_fisher_examples``).
         cli_default: MergeLM's command-line default where it differs from the library's.
@@ -82,7 +84,7 @@ class Hyperparameter:
     optional: bool = False
     required: bool = False
     grids: Mapping[str, tuple] = field(default_factory=dict)
-    statistics: bool = False
+    statistics: str = ""
     run_per_value: bool = False
     cli_flag: str | None = None
     cli_default: Any = UNSET
@@ -92,7 +94,8 @@ class Hyperparameter:
         object.__setattr__(self, "grids", MappingProxyType({k: tuple(v) for k, v in self.grids.items()}))
         unknown = set(self.grids) - set(PROTOCOLS)
         if unknown:
-            raise ValueError(f"{self.name}: grid protocols must be among {', '.join(PROTOCOLS)}, got {sorted(unknown)}")
+            raise ValueError(f"{self.name}: grid protocols must be among {', '.join(PROTOCOLS)}, got "
+                             f"{sorted(unknown)}")
         if not self.required:
             self.check(self.default, where="the declared default of ")
         for protocol, values in self.grids.items():

@@ -17,7 +17,13 @@ from typing import Any, Literal, Protocol
 from torch import Tensor
 
 from model_merging_methods.average import average_merging
-from model_merging_methods.fisher import FISHER_ESTIMATORS, fisher_arguments, fisher_global_state, fisher_merging
+from model_merging_methods.fisher import (
+    FISHER_ESTIMATORS,
+    compute_fisher_weights,
+    fisher_arguments,
+    fisher_global_state,
+    fisher_merging,
+)
 from model_merging_methods.hyperparameters import (
     DARE_HYPERPARAMETERS,
     DARE_SPECS,
@@ -26,12 +32,12 @@ from model_merging_methods.hyperparameters import (
     check_choice,
     unknown_name_error,
 )
-from model_merging_methods.regmean import regmean_arguments, regmean_merging
+from model_merging_methods.regmean import compute_gram_matrices, regmean_arguments, regmean_merging
 from model_merging_methods.task_arithmetic import task_arithmetic
 from model_merging_methods.ties import ties_arguments, ties_chunkable, ties_global_state, ties_merging
 
-__all__ = ["DARE_HYPERPARAMETERS", "DARE_SPECS", "MERGE_METHODS", "MERGING_METHOD_NAMES", "GlobalState", "Hyperparameter",
-           "MergeMethod", "check_choice", "get_merge_method", "unknown_name_error"]
+__all__ = ["DARE_HYPERPARAMETERS", "DARE_SPECS", "MERGE_METHODS", "MERGING_METHOD_NAMES", "GlobalState",
+           "Hyperparameter", "MergeMethod", "check_choice", "get_merge_method", "unknown_name_error"]
 
 
 class GlobalState(Protocol):
@@ -81,7 +87,7 @@ class MergeMethod:
         name: MergeLM name, used on every command line.
         merge: the pure per-parameter function.
         hyperparameters: the declaration of every setting (``Hyperparameter``): default, range, help, grids.
-            Settings with ``statistics=True`` configure the caller's Fisher / Gram computation and are not
+            Settings with ``statistics`` set configure the caller's Fisher / Gram computation and are not
             passed to ``merge``.
         statistics: extra per-model input the caller supplies: Fisher diagonals or Gram matrices.
         merge_arguments: ``(hyperparameters, *, name, num_models, statistics, global_state) -> kwargs`` of
@@ -175,11 +181,13 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                             why="MergeLM's library normalises; its merge_plms_glue.py flag is off unless given"),
              Hyperparameter("minimal_fisher_weight", "number", 1e-6, minimum=0.0,
                             help="epsilon added to every Fisher value", why="MergeLM's default; avoids 0/0"),
-             Hyperparameter("num_fisher_examples", "count", 256, statistics=True, cli_flag="nums_fisher_examples",
+             Hyperparameter("num_fisher_examples", "count", 256, statistics="num_examples",
+                            cli_flag="nums_fisher_examples",
                             help="training examples per model for the Fisher statistics",
                             why="MergeLM's command-line default",
                             grids={"glue_paper": _STATISTICS_COUNTS, "glue_reduced": (256,), "glue_quick": (64,)}),
-             Hyperparameter("fisher_estimator", "choice", "mergelm", choices=FISHER_ESTIMATORS, statistics=True,
+             Hyperparameter("fisher_estimator", "choice", "mergelm", choices=FISHER_ESTIMATORS,
+                            statistics="estimator",
                             run_per_value=True,
                             help="Fisher estimator: MergeLM's batch objective, or the exact diagonal Fisher",
                             why="MergeLM's estimator, for parity")),
@@ -188,7 +196,8 @@ MERGE_METHODS: dict[str, MergeMethod] = {
         ),
         MergeMethod(
             "regmean_merging", regmean_merging,
-            (Hyperparameter("num_regmean_examples", "count", 256, statistics=True, cli_flag="nums_regmean_examples",
+            (Hyperparameter("num_regmean_examples", "count", 256, statistics="num_examples",
+                            cli_flag="nums_regmean_examples",
                             help="training examples per model for the Gram matrices",
                             why="MergeLM's command-line default",
                             grids={"glue_paper": _STATISTICS_COUNTS, "glue_reduced": (256,), "glue_quick": (64,)}),
@@ -206,9 +215,14 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 DARE_METHOD_NAME = "mask_merging"
 
 
-def merging_method_names() -> tuple[str, ...]:
-    """Every ``merging_method_name`` accepted by the entry points: the registered methods and ``mask_merging``."""
-    return (*MERGE_METHODS, DARE_METHOD_NAME)
+def merge_method_names(*, without_statistics: bool = False) -> tuple[str, ...]:
+    """The registered methods, in registry order; ``without_statistics``: only those needing no Fisher/Gram data."""
+    return tuple(name for name, method in MERGE_METHODS.items() if not (without_statistics and method.statistics))
+
+
+def merging_method_names(*, without_statistics: bool = False) -> tuple[str, ...]:
+    """Every ``merging_method_name`` the entry points accept: the registered methods and ``mask_merging``."""
+    return (*merge_method_names(without_statistics=without_statistics), DARE_METHOD_NAME)
 
 
 #: MergeLM's list at import time (``merging_method_names()`` sees methods registered later).
@@ -220,3 +234,23 @@ def get_merge_method(name: str) -> MergeMethod:
     if name not in MERGE_METHODS:
         raise unknown_name_error("merging method", name, list(MERGE_METHODS))
     return MERGE_METHODS[name]
+
+
+#: the function computing each kind of statistics from a model and training batches
+STATISTICS_FUNCTIONS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "fisher": compute_fisher_weights, "gram": compute_gram_matrices,
+}
+
+
+def compute_statistics(method: MergeMethod, settings: Mapping[str, Any], model: Any, batches: Any, *,
+                       device: str = "cpu") -> dict[str, Tensor]:
+    """``method``'s statistics (Fisher diagonals or Gram matrices) of ``model`` over ``batches``.
+
+    ``settings`` are the recipe's statistics settings (``Recipe.statistics_settings()``); each is passed as the
+    keyword its declaration names (``num_fisher_examples`` -> ``num_examples``).
+    """
+    if method.statistics is None:
+        raise ValueError(f"{method.name} needs no statistics, got a request to compute them")
+    keywords = {method.specs[name].statistics: value for name, value in settings.items()}
+    return STATISTICS_FUNCTIONS[method.statistics](model, batches, device=device, **keywords)
+

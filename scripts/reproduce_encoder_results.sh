@@ -39,7 +39,7 @@ TASKS="cola sst2 mrpc stsb rte"
 LR=3e-5                     # one learning rate for every task (MiniLM learns all five with it)
 RATES="0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 0.99"
 SEEDS="0 1 2"
-GRID=reduced                # a subset of the paper's grid (glue/glue_merging.py: REDUCED_GRIDS)
+GRID=reduced                # a subset of the paper's grid (each method's glue_reduced values, model_merging_methods/registry.py)
 # task, epochs, extra training flags (SST-2 capped at 8,000 of its 60,614 train examples); longest first
 TRAIN_SPECS=("rte 5" "mrpc 3" "sst2 3 --max_train_samples 8000" "stsb 3" "cola 3")
 EVAL_CAPS=()                                 # test = the full GLUE dev set

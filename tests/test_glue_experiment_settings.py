@@ -10,8 +10,9 @@ import pytest
 import merge_plms_glue
 from glue.glue_data import LengthGroupedBatches
 from glue.glue_finetune import checkpoint_tag
-from glue.glue_inference import DareSettings, InferenceConfig
-from glue.glue_merging import select_best
+from glue.glue_inference import InferenceConfig
+from glue.glue_merging import select_on_split
+from model_merging_methods import Dare, Recipe
 
 
 def _tree_checkpoint(root: Path, task: str, run: str) -> Path:
@@ -21,8 +22,8 @@ def _tree_checkpoint(root: Path, task: str, run: str) -> Path:
 def _merge_dir(root: Path, argv: list[str], checkpoints: dict[str, Path], variant_index: int = 0) -> Path:
     args = merge_plms_glue.parse_args(["--language_model_name", "all-MiniLM-L6-v2", "--output_dir", str(root),
                                        *argv])
-    variant = merge_plms_glue.variants(args)[variant_index]
-    return merge_plms_glue.run_dir_of(args, ("rte", "mrpc"), variant, checkpoints)
+    search = merge_plms_glue.searches(args)[variant_index]
+    return merge_plms_glue.run_dir_of(args, ("rte", "mrpc"), search, checkpoints)
 
 
 def test_merge_run_folders_differ_for_every_setting_that_changes_results(tmp_path):
@@ -62,7 +63,7 @@ def test_merge_run_folders_differ_for_every_setting_that_changes_results(tmp_pat
 
 def test_inference_run_folders_name_the_checkpoint_and_seed(tmp_path):
     config = InferenceConfig(language_model_name="all-MiniLM-L6-v2", dataset_names=("rte",),
-                             weight_mask_rates=(0.5,), dare=DareSettings(True), seeds=(0, 1))
+                             weight_mask_rates=(0.5,), dare=Dare(0.5), seeds=(0, 1))
     run = "learning_rate=3e-05,seed=0"
     in_tree = _tree_checkpoint(tmp_path, "rte", run)
     outside_a, outside_b = tmp_path / "a" / run / "model", tmp_path / "b" / run / "model"
@@ -71,25 +72,35 @@ def test_inference_run_folders_name_the_checkpoint_and_seed(tmp_path):
     assert folders[0].parent.name == run  # a run of the tree is named by its run folder
     assert checkpoint_tag(outside_a, tmp_path).startswith("checkpoint-")
     assert config.mask_seeds == (0, 1)
-    magnitude = InferenceConfig(dataset_names=("rte",), dare=DareSettings(True, "magnitude"), seeds=(0, 1, 2))
+    magnitude = InferenceConfig(dataset_names=("rte",), dare=Dare(0.5, mask_strategy="magnitude"), seeds=(0, 1, 2))
     assert magnitude.mask_seeds == (0,)  # no randomness: one run
 
 
 class _FixedScores:
-    """A merger stand-in whose validation score is read from the setting."""
+    """An evaluation stand-in whose validation score is read from a table keyed by the recipe's lambda."""
 
-    def score(self, method, setting, task, split):
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, recipe, task, split):
         assert split == "validation"
-        return {"pearson": setting["value"], "spearmanr": setting["value"], "averaged_scores": setting["value"]}
+        value = self.scores[recipe.hyperparameters["scaling_coefficient"]]
+        return {"pearson": value, "spearmanr": value, "averaged_scores": value}
+
+
+def _recipes(n):
+    return [Recipe("task_arithmetic", {"scaling_coefficient": 0.1 * (i + 1)}) for i in range(n)]
 
 
 def test_grid_where_every_setting_scores_nan_selects_the_first(caplog):
-    settings = [{"value": math.nan, "id": i} for i in range(3)]
-    assert select_best(_FixedScores(), "task_arithmetic", settings, "stsb", "validation") == settings[0]
+    recipes = _recipes(3)
+    scores = _FixedScores({r.hyperparameters["scaling_coefficient"]: math.nan for r in recipes})
+    assert select_on_split(scores, recipes, "stsb", "validation") == recipes[0]
     assert "every setting scored NaN" in caplog.text
-    mixed = [{"value": math.nan, "id": 0}, {"value": 0.2, "id": 1}, {"value": math.nan, "id": 2},
-             {"value": 0.5, "id": 3}, {"value": 0.5, "id": 4}]
-    assert select_best(_FixedScores(), "task_arithmetic", mixed, "stsb", "validation")["id"] == 3
+    recipes = _recipes(5)
+    values = [math.nan, 0.2, math.nan, 0.5, 0.5]
+    scores = _FixedScores({r.hyperparameters["scaling_coefficient"]: v for r, v in zip(recipes, values, strict=True)})
+    assert select_on_split(scores, recipes, "stsb", "validation") == recipes[3]  # NaN never wins; ties: the first
 
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch():
@@ -166,8 +177,8 @@ def test_dare_in_a_pair_with_a_regression_head_keeps_each_head():
     pretrained = {**encoder, "classifier.weight": torch.randn(2, 3)}  # built with the first task's 2 labels
     finetuned = [{"encoder.weight": encoder["encoder.weight"] + 0.01, "classifier.weight": torch.randn(2, 3)},
                  {"encoder.weight": encoder["encoder.weight"] - 0.01, "classifier.weight": torch.randn(1, 3)}]
-    merger = PairMerger(["sst2", "stsb"], finetuned, pretrained, [], {}, DareSettings(True, seed=0))
-    dared = merger._dared(0.5)
+    merger = PairMerger(["sst2", "stsb"], finetuned, pretrained, [], {})
+    dared = merger._dared(Dare(0.5, seed=0))
     for before, after in zip(finetuned, dared, strict=True):
         assert torch.equal(after["classifier.weight"], before["classifier.weight"])  # heads are never dropped
         delta = after["encoder.weight"] - encoder["encoder.weight"]
@@ -187,8 +198,8 @@ def test_a_tasks_dare_mask_is_the_same_in_every_pair():
                      "classifier.weight": torch.randn(2, 8)} for t in ("rte", "mrpc", "cola")}
 
     def dared(tasks, seed=0):
-        merger = PairMerger(list(tasks), [finetuned[t] for t in tasks], base, [], {}, DareSettings(True, seed=seed))
-        return dict(zip(tasks, merger._dared(0.5), strict=True))
+        merger = PairMerger(list(tasks), [finetuned[t] for t in tasks], base, [], {})
+        return dict(zip(tasks, merger._dared(Dare(0.5, seed=seed)), strict=True))
 
     first, second, third = dared(("rte", "mrpc")), dared(("mrpc", "cola")), dared(("cola", "rte"))
     assert torch.equal(first["rte"]["encoder.weight"], third["rte"]["encoder.weight"])  # position 0 and 1

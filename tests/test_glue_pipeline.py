@@ -189,7 +189,7 @@ def test_statistics_of_a_dared_model_are_computed_once_for_all_its_pairs(workspa
     import glue.glue_merging
 
     real, calls = model_merging_methods.compute_fisher_weights, []
-    monkeypatch.setattr(model_merging_methods, "compute_fisher_weights",
+    monkeypatch.setitem(model_merging_methods.registry.STATISTICS_FUNCTIONS, "fisher",
                         lambda model, *a, **k: calls.append(model.num_labels) or real(model, *a, **k))
     real_dare, dared = glue.glue_merging.dare_state_dict, []
     monkeypatch.setattr(glue.glue_merging, "dare_state_dict",

@@ -7,11 +7,14 @@ import argparse
 import dataclasses
 import importlib
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from model_merging_methods import Recipe
 
 ORIGINAL_README_COMMANDS = [
     "python train_plms_glue.py --language_model_name roberta-base --dataset_name cola --learning_rate 1e-5 "
@@ -63,8 +66,10 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """``{dotted field name: value}`` of nested dataclasses and string-keyed dicts."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         items = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    elif isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
-        items = obj
+    elif isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
+        items = dict(obj)
+    elif isinstance(obj, (list, tuple)) and obj and all(dataclasses.is_dataclass(o) for o in obj):
+        items = {str(i): o for i, o in enumerate(obj)}
     else:
         return {prefix.removesuffix("."): obj}
     return {k: v for name, value in items.items() for k, v in _flatten(value, f"{prefix}{name}.").items()}
@@ -76,13 +81,13 @@ def _raise_with(captured: list, value: Any) -> None:
 
 
 class _PoolStandIn:
-    """merge_plms_glue's task pool: records the loading options, then the DARE and Fisher settings of a pair."""
+    """merge_plms_glue's task pool: records the loading options when the first pair is asked for."""
 
     def __init__(self, captured: list, options: dict) -> None:
         self.captured, self.options = captured, options
 
-    def pair(self, tasks: Any, dare: Any, fisher_options: Any) -> None:
-        _raise_with(self.captured, {**self.options, "dare": dare, "fisher_options": fisher_options})
+    def pair(self, tasks: Any) -> None:
+        _raise_with(self.captured, dict(self.options))
 
 
 def _what_the_script_would_run(module: ModuleType, argv: list[str], monkeypatch) -> list[Any]:
@@ -102,7 +107,7 @@ def _what_the_script_would_run(module: ModuleType, argv: list[str], monkeypatch)
         monkeypatch.setattr(module, "load_tokenizer", lambda *a, **k: None)
         monkeypatch.setattr(module, "resolve_checkpoints", lambda a, pair: {t: Path("/absent", t) for t in pair})
         monkeypatch.setattr(module, "load_task_pool", lambda *a, **k: _PoolStandIn(captured, k))
-        captured.append({"variants": module.variants(args)})
+        captured.append({"runs": module.searches(args)})
     else:
         raise AssertionError(f"no way to see what {name} would run; add one here")
     try:
@@ -120,18 +125,34 @@ def _same(config_value: Any, parsed: Any) -> bool:
     return config_value == parsed
 
 
+def _recipes(obj: Any) -> list[Recipe]:
+    """Every ``Recipe`` inside ``obj`` (dataclass fields, mappings, lists)."""
+    if isinstance(obj, Recipe):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [r for f in dataclasses.fields(obj) for r in _recipes(getattr(obj, f.name))]
+    if isinstance(obj, Mapping):
+        return [r for value in obj.values() for r in _recipes(value)]
+    if isinstance(obj, (list, tuple)):
+        return [r for value in obj for r in _recipes(value)]
+    return []
+
+
 def _check_derived_flag(flag: str, args: argparse.Namespace, configs: list[Any], fields: dict[str, list]) -> None:
     """Flags that are no configuration field of their own name."""
     if flag == "num_runs":  # one training configuration per run, seeds seed, seed + 1, ...
         assert [c.seed for c in configs] == [args.seed + i for i in range(args.num_runs)]
     elif flag.startswith("merge_"):  # --merge_instruct / --merge_math select the models to merge
         assert any(flag.removeprefix("merge_") in tasks for tasks in fields["merge_tasks"]), flag
-    elif flag in ("merging_method_name", "mask_apply_method"):  # merge_plms_glue: one run per (method, applied)
-        runs = {(v.name, v.method) for c in configs if isinstance(c, dict) for v in c.get("variants", [])}
+    elif flag in ("merging_method_name", "mask_apply_method"):  # the recipes: one per run (method, applied)
+        runs = {(r.merging_method_name, r.method) for r in _recipes(configs)}
+        names = lambda value: set(value) if isinstance(value, list) else {value}  # noqa: E731
         if flag == "merging_method_name":
-            assert {name for name, _ in runs} == set(args.merging_method_name)
+            assert {name for name, _ in runs} == names(args.merging_method_name)
         else:
-            assert {method for name, method in runs if name == "mask_merging"} == set(args.mask_apply_method)
+            assert {method for name, method in runs if name == "mask_merging"} == names(args.mask_apply_method)
+    elif flag == "weight_mask_rate" and args.weight_mask_rate == 0.0:  # MergeLM's "just inference": no DARE
+        assert fields.get("dare") == [None], fields.get("dare")
     else:
         raise AssertionError(f"--{flag} reaches no field of the configuration the script would run")
 
