@@ -208,3 +208,106 @@ def test_a_tasks_dare_mask_is_the_same_in_every_pair():
     assert not torch.equal(first["rte"]["encoder.weight"] != base["encoder.weight"],
                            first["mrpc"]["encoder.weight"] != base["encoder.weight"])
     assert not torch.equal(first["rte"]["encoder.weight"], dared(("rte", "mrpc"), seed=1)["rte"]["encoder.weight"])
+
+
+# --- every flag is applied or refused; every setting keys the caches ---------------------------------------------
+
+
+def _searches(argv):
+    args = merge_plms_glue.parse_args(["--language_model_name", "all-MiniLM-L6-v2", *argv])
+    return merge_plms_glue.searches(args)
+
+
+@pytest.mark.parametrize("flag", [["--scaling_coefficient", "0.5"], ["--param_value_mask_rate", "0.3"],
+                                  ["--fisher_scaling_coefficients", "0.5"], ["--reduce_non_diagonal_ratio", "0.5"],
+                                  ["--nums_fisher_examples", "512"], ["--weight_mask_rate", "0.3"]])
+def test_a_flag_the_paper_grid_searches_is_refused_not_ignored(flag):
+    methods = ["--merging_method_name", "mask_merging", "--mask_apply_method", "task_arithmetic", "ties_merging",
+               "fisher_merging", "regmean_merging"]
+    with pytest.raises(ValueError, match=f"{flag[0]} .* has no effect under --grid paper"):
+        _searches([*methods, *flag])
+
+
+def test_grid_none_searches_every_value_of_a_flag():
+    (ta,) = _searches(["--merging_method_name", "task_arithmetic", "--grid", "none", "--scaling_coefficient", "0.3",
+                       "0.5"])
+    assert ta.grid == {"scaling_coefficient": (0.3, 0.5)}
+    assert [r.hyperparameters["scaling_coefficient"] for r in ta.candidates()] == [0.3, 0.5]
+    (fisher,) = _searches(["--merging_method_name", "fisher_merging", "--grid", "none", "--nums_fisher_examples",
+                           "64", "128"])
+    assert fisher.grid["num_fisher_examples"] == (64, 128)
+    (dare,) = _searches(["--merging_method_name", "mask_merging", "--grid", "none", "--weight_mask_rate", "0.3",
+                         "0.9", "--use_weight_rescale"])
+    assert dare.dare_rates == (0.3, 0.9) and dare.recipe.dare.use_weight_rescale
+
+
+def test_a_fixed_setting_of_the_paper_grid_reaches_the_recipe():
+    (fisher,) = _searches(["--merging_method_name", "fisher_merging", "--normalize_fisher_weight",
+                           "--minimal_fisher_weight", "1e-4", "--fisher_estimator", "exact"])
+    assert fisher.recipe.hyperparameters["normalize_fisher_weight"] is True
+    assert fisher.recipe.hyperparameters["minimal_fisher_weight"] == 1e-4
+    assert fisher.recipe.hyperparameters["fisher_estimator"] == "exact"
+    assert set(fisher.grid) == {"fisher_scaling_coefficients", "num_fisher_examples"}
+
+
+def test_statistics_beyond_the_loaded_examples_are_refused_and_the_cap_is_named(tmp_path):
+    argv = ["--language_model_name", "all-MiniLM-L6-v2", "--output_dir", str(tmp_path), "--merging_method_name",
+            "fisher_merging", "--grid", "none", "--nums_fisher_examples", "4096"]
+    args = merge_plms_glue.parse_args(argv)
+    with pytest.raises(ValueError, match="num_fisher_examples=4096 needs more training examples than "
+                                         "--max_statistics_examples 2048"):
+        merge_plms_glue.check_statistics_examples(args, merge_plms_glue.searches(args))
+    args = merge_plms_glue.parse_args([*argv, "--max_statistics_examples", "4096"])
+    merge_plms_glue.check_statistics_examples(args, merge_plms_glue.searches(args))
+    checkpoints = {"rte": tmp_path / "a", "mrpc": tmp_path / "b"}
+    folder = merge_plms_glue.run_dir_of(args, ("rte", "mrpc"), merge_plms_glue.searches(args)[0], checkpoints)
+    assert "max_statistics_examples=4096" in folder.name and "num_fisher_examples=4096" in folder.name
+
+
+class _Encoder:
+    """A model stand-in: holds the loaded state dict; ``evaluate_model`` reads a score off it."""
+
+    def __init__(self):
+        self.state = None
+
+    def load_state_dict(self, state):
+        self.state = {k: v.clone() for k, v in state.items()}
+
+
+def _tiny_pair(monkeypatch):
+    import torch
+
+    import glue.glue_merging
+    from glue.glue_merging import PairMerger
+
+    monkeypatch.setattr(glue.glue_merging, "evaluate_model",
+                        lambda model, loader, tasks, **k: dict.fromkeys(("accuracy", "averaged_scores"),
+                                                                        float(model.state["encoder.weight"].sum())))
+    torch.manual_seed(0)
+    base = {"encoder.weight": torch.randn(16, 16)}
+    finetuned = [{"encoder.weight": base["encoder.weight"] + 0.1 * torch.randn(16, 16),
+                  "classifier.weight": torch.randn(2, 16)} for _ in range(2)]
+    loaders = {t: {"validation": None, "test": None} for t in ("rte", "mrpc")}
+    return PairMerger(["rte", "mrpc"], finetuned, base, [_Encoder(), _Encoder()], loaders)
+
+
+def test_every_setting_of_a_recipe_keys_the_score_cache(monkeypatch):
+    merger = _tiny_pair(monkeypatch)
+    base = Recipe("task_arithmetic", {"scaling_coefficient": 0.5}, Dare(0.5, seed=0))
+    neighbours = [base, base.replace(use_weight_rescale=False), base.replace(mask_strategy="magnitude"),
+                  base.replace(weight_format="finetuned_weight"), base.replace(seed=1),
+                  base.replace(weight_mask_rate=0.3), base.replace(scaling_coefficient=0.7)]
+    scores = [merger.score(recipe, "rte", "validation")["accuracy"] for recipe in neighbours]
+    assert len(set(scores)) == len(scores), scores  # no setting was served another setting's score
+
+
+def test_grid_json_lists_the_evaluations_served_from_the_cache(monkeypatch):
+    from glue.glue_merging import Search, grid_search_pair
+
+    merger = _tiny_pair(monkeypatch)
+    search = Search(Recipe("task_arithmetic", {"scaling_coefficient": 0.5}), {"scaling_coefficient": (0.5, 1.0)})
+    _, first = grid_search_pair(merger, search)
+    _, again = grid_search_pair(merger, search)  # every score is in the cache now
+    assert again == first and len(first) == 2 * 2 + 2  # 2 settings x 2 tasks on validation, + test of the best
+    assert {(e["task"], e["split"]) for e in first} == {(t, s) for t in ("rte", "mrpc") for s in ("validation",
+                                                                                                   "test")}
