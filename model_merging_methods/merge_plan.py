@@ -182,14 +182,17 @@ class MergePlan:
         statistics: Sequence[Tensor] | None = None,
         element_offset: int = 0,
     ) -> None:
-        """Feed one parameter (or chunk) to the global accumulator for pass ``pass_index``."""
+        """Feed one parameter (or chunk) to the global accumulator for pass ``pass_index``.
+
+        The one rule of both whole-model passes (``merge_state_dicts`` and ``merge_engine``): a state that reads
+        model tensors is fed every parameter; one that reads statistics only the parameters that have them (a
+        Gram matrix exists for Linear weights only; Fisher's coverage of every parameter is checked up front by
+        ``check_statistics``).
+        """
         if state.uses_model_tensors:
             state.update(pass_index, torch.stack(self.deltas(name, base, finetuned, element_offset=element_offset)))
-            return
-        if statistics is None:
-            raise ValueError(f"{self.method.name} needs a {self.method.statistics} statistic for {name!r} in every "
-                             "model, got none")
-        state.update(pass_index, statistics)
+        elif statistics is not None:
+            state.update(pass_index, statistics)
 
     def merge_deltas(
         self, name: str, base: Tensor, deltas: Sequence[Tensor], *, statistics: Sequence[Tensor] | None = None,

@@ -78,10 +78,8 @@ def run_global_passes(plan: MergePlan, names, pretrained, finetuned, statistics)
         return None
     for pass_index in range(state.num_passes):
         for name in names:
-            stats = plan.statistics_for(name, statistics)
-            if state.uses_model_tensors or stats is not None:
-                plan.global_update(state, pass_index, name, pretrained[name], [sd[name] for sd in finetuned],
-                                   statistics=stats)
+            plan.global_update(state, pass_index, name, pretrained[name], [sd[name] for sd in finetuned],
+                               statistics=plan.statistics_for(name, statistics))
         state.finish_pass(pass_index)
     return state
 

@@ -383,3 +383,40 @@ def test_registered_toy_method_runs_in_memory_and_streamed(hp, llama_family, tmp
     merge_checkpoints(str(folders[0]), [str(f) for f in folders[1:]], str(tmp_path / "out"),
                       merging_method_name=method, hyperparameters=hp, chunk_numel=600, num_threads=2, progress=False)
     assert_same_tensors(tmp_path / "out", expected)
+
+
+class _GramTotal:
+    """A whole-model state over Gram statistics: the sum of every Gram entry it is fed (Linear weights only)."""
+
+    num_passes, uses_model_tensors = 1, False
+
+    def __init__(self):
+        self.value = 0.0
+
+    def update(self, pass_index, statistics):
+        self.value += float(sum(s.double().sum() for s in statistics))
+
+    def finish_pass(self, pass_index):
+        pass
+
+
+def gram_scaled_sum(base, deltas, *, total=1.0):
+    """``base + sum_i delta_i / total``: depends on the whole-model Gram total of the pass before merging."""
+    return base + torch.stack(list(deltas)).sum(dim=0) / total
+
+
+def test_the_in_memory_and_streamed_statistics_passes_feed_the_same_parameters(llama_family, tmp_path, monkeypatch):
+    """A state over Gram statistics sees only Linear weights (other parameters have no Gram), on both paths."""
+    from model_merging_methods.registry import MERGE_METHODS, MergeMethod
+
+    method = MergeMethod("gram_scaled_sum", gram_scaled_sum, statistics="gram",
+                         merge_arguments=lambda hp, *, global_state, **_: {"total": global_state.value},
+                         global_state=lambda hp, num_models, total_numel: _GramTotal())
+    monkeypatch.setitem(MERGE_METHODS, method.name, method)
+    folders, _ = llama_family
+    stats, files = statistics_for("regmean_merging", read_back(folders[0]), 2, tmp_path)
+    merge_checkpoints(str(folders[0]), [str(f) for f in folders[1:]], str(tmp_path / "out"),
+                      merging_method_name=method.name, statistics_files=files, num_threads=2, progress=False)
+    expected = merge_state_dicts(method.name, read_back(folders[0]), [read_back(f) for f in folders[1:]],
+                                 gram_matrices=stats)
+    assert_same_tensors(tmp_path / "out", expected)
