@@ -8,6 +8,7 @@ the same kernel and add the results in the same order, so they agree bit for bit
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from delta_analysis.histogram import QUANTILE_RELATIVE_ERROR, nonzero_bins
 from delta_analysis.plan import DEFAULT_CHUNK_NUMEL, AnalysisPlan, Unit, build_plan, group_order, plan_units
 from delta_analysis.statistics import THRESHOLDS, Sums, model_summary, pair_summary
-from delta_analysis.unit_statistics import compiled_kernel, delta_statistics_torch
+from delta_analysis.unit_statistics import delta_statistics_torch
 from delta_analysis.verdict import Verdict, judge
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.pipeline import ordered_map
@@ -143,7 +144,9 @@ def unit_sums(plan: AnalysisPlan, readers: Sequence[Reader], unit: Unit, *, comp
     rows = unit.rows if unit.rows is not None else (None if entry.rows is None else (0, entry.rows))
     base, finetuned = _kernel_inputs([r.read(s, rows) for r, s in zip(readers, entry.sources, strict=True)])
     sums = Sums(len(readers) - 1, numel=base.size)
-    statistics = compiled_kernel().delta_statistics if compiled else delta_statistics_torch
+    # the compiled kernel is imported on first use (it loads Numba, 0.5-1 s the preflight must not pay)
+    statistics = importlib.import_module("delta_analysis.kernel").delta_statistics if compiled else (
+        delta_statistics_torch)
     statistics(base, finetuned, _THRESHOLDS, sums.histogram, sums.counts, sums.sums, sums.pairs)
     return sums
 

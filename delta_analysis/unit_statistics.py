@@ -1,14 +1,13 @@
 """The statistics of one row block, laid out in arrays: the compiled kernel or the same in torch operations.
 
-``kernel.py`` (Numba, one pass, imported on first use: loading Numba and the cached kernel takes 0.5-1 s) serves
-the full analysis; ``delta_statistics_torch`` computes the same arrays with torch operations and serves the
-homology preflight, which reads about a megabyte and must not pay for loading Numba. Integer outputs (histogram,
-counts) and the max are identical; the float64 sums agree to rounding (tested).
+``kernel.py`` (Numba, one pass, imported by ``analysis.py`` on first use: loading Numba and the cached kernel
+takes 0.5-1 s; it imports this module's array layout, never the other way round) serves the full analysis;
+``delta_statistics_torch`` computes the same arrays with torch operations and serves the homology preflight, which
+reads about a megabyte and must not pay for loading Numba. Integer outputs (histogram, counts) and the max are
+identical; the float64 sums agree to rounding (tested).
 """
 
 from __future__ import annotations
-
-import importlib
 
 import numpy as np
 import torch
@@ -23,11 +22,6 @@ PAIR_DOT, PAIR_CONFLICTS, PAIR_BOTH_NONZERO = 0, 1, 2
 NUM_PAIR_SUMS = 3
 NUM_BINS = 1 << 15
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def compiled_kernel():
-    """``delta_analysis.kernel``, imported on first use (it loads Numba)."""
-    return importlib.import_module("delta_analysis.kernel")
 
 
 def delta_statistics_torch(base: np.ndarray, finetuned: np.ndarray, thresholds: np.ndarray, histogram: np.ndarray,
