@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from delta_analysis.histogram import QUANTILE_RELATIVE_ERROR, nonzero_bins
-from delta_analysis.plan import DEFAULT_CHUNK_NUMEL, AnalysisPlan, Unit, build_plan, group_order, plan_units
+from delta_analysis.plan import DEFAULT_CHUNK_NUMEL, AnalysisPlan, Unit, build_plan, group_order, plan_analysis_units
 from delta_analysis.statistics import THRESHOLDS, Sums, model_summary, pair_summary
 from delta_analysis.unit_statistics import delta_statistics_torch
 from delta_analysis.verdict import Verdict, judge
@@ -189,7 +189,7 @@ class _Totals:
 def _stream(plan: AnalysisPlan, readers: Sequence[Reader], *, num_threads: int, progress: bool,
             chunk_numel: int) -> _Totals:
     totals, current = _Totals(len(readers) - 1), None
-    units = plan_units(plan.entries, chunk_numel)
+    units = plan_analysis_units(plan.entries, chunk_numel)
     bar = tqdm(total=len(plan.entries), desc="analysing deltas", unit="tensor", disable=not progress)
     with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="deltas") as pool:
         work = ordered_map(lambda u: unit_sums(plan, readers, u), _with_readahead(readers, plan, units), pool,

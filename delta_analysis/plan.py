@@ -149,7 +149,7 @@ class Unit:
     last: bool
 
 
-def plan_units(entries: Sequence[TensorEntry], chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> list[Unit]:
+def plan_analysis_units(entries: Sequence[TensorEntry], chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> list[Unit]:
     """Row blocks of at most ``chunk_numel`` elements (one row at least); vectors and scalars stay whole."""
     units = []
     for i, entry in enumerate(entries):

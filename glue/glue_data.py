@@ -54,7 +54,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
 GLUE_TASK_NAMES: tuple[str, ...] = tuple(GLUE_TASKS)
 
 
-def get_task(name: str) -> GlueTask:
+def get_glue_task(name: str) -> GlueTask:
     """The task record for ``name``; unknown names raise ``ValueError`` listing the choices."""
     if name not in GLUE_TASKS:
         raise ValueError(f"dataset_name must be one of {', '.join(GLUE_TASK_NAMES)}, got {name!r}")
@@ -79,7 +79,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def load_raw_splits(task_name: str, glue_dir: str | os.PathLike | None = None) -> dict[str, list[dict[str, Any]]]:
     """``{"train": [...], "test": [...]}`` records of one task (test = GLUE validation / validation_matched)."""
-    task = get_task(task_name)
+    task = get_glue_task(task_name)
     folder = resolve_glue_dir(glue_dir)
     if folder is not None:
         paths = {"train": folder / task.name / "train.jsonl", "test": folder / task.name / f"{task.test_split}.jsonl"}
@@ -154,7 +154,7 @@ def load_glue_task(
         max_validation_samples: keep the first n examples of the validation part only (after
             ``max_eval_samples``), so model selection on a large task stays cheap while test stays whole.
     """
-    task = get_task(task_name)
+    task = get_glue_task(task_name)
     raw = load_raw_splits(task_name, glue_dir)
     train, validation = split_train_validation(raw["train"])
     test = raw["test"]

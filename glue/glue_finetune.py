@@ -21,7 +21,7 @@ from glue.encoder_models import (
     model_short_name,
     save_multitask_model,
 )
-from glue.glue_data import GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from glue.glue_data import GLUE_TASKS, get_glue_task, load_glue_task, make_dataloader
 from glue.glue_training import OptimConfig, evaluate_model, train_model
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ class GlueTrainConfig:
     group_by_length: bool = False
 
     def __post_init__(self) -> None:
-        get_task(self.dataset_name)
+        get_glue_task(self.dataset_name)
         if self.multitask_training:
             if self.auxiliary_dataset_name is None:
                 raise ValueError("auxiliary_dataset_name must be set with --multitask_training, got None")
-            get_task(self.auxiliary_dataset_name)
+            get_glue_task(self.auxiliary_dataset_name)
             if self.auxiliary_dataset_name == self.dataset_name:
                 raise ValueError(f"auxiliary_dataset_name must differ from dataset_name, got {self.dataset_name!r} "
                                  "for both; pick another --auxiliary_dataset_name")

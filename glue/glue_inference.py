@@ -13,7 +13,7 @@ import torch
 
 from common.run_dir import hyperparameter_dirname, run_dir_for
 from glue.encoder_models import load_finetuned_classifier, load_pretrained_classifier, model_short_name
-from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_task, load_glue_task, make_dataloader
+from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_glue_task, load_glue_task, make_dataloader
 from glue.glue_finetune import checkpoint_tag
 from glue.glue_training import evaluate_model
 from model_merging_methods import Dare, apply_dare
@@ -54,7 +54,7 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         for name in self.dataset_names:
-            get_task(name)
+            get_glue_task(name)
         if not self.weight_mask_rates:
             raise ValueError("the sweep needs at least one drop rate, got none; pass --weight_mask_rate")
         for rate in self.weight_mask_rates:  # each drop rate checked by DARE's declaration, before any work

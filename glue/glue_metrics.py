@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from glue.glue_data import get_task
+from glue.glue_data import get_glue_task
 
 
 def compute_glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -26,7 +26,7 @@ def compute_glue_metrics(task_name: str, predictions: np.ndarray, labels: np.nda
     Returns:
         The metric dict; ``averaged_scores`` is added when the task has more than one metric.
     """
-    task = get_task(task_name)
+    task = get_glue_task(task_name)
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if predictions.ndim == 2:
         predictions = predictions[:, 0] if task.num_labels == 1 else predictions[:, : task.num_labels].argmax(-1)
@@ -48,4 +48,4 @@ def compute_glue_metrics(task_name: str, predictions: np.ndarray, labels: np.nda
 
 def primary_score(task_name: str, metrics: Mapping[str, float]) -> float:
     """The value MergeLM selects on (``matthews_correlation``, ``accuracy`` or ``averaged_scores``)."""
-    return float(metrics[get_task(task_name).primary_metric])
+    return float(metrics[get_glue_task(task_name).primary_metric])

@@ -212,8 +212,8 @@ class Recipe:
         """
         values = self.hyperparameters if statistics else self.merge_hyperparameters()
         return {"merging_method_name": self.merging_method_name, "method": self.method,
-                "hyperparameters": _jsonable(values),
-                "dare": _jsonable(self.dare.settings()) if self.dare is not None else None}
+                "hyperparameters": _json_lists(values),
+                "dare": _json_lists(self.dare.settings()) if self.dare is not None else None}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Recipe:
@@ -227,7 +227,7 @@ class Recipe:
         return f"{label}: {values}" if values else label
 
 
-def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+def _json_lists(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 

@@ -49,7 +49,7 @@ def test_missing_folder_and_unknown_task_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="rte/train.jsonl"):
         glue_data.load_raw_splits("rte", tmp_path)
     with pytest.raises(ValueError, match="dataset_name must be one of"):
-        glue_data.get_task("glue")
+        glue_data.get_glue_task("glue")
 
 
 def test_tokenised_pairs_keep_token_type_ids_and_pad(tmp_path):
