@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from glue.encoder_models import load_finetuned_classifier, load_pretrained_class
 from glue.glue_data import GLUE_TASK_NAMES, GLUE_TASKS, get_glue_task, load_glue_task, make_dataloader
 from glue.glue_finetune import checkpoint_tag
 from glue.glue_training import evaluate_model
-from model_merging_methods import Dare, apply_dare
+from model_merging_methods import DARE_SPECS, Dare, apply_dare
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,11 @@ class InferenceConfig:
 
     language_model_name: str = "roberta-base"
     dataset_names: tuple[str, ...] = GLUE_TASK_NAMES
-    weight_mask_rates: tuple[float, ...] = (0.1,)
-    #: how weights are dropped: the first point of the sweep (each point replaces its rate and seed)
-    dare: Dare = field(default_factory=lambda: Dare(0.1))
+    #: MergeLM's command-line default (DARE's drop rate has no library default: the rate is the experiment)
+    weight_mask_rates: tuple[float, ...] = (DARE_SPECS["weight_mask_rate"].command_line_default,)
+    #: how weights are dropped: the first point of the sweep (each point replaces its rate and seed); None: DARE's
+    #: declared defaults at the first rate
+    dare: Dare | None = None
     batch_size: int = 16
     max_seq_length: int = 128
     max_eval_samples: int | None = None
@@ -57,9 +59,10 @@ class InferenceConfig:
             get_glue_task(name)
         if not self.weight_mask_rates:
             raise ValueError("the sweep needs at least one drop rate, got none; pass --weight_mask_rate")
+        dare = self.dare or Dare(self.weight_mask_rates[0])
         for rate in self.weight_mask_rates:  # each drop rate checked by DARE's declaration, before any work
-            self.settings(rate, self.dare.seed)
-        object.__setattr__(self, "dare", self.settings(self.weight_mask_rates[0], self.dare.seed))
+            replace(dare, weight_mask_rate=rate)
+        object.__setattr__(self, "dare", replace(dare, weight_mask_rate=self.weight_mask_rates[0]))
 
     @property
     def mask_seeds(self) -> tuple[int, ...]:
