@@ -18,6 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cli.recipe_flags import refuse_unused_flags
 from common.run_dir import write_metrics
 from llms.llm_cli import (
     add_common_args,
@@ -58,8 +59,11 @@ def build_config(args: argparse.Namespace) -> DirectInferenceConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = build_config(args)
+    recipes = [config.merge.recipe] if config.merge is not None else []
+    refuse_unused_flags(parser, args, recipes, also_used=("seed",))  # --seed also seeds torch/numpy
     check_direct_inputs(config)
     run_dir = start_run(config.run_dir(args.results_dir), args, config.record(), argv)
     metrics = run_direct_inference(config, run_dir)

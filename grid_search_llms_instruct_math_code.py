@@ -1,6 +1,11 @@
 """The paper's LLM selection protocol: grid over lambda / p / TIES retain ratio on a 10 % validation sample of each
 benchmark, the best setting per benchmark, then its scores on the other 90 % and on the full set.
 
+The grid's methods are every registered method without Fisher/Gram statistics and ``mask_merging+<method>``; each
+setting declared with a Table 1 grid has a plural flag (``--scaling_coefficients``, ``--weight_mask_rates``,
+``--param_value_mask_rates``, and a new method's own) whose default is the declared grid; the methods' other
+settings have their singular flags (``--ties_trim_scope``, default per_tensor), and ``--seed`` is DARE's mask seed.
+
 Examples:
     # the author's stated settings for one Table 1 row (no grid needed), on one GPU
     python grid_search_llms_instruct_math_code.py --preset table1/lm+math/task_arithmetic+dare \
@@ -27,20 +32,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cli.merge_flags import add_homology_flags, add_ties_trim_scope_flag
+from cli.recipe_flags import add_homology_flags, add_hyperparameter_flags, declared_flags
 from common.logging_setup import setup_logging
 from common.run_dir import write_config
 from common.seeding import set_random_seed
-from llms.llm_cli import add_common_args, homology_from_args, settings_from_args
-from llms.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER
-from llms.llm_grid import (
-    GRID_METHODS,
-    PAPER_PARAM_VALUE_MASK_RATES,
-    PAPER_SCALING_COEFFICIENTS,
-    PAPER_WEIGHT_MASK_RATES,
-    expand_grid,
-    parse_shard,
-)
+from llms.llm_cli import LLM_CLI_DEFAULTS, add_common_args, homology_from_args, settings_from_args
+from llms.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER, llm_merge_methods
+from llms.llm_grid import PROTOCOL, expand_points, grid_methods, parse_shard, searched_hyperparameters, with_settings
 from llms.llm_grid_search import (
     GridSearchConfig,
     compute_plan_text,
@@ -54,21 +52,30 @@ from llms.model_resolution import parse_model_path_overrides
 logger = logging.getLogger(__name__)
 
 
+def _plural(name: str) -> str:
+    """The grid flag of a searched setting: ``scaling_coefficient`` -> ``scaling_coefficients``."""
+    return f"{name}s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="a Table 1 preset (models, method, stated settings)")
     parser.add_argument("--list_presets", action="store_true", help="print the presets and their sources, then exit")
     for task in MERGE_TASK_ORDER:
         parser.add_argument(f"--merge_{task}", action="store_true", help=f"merge the {task} model")
-    parser.add_argument("--merging_methods", nargs="+", default=None, choices=list(GRID_METHODS),
+    parser.add_argument("--merging_methods", nargs="+", default=None, choices=grid_methods(),
                         help="methods of the grid (mask_merging+X = DARE then X)")
-    parser.add_argument("--scaling_coefficients", nargs="+", type=float, default=list(PAPER_SCALING_COEFFICIENTS),
-                        help="lambda values (paper: [0.5, 1.0])")
-    parser.add_argument("--weight_mask_rates", nargs="+", type=float, default=list(PAPER_WEIGHT_MASK_RATES),
-                        help="DARE drop rates p")
-    parser.add_argument("--param_value_mask_rates", nargs="+", type=float,
-                        default=list(PAPER_PARAM_VALUE_MASK_RATES), help="TIES trim rates (1 - retain ratio)")
-    add_ties_trim_scope_flag(parser, default=LLM_TIES_TRIM_SCOPE)
+    searched = searched_hyperparameters(grid_methods())
+    for spec in searched.values():  # one plural flag per setting declared with a Table 1 grid
+        declared = " ".join(str(v) for v in spec.grids[PROTOCOL])
+        parser.add_argument(f"--{_plural(spec.flag)}", dest=_plural(spec.name), nargs="+", type=spec.python_type(),
+                            default=None, help=f"{spec.help}: values searched (default: the declared grid, "
+                                               f"{declared})")
+    # the methods' settings that are not searched, one value for every point (TIES: per_tensor, as every LLM
+    # command line; see llms.llm_cli); DARE in the grid is the paper's (rescaled random drop of deltas), its
+    # mask seed the common --seed
+    add_hyperparameter_flags(parser, methods=llm_merge_methods(), dare=False, statistics=False,
+                             defaults=LLM_CLI_DEFAULTS, skip=tuple(searched))
     parser.add_argument("--datasets", nargs="+", default=None, choices=LLM_DATASET_NAMES,
                         help="benchmarks (default: the merged tasks', or the preset's)")
     parser.add_argument("--validation_fraction", type=float, default=0.1, help="validation sample (paper: 10%%)")
@@ -90,18 +97,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _grid_values(args: argparse.Namespace) -> dict[str, list[float]]:
-    return {"scaling_coefficients": args.scaling_coefficients, "weight_mask_rates": args.weight_mask_rates,
-            "param_value_mask_rates": args.param_value_mask_rates}
+def _grid_values(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """``{name: values}`` given by the plural flags (the others keep their declared grids)."""
+    names = searched_hyperparameters(grid_methods())
+    return {name: getattr(args, _plural(name)) for name in names if getattr(args, _plural(name)) is not None}
+
+
+def _fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings every point gets: the non-searched method flags and ``--seed`` (DARE's mask seed)."""
+    searched = searched_hyperparameters(grid_methods())
+    declared = declared_flags(llm_merge_methods(), dare=False, statistics=False).values()
+    settings = {spec.name: getattr(args, spec.name) for spec, _ in declared if spec.name not in searched}
+    return {**settings, "seed": args.seed}
 
 
 def _search_definition(args: argparse.Namespace) -> dict[str, Any]:
     """Models, grid, stated settings and label, from ``--preset`` or from the flags."""
     tasks = tuple(t for t in MERGE_TASK_ORDER if getattr(args, f"merge_{t}"))
+    values, settings = _grid_values(args), _fixed_settings(args)
     if args.preset is None:
         if not args.merging_methods:
             raise ValueError("a grid needs --merging_methods (or --preset), got neither; see --list_presets")
-        return {"merge_tasks": tasks, "points": expand_grid(args.merging_methods, **_grid_values(args)),
+        return {"merge_tasks": tasks, "points": expand_points(args.merging_methods, values, settings),
                 "datasets": tuple(args.datasets or ()), "label": ",".join(args.merging_methods),
                 "table1_row": table1_row_for(tasks, args.merging_methods)}
     preset = get_preset(args.preset)
@@ -109,12 +126,14 @@ def _search_definition(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--preset {preset.name} sets the models and methods, got --merge_* / --merging_methods "
                          "too; drop them or leave out --preset")
     datasets = tuple(d for d in preset.datasets if not args.datasets or d in args.datasets)
-    points = preset.grid_points or expand_grid(preset.methods, **_grid_values(args))
+    points = tuple(with_settings(p, settings) for p in preset.grid_points) or expand_points(
+        preset.methods, values, settings)
     if all(d in preset.fixed for d in datasets):
         points = ()
-    return {"merge_tasks": preset.merge_tasks, "points": points, "datasets": datasets,
-            "fixed": {d: s for d, s in preset.fixed.items() if d in datasets}, "label": preset.name,
-            "table1_row": preset.table1_row}
+    fixed = {d: (with_settings(point, settings), source) for d, (point, source) in preset.fixed.items()
+             if d in datasets}
+    return {"merge_tasks": preset.merge_tasks, "points": points, "datasets": datasets, "fixed": fixed,
+            "label": preset.name, "table1_row": preset.table1_row}
 
 
 def build_config(args: argparse.Namespace) -> GridSearchConfig:
@@ -124,8 +143,8 @@ def build_config(args: argparse.Namespace) -> GridSearchConfig:
                          "folder to start over")
     return GridSearchConfig(
         **_search_definition(args), validation_fraction=args.validation_fraction, split_seed=args.split_seed,
-        shard=parse_shard(args.shard), seed=args.seed, ties_trim_scope=args.ties_trim_scope,
-        model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
+        shard=parse_shard(args.shard), model_paths=parse_model_path_overrides(args.model_path),
+        save_merge_models_dir=args.save_merge_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
         **homology_from_args(args), evaluation=settings_from_args(args),
     )

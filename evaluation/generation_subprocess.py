@@ -26,6 +26,7 @@ def run_in_subprocess(
     *,
     resume: bool = True,
     id_field: str = "id",
+    settings: Mapping[str, Any] | None = None,
     timeout_s: float | None = None,
     python: str = sys.executable,
     **generate_kwargs: Any,
@@ -45,6 +46,7 @@ def run_in_subprocess(
         "generations_path": os.path.abspath(generations_path),
         "resume": resume,
         "id_field": id_field,
+        "settings": dict(settings) if settings is not None else None,
         "generate": generate_kwargs,
     }
     repo_root = str(Path(__file__).resolve().parents[1])
@@ -59,7 +61,7 @@ def run_in_subprocess(
             f"generation subprocess for {generate_kwargs.get('model_path')} exited with status {completed.returncode} "
             f"(its log is above); finished examples are kept in {generations_path}, rerun with resume=True"
         )
-    records, _ = load_finished_generations(generations_path, id_field=id_field)
+    records, _ = load_finished_generations(generations_path, id_field=id_field, settings=settings)
     return [records[example[id_field]] for example in examples]
 
 
@@ -67,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m evaluation.generation_subprocess --request request.json``.
 
     ``request.json`` = ``{"examples": [{"id", "prompt", ...}], "generations_path": str, "resume": bool,
-    "id_field": str (default "id"), "generate": {keyword arguments of evaluation.generation.generate():
-    "model_path", "backend", "max_tokens", "stop", ...}}``.
+    "id_field": str (default "id"), "settings": {...} or null (see ``generate_to_jsonl``), "generate": {keyword
+    arguments of evaluation.generation.generate(): "model_path", "backend", "max_tokens", "stop", ...}}``.
     """
     from common.logging_setup import setup_logging
 
@@ -84,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         request["generations_path"],
         resume=request.get("resume", True),
         id_field=request.get("id_field", "id"),
+        settings=request.get("settings"),
         **request["generate"],
     )
     return 0

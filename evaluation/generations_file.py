@@ -5,9 +5,11 @@ Format: one JSON object per line with ``completion`` (raw model text, prompt exc
 (``"HumanEval/0"``) and mbpp (``11``..``510``). A subset of the test set may be given; each id at most once.
 
 * Writing: :func:`generate_to_jsonl` appends one line per finished example (the example's keys plus
-  ``completion``) and, with ``resume=True``, skips examples whose id already has a line.
+  ``completion``, and ``settings``: how the generations are made, when the caller states it) and, with
+  ``resume=True``, skips examples whose id already has a line.
 * Reading while writing: :func:`load_finished_generations` tolerates a truncated last line (a killed run) and
-  reports where the valid part ends, so a resumed run can cut the file there.
+  reports where the valid part ends, so a resumed run can cut the file there; given ``settings``, it refuses
+  lines made with other settings, so a resumed file never mixes generations made differently.
 * Reading for scoring: :func:`read_generations` wants a complete file and lines it up with the test records.
 """
 
@@ -91,14 +93,37 @@ def read_generations(
 # Writing with resume: one JSON line per finished example
 
 
+def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(settings), default=str))
+
+
+def _check_settings(path: Any, number: int, record: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    recorded = record.get("settings")
+    if recorded == settings:
+        return
+    if not isinstance(recorded, Mapping):
+        differ = f"no settings recorded, these are {settings}"
+    else:
+        differ = ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now"
+                           for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k))
+    raise ValueError(f"{path}: line {number} was generated with other settings ({differ}); a resumed file must not "
+                     "mix generations made differently: delete the file, or resume with the settings it was made with")
+
+
 def load_finished_generations(
-    path: str | os.PathLike, *, id_field: str = "id"
+    path: str | os.PathLike, *, id_field: str = "id", settings: Mapping[str, Any] | None = None
 ) -> tuple[dict[Any, dict[str, Any]], int]:
     """Records of a generations JSONL file by ``record[id_field]``, and the byte length of its valid part.
 
     A last line without a newline or not valid JSON (a run killed mid-write) is ignored; its bytes are not
     counted, so the caller can truncate the file there. A broken line before the last one is an error.
+
+    Args:
+        settings: how the generations about to be added are made (what :func:`generate_to_jsonl` records under
+            ``settings``); a line recorded with other settings, or with none, is a ValueError naming the
+            difference. None: not checked (reading a file for scoring).
     """
+    expected = _jsonable(settings) if settings is not None else None
     records: dict[Any, dict[str, Any]] = {}
     valid_bytes = 0
     if not os.path.exists(path):
@@ -120,6 +145,8 @@ def load_finished_generations(
             break
         if not isinstance(record, dict) or id_field not in record:
             raise ValueError(f"{path}: line {number} must be a JSON object with {id_field!r}, got {raw[:80]!r}")
+        if expected is not None:
+            _check_settings(path, number, record, expected)
         records[record[id_field]] = record
         valid_bytes += len(raw)
     return records, valid_bytes
@@ -156,6 +183,7 @@ def generate_to_jsonl(
     *,
     resume: bool = True,
     id_field: str = "id",
+    settings: Mapping[str, Any] | None = None,
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Generate for ``examples`` and append one JSON line per finished example to ``generations_path``.
@@ -168,6 +196,8 @@ def generate_to_jsonl(
             dropped); with ``False`` an existing file is replaced.
         id_field: key of the example id; ``evaluation.tasks`` uses ``idx`` (gsm8k, MATH) and ``task_id`` (code),
             which makes the file readable by :func:`read_generations`.
+        settings: how the generations are made (backend, dtype, ...: whatever changes them), written into every
+            line; with ``resume``, lines made with other settings are a ValueError (:func:`load_finished_generations`).
         **generate_kwargs: passed to ``evaluation.generation.generate`` (``model_path``, ``backend``,
             ``max_tokens``, ``stop``, ...).
     Returns:
@@ -176,7 +206,7 @@ def generate_to_jsonl(
     _check_examples(examples, id_field)
     path = Path(generations_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done, valid_bytes = load_finished_generations(path, id_field=id_field) if resume else ({}, 0)
+    done, valid_bytes = load_finished_generations(path, id_field=id_field, settings=settings) if resume else ({}, 0)
     _check_resumed(path, examples, done, id_field)
     todo = [example for example in examples if example[id_field] not in done]
     logger.info(
@@ -185,10 +215,11 @@ def generate_to_jsonl(
     with open(path, "r+b" if path.exists() else "wb") as handle:
         handle.truncate(valid_bytes)  # drops a truncated last line, or everything when not resuming
 
+    made_with = {"settings": _jsonable(settings)} if settings is not None else {}
     with open(path, "a", encoding="utf-8") as handle:
 
         def write(index: int, text: str) -> None:
-            record = {**todo[index], "completion": text}
+            record = {**todo[index], "completion": text, **made_with}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
             done[record[id_field]] = record

@@ -9,25 +9,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cli.merge_flags import add_dare_flags, add_method_flags, add_ties_flags, add_ties_trim_scope_flag
+from cli.recipe_flags import add_hyperparameter_flags, add_method_flags, recipe_from_args
 from common.logging_setup import setup_logging
 from common.run_dir import prepare_run_dir, write_config
 from common.seeding import set_random_seed
-from llms.llm_configs import LLM_TIES_TRIM_SCOPE, SAVE_DTYPES, LlmMergeConfig
+from llms.llm_configs import SAVE_DTYPES, LlmMergeConfig, llm_merge_methods
 from llms.llm_pipeline import EvaluationSettings
 from llms.model_resolution import parse_model_path_overrides
+from model_merging_methods import DARE_SPECS
 
 logger = logging.getLogger(__name__)
 
+# The LLM command lines trim TIES per tensor, not over the whole model as the library (MergeLM's GLUE TIES) does:
+# one streaming pass instead of an extra pass over every 13B model, no tensor emptied by one threshold across
+# tensors of very different scales, and what the LLM merging toolkits do (docs/llm_pipeline.md, "TIES scope for
+# LLMs"). --ties_trim_scope global gives MergeLM's behaviour.
+LLM_CLI_DEFAULTS = {"ties_trim_scope": "per_tensor"}
+
 
 def add_merge_args(parser: argparse.ArgumentParser) -> None:
-    """The models to merge, MergeLM's merge and DARE flags plus TIES (DARE-TIES via ``--mask_apply_method``)."""
+    """The models to merge, the method (MergeLM's ``--merging_method_name`` / ``--mask_apply_method``) and one flag
+    per declared setting of the methods without statistics and of DARE (``--seed`` is the common flag's)."""
     for task in ("instruct", "math", "code"):
         parser.add_argument(f"--merge_{task}", action="store_true", help=f"merge the {task} model")
     add_method_flags(parser, without_statistics=True)  # no data here for Fisher/RegMean statistics
-    add_ties_flags(parser)
-    add_ties_trim_scope_flag(parser, default=LLM_TIES_TRIM_SCOPE)
-    add_dare_flags(parser)
+    add_hyperparameter_flags(parser, methods=llm_merge_methods(), statistics=False, defaults=LLM_CLI_DEFAULTS,
+                             skip=("seed",))
     parser.add_argument("--save_merge_models_dir", default="save_merge_models",
                         help="merged-model folders: {dir}/{tasks}/{task}/{name} (MergeLM's layout)")
 
@@ -51,7 +58,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=None, help="override the paper's max tokens")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="generation dtype")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks and of torch/numpy/random")
+    seed = DARE_SPECS["seed"]  # DARE's declared seed, which also seeds torch, numpy and random here
+    parser.add_argument("--seed", type=seed.python_type(), default=seed.command_line_default,
+                        help=f"{seed.help}; also seeds torch, numpy and random (default: {seed.command_line_default})")
     parser.add_argument("--save_dtype", default="bfloat16", choices=SAVE_DTYPES, help="dtype of written models")
     parser.add_argument("--keep_model", action="store_true", help="keep the DARE'd / merged model folder")
     parser.add_argument("--merge_num_threads", type=int, default=None,
@@ -86,11 +95,8 @@ def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSetting
     """``merges=False``: the script only locates an earlier merge (no homology flags, the defaults are recorded)."""
     homology = homology_from_args(args) if merges else {}
     return LlmMergeConfig(
-        merge_tasks=merge_tasks_from_args(args), merging_method_name=args.merging_method_name,
-        scaling_coefficient=args.scaling_coefficient, param_value_mask_rate=args.param_value_mask_rate,
-        ties_trim_scope=args.ties_trim_scope, weight_format=args.weight_format,
-        weight_mask_rate=args.weight_mask_rate, use_weight_rescale=args.use_weight_rescale,
-        mask_strategy=args.mask_strategy, mask_apply_method=args.mask_apply_method, seed=args.seed,
+        merge_tasks=merge_tasks_from_args(args),
+        recipe=recipe_from_args(args, args.merging_method_name, args.mask_apply_method),
         model_paths=parse_model_path_overrides(args.model_path), save_merge_models_dir=args.save_merge_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
         **homology, evaluation=settings,

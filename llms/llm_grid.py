@@ -1,115 +1,129 @@
-"""Grid points of the paper's LLM hyperparameter search: one merge recipe each, its folder name, and sharding.
+"""Grid points of the paper's LLM hyperparameter search: each point is a :class:`Recipe`; the searchable methods,
+the values they search, how a point is shown, and sharding.
 
-A :class:`GridPoint` is one merge of the chosen models: a method of :data:`GRID_METHODS` (the names of
-``LlmMergeConfig.method_dirname``) and the values of the hyperparameters that method has. The paper's ranges
-(Yu et al. 2023, arXiv 2311.03099, as stated by the first author in MergeLM issues 21, 39 and 44) are the
-defaults: scaling coefficient lambda in [0.5, 1.0] (searched here in steps of 0.1, the step is not stated), DARE
-drop rate p in {0.1, ..., 0.9} (the author's best settings span 0.1 to 0.9), TIES retain ratio in {0.5, 0.7, 0.9}
-(``param_value_mask_rate`` = 1 - retain ratio). DARE always rescales (``use_weight_rescale``) with the random
-strategy on deltas, as in Table 1.
+The searchable methods (:func:`grid_methods`) are every registered method that needs no Fisher/Gram statistics
+and ``mask_merging+<method>`` (DARE first) for each, read from the registry, so a newly registered method is
+offered. A method searches the settings declared with an ``llm_table1`` grid (``Hyperparameter.grids``), and DARE
+its drop rate; the declared values are the paper's ranges (Yu et al. 2023, arXiv 2311.03099, as stated by the
+first author in MergeLM issues 21, 39 and 44): scaling coefficient lambda in [0.5, 1.0] (in steps of 0.1, the step
+is not stated), DARE drop rate p in {0.1, ..., 0.9}, TIES retain ratio in {0.5, 0.7, 0.9}
+(``param_value_mask_rate`` = 1 - retain ratio). DARE in the grid is ``Dare(p)``: random drop of the deltas with
+rescaling, as in Table 1.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-# method name -> (merging_method_name, mask_apply_method, hyperparameters searched)
-GRID_METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "average_merging": ("average_merging", "average_merging", ()),
-    "task_arithmetic": ("task_arithmetic", "average_merging", ("scaling_coefficient",)),
-    "ties_merging": ("ties_merging", "average_merging", ("scaling_coefficient", "param_value_mask_rate")),
-    "mask_merging+average_merging": ("mask_merging", "average_merging", ("weight_mask_rate",)),
-    "mask_merging+task_arithmetic": ("mask_merging", "task_arithmetic", ("scaling_coefficient", "weight_mask_rate")),
-    "mask_merging+ties_merging": ("mask_merging", "ties_merging",
-                                  ("scaling_coefficient", "weight_mask_rate", "param_value_mask_rate")),
-}
-PAPER_SCALING_COEFFICIENTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-PAPER_WEIGHT_MASK_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-PAPER_PARAM_VALUE_MASK_RATES = (0.5, 0.3, 0.1)  # TIES retain ratios 0.5, 0.7, 0.9
-METHOD_LABELS = {
-    "average_merging": "Average Merging", "task_arithmetic": "Task Arithmetic", "ties_merging": "TIES",
-    "mask_merging+average_merging": "Average Merging + DARE", "mask_merging+task_arithmetic": "Task Arithmetic + DARE",
-    "mask_merging+ties_merging": "TIES + DARE",
-}
+from llms.llm_configs import llm_merge_methods
+from model_merging_methods import (
+    DARE_METHOD_NAME,
+    DARE_SPECS,
+    MERGE_METHODS,
+    Dare,
+    Hyperparameter,
+    Recipe,
+    grid_recipes,
+    searched_values,
+)
+from model_merging_methods.hyperparameters import unknown_name_error
+
+PROTOCOL = "llm_table1"
+#: the paper's names of its searched settings, in the order its tables show them (others keep their own names)
+PAPER_LABELS = {"scaling_coefficient": "λ", "weight_mask_rate": "p", "param_value_mask_rate": "retain"}
 
 
-def check_method(method: str) -> None:
-    if method not in GRID_METHODS:
-        raise ValueError(f"merging method must be one of {', '.join(GRID_METHODS)}, got {method!r}")
+def grid_methods() -> tuple[str, ...]:
+    """Every method key a grid can search: the LLM methods (no statistics) and ``mask_merging+<method>``."""
+    methods = llm_merge_methods()
+    return (*methods, *(f"{DARE_METHOD_NAME}+{method}" for method in methods))
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    """One merge recipe; hyperparameters the method does not have are ``None``.
+def split_method_key(method_key: str) -> tuple[str, bool]:
+    """``"mask_merging+ties_merging"`` -> ``("ties_merging", True)``; an unknown key is a ValueError."""
+    if method_key not in grid_methods():
+        raise unknown_name_error("grid method", method_key, grid_methods())
+    prefix, _, method = method_key.rpartition("+")
+    return method, bool(prefix)
 
-    Attributes:
-        method: a key of :data:`GRID_METHODS`.
-        scaling_coefficient: lambda (task arithmetic, TIES).
-        weight_mask_rate: DARE drop rate p (``mask_merging+*``).
-        param_value_mask_rate: TIES trim rate (1 - retain ratio).
+
+def searched_hyperparameters(method_keys: Sequence[str]) -> dict[str, Hyperparameter]:
+    """``{name: declaration}`` of every setting one of ``method_keys`` searches (declared with an ``llm_table1``
+    grid; DARE's drop rate for a ``mask_merging+`` key), in declaration order, each name once."""
+    found: dict[str, Hyperparameter] = {}
+    for method_key in method_keys:
+        method, dare = split_method_key(method_key)
+        declarations = [*MERGE_METHODS[method].hyperparameters, *(DARE_SPECS.values() if dare else ())]
+        for spec in declarations:
+            if PROTOCOL in spec.grids:
+                found.setdefault(spec.name, spec)
+    return found
+
+
+def with_settings(recipe: Recipe, settings: Mapping[str, Any]) -> Recipe:
+    """``recipe`` with those of ``settings`` (flat names) it has; the others are left out (e.g. ``ties_trim_scope``
+    for Task Arithmetic, DARE's ``seed`` without DARE)."""
+    own = {name: value for name, value in settings.items() if name in recipe.declarations()}
+    return recipe.replace(**own) if own else recipe
+
+
+def method_points(method_key: str, values: Mapping[str, Sequence[Any]] | None = None,
+                  settings: Mapping[str, Any] | None = None) -> list[Recipe]:
+    """Every point of one method: the product of the values of each setting it searches.
+
+    Args:
+        method_key: a :func:`grid_methods` key.
+        values: ``{name: values}`` replacing the declared ``llm_table1`` grid of a setting (the plural flags).
+        settings: ``{name: value}`` of settings not searched, applied where the method has them
+            (:func:`with_settings`).
     """
-
-    method: str
-    scaling_coefficient: float | None = None
-    weight_mask_rate: float | None = None
-    param_value_mask_rate: float | None = None
-
-    def __post_init__(self) -> None:
-        check_method(self.method)
-        searched = GRID_METHODS[self.method][2]
-        for name in ("scaling_coefficient", "weight_mask_rate", "param_value_mask_rate"):
-            given = getattr(self, name) is not None
-            if given != (name in searched):
-                need = "needs" if name in searched else "has no"
-                raise ValueError(f"{self.method} {need} {name}, got {name}={getattr(self, name)}")
-
-    def merge_fields(self) -> dict[str, object]:
-        """``LlmMergeConfig`` fields of this recipe (DARE with rescaling, as in the paper)."""
-        merging_method_name, mask_apply_method, _ = GRID_METHODS[self.method]
-        fields: dict[str, object] = {"merging_method_name": merging_method_name,
-                                     "mask_apply_method": mask_apply_method, "use_weight_rescale": True}
-        for name in GRID_METHODS[self.method][2]:
-            fields[name] = getattr(self, name)
-        return fields
-
-    def describe(self) -> str:
-        """``Task Arithmetic + DARE, λ=0.5, p=0.6`` (TIES: ``retain=0.7``)."""
-        parts = [METHOD_LABELS[self.method]]
-        if self.scaling_coefficient is not None:
-            parts.append(f"λ={self.scaling_coefficient}")
-        if self.weight_mask_rate is not None:
-            parts.append(f"p={self.weight_mask_rate}")
-        if self.param_value_mask_rate is not None:
-            parts.append(f"retain={round(1 - self.param_value_mask_rate, 6)}")
-        return ", ".join(parts)
-
-    def as_dict(self) -> dict[str, object]:
-        return {"method": self.method, "scaling_coefficient": self.scaling_coefficient,
-                "weight_mask_rate": self.weight_mask_rate, "param_value_mask_rate": self.param_value_mask_rate}
+    method, dare = split_method_key(method_key)
+    placeholder = Dare(0.0) if dare else None  # the drop rate is searched: every point replaces it
+    base = with_settings(Recipe(method, dare=placeholder), settings or {})
+    values = values or {}
+    grid = {name: tuple(values.get(name, declared)) for name, declared in searched_values(base, PROTOCOL).items()}
+    return grid_recipes(base, grid)
 
 
-def expand_grid(
-    methods: Sequence[str], *, scaling_coefficients: Sequence[float] = PAPER_SCALING_COEFFICIENTS,
-    weight_mask_rates: Sequence[float] = PAPER_WEIGHT_MASK_RATES,
-    param_value_mask_rates: Sequence[float] = PAPER_PARAM_VALUE_MASK_RATES,
-) -> tuple[GridPoint, ...]:
-    """Every combination of the values each method searches, methods in the given order (no duplicates)."""
-    values = {"scaling_coefficient": scaling_coefficients, "weight_mask_rate": weight_mask_rates,
-              "param_value_mask_rate": param_value_mask_rates}
-    points: list[GridPoint] = []
-    for method in methods:
-        check_method(method)
-        names = GRID_METHODS[method][2]
-        for name in names:
-            if not values[name]:
-                raise ValueError(f"{method} searches {name}, got an empty list of values")
-        for combination in itertools.product(*(values[name] for name in names)):
-            point = GridPoint(method, **{name: float(v) for name, v in zip(names, combination, strict=True)})
-            if point not in points:
-                points.append(point)
+def expand_points(method_keys: Sequence[str], values: Mapping[str, Sequence[Any]] | None = None,
+                  settings: Mapping[str, Any] | None = None) -> tuple[Recipe, ...]:
+    """The points of every method in the given order (no duplicates); see :func:`method_points`."""
+    points: list[Recipe] = []
+    for method_key in method_keys:
+        points += [point for point in method_points(method_key, values, settings) if point not in points]
     return tuple(points)
+
+
+def searched_settings(point: Recipe) -> dict[str, Any]:
+    """``{name: value}`` of the point's searched settings: the paper's (λ, p, retain) first, then the others in
+    declaration order."""
+    names = searched_hyperparameters([point.method_key])
+    ordered = [*(n for n in PAPER_LABELS if n in names), *(n for n in names if n not in PAPER_LABELS)]
+    settings = point.settings()
+    return {name: settings[name] for name in ordered}
+
+
+def column_label(name: str) -> str:
+    """A searched setting's column: ``λ``, ``p``, ``retain`` for the paper's, the setting's name otherwise."""
+    return PAPER_LABELS.get(name, name)
+
+
+def column_value(name: str, value: Any) -> Any:
+    """The value shown in that column (the TIES retain ratio is ``1 - param_value_mask_rate``)."""
+    return round(1 - value, 6) if name == "param_value_mask_rate" else value
+
+
+def method_label(method_key: str) -> str:
+    """``Task Arithmetic + DARE`` (the registry's display name, ``+ DARE`` for ``mask_merging+``)."""
+    method, dare = split_method_key(method_key)
+    return MERGE_METHODS[method].display_name + (" + DARE" if dare else "")
+
+
+def describe_point(point: Recipe) -> str:
+    """``Task Arithmetic + DARE, λ=0.5, p=0.6`` (TIES: ``retain=0.7``): the method and its searched settings."""
+    values = [f"{column_label(n)}={column_value(n, v)}" for n, v in searched_settings(point).items()]
+    return ", ".join([method_label(point.method_key), *values])
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -124,7 +138,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard
 
 
-def shard_points(points: Sequence[GridPoint], shard: tuple[int, int]) -> tuple[GridPoint, ...]:
+def shard_points(points: Sequence[Recipe], shard: tuple[int, int]) -> tuple[Recipe, ...]:
     """Every N-th point starting at i: the shards of one grid are disjoint and together cover it."""
     index, count = shard
     return tuple(points[index::count])

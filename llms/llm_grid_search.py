@@ -3,18 +3,21 @@
 Protocol (first author, MergeLM issues 21, 39, 44): each benchmark is split into a seeded 10 % validation sample
 and the other 90 % (``llms.llm_validation_split``); every grid point (``llms.llm_grid``) is merged once by the
 streaming merger and evaluated on the validation sample of every benchmark; per benchmark the point with the best
-validation score is selected (ties: the earlier point of the grid) and only then evaluated on the test part; the
-full set (validation + test, what the paper reports) is scored from the same generations. Cells whose setting a
-preset states (``llms.llm_presets``) skip the grid and are evaluated with that setting.
+validation score is selected (``common.selection.select_best``: ties go to the earlier point of the grid, a
+missing or NaN score never wins) and only then evaluated on the test part; the full set (validation + test, what
+the paper reports) is scored from the same generations. Cells whose setting a preset states (``llms.llm_presets``)
+skip the grid and are evaluated with that setting.
 
-Folder ``<results>/grid_search_llms_instruct_math_code/<tasks>/<split settings>/``:
+Folder ``<results>/grid_search_llms_instruct_math_code/<tasks>/<split and generation settings>/`` (the
+generation settings: ``EvaluationSettings.naming()``, e.g. ``backend=hf``, ``dtype=float16``, ``max_new_tokens``):
 
-* ``points/<method>/<hyperparameters>/``: one per grid point; ``generations/<dataset>.jsonl`` (resumable, shared
-  by the validation and the final runs), ``validation/`` and ``final/<part>/`` predictions and external files,
+* ``points/<recipe.method_key>/<settings>/``: one per grid point (its recipe's settings, and ``save_dtype`` when
+  not bf16); ``generations/<dataset>.jsonl`` (resumable, shared by the validation and the final runs),
+  ``validation/`` and ``final/<part>/`` predictions and external files,
   ``result.json`` (written atomically: the point is finished exactly when it exists, and is never redone),
   ``final/<dataset>.json`` (test / full scores once selected), ``.lock`` (held while a job works on the point, so
   overlapping shards skip it; released by the OS when a job dies);
-* ``external_scores/<dataset>.json``: ``{"<method>/<hyperparameters>": percent}`` for benchmarks scored outside
+* ``external_scores/<dataset>.json``: ``{"<method>/<settings>": percent}`` for benchmarks scored outside
   the repository (AlpacaEval, or code without ``--allow_code_execution``), read by the selection;
 * ``selections/<label>/``: ``grid.md`` / ``grid.csv`` (every point's validation score per benchmark),
   ``selection.csv``, ``selection.json`` (everything, including the missing points), ``config.json``, logs.
@@ -36,19 +39,21 @@ from pathlib import Path
 from typing import Any
 
 from common.run_dir import atomic_write_json, atomic_write_text, hyperparameter_dirname, read_json, run_dir_for
+from common.selection import select_best
 from evaluation.generation import release_hf_model
 from evaluation.generations_file import load_finished_generations
 from evaluation.tasks import get_task
 from llms.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
-from llms.llm_configs import LLM_DATASET_NAMES, LLM_TIES_TRIM_SCOPE, MERGE_TASK_ORDER, LlmMergeConfig
-from llms.llm_grid import GridPoint, shard_points
-from llms.llm_grid_tables import grid_table, primary_score, selection_table, write_tables
-from llms.llm_merging import merge_llms, remove_model_dir, resolve_paths
+from llms.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER, LlmMergeConfig, saved_naming
+from llms.llm_grid import describe_point, shard_points
+from llms.llm_grid_tables import grid_table, percent_score, selection_table, write_tables
+from llms.llm_merging import merge_llms, release_model_dirs, resolve_paths
 from llms.llm_pipeline import (
     TASK_DATASETS,
     EvaluationSettings,
     check_datasets_available,
     generate_examples,
+    generation_record,
     score_examples,
     select_examples,
     write_external_file,
@@ -59,6 +64,7 @@ from llms.llm_validation_split import (
     check_validation_fraction,
     split_positions,
 )
+from model_merging_methods import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,8 @@ class GridSearchConfig:
 
     Attributes:
         merge_tasks: two or three of instruct, math, code.
-        points: the validation grid, for the benchmarks without a stated setting.
+        points: the validation grid (one :class:`Recipe` per point: every setting, DARE's seed included), for
+            the benchmarks without a stated setting.
         datasets: evaluated benchmarks (default: the merged tasks', as MergeLM); a benchmark of a task that is
             not merged is generated with the first merged task's tokenizer.
         fixed: ``{dataset: (point, source)}``: settings stated by the paper or its author (no grid).
@@ -81,22 +88,19 @@ class GridSearchConfig:
         table1_row: ``(models, method)`` of the paper's Table 1 row this search reproduces, if any.
         validation_fraction, split_seed: the validation sample (``llms.llm_validation_split``).
         shard: ``(i, N)``: this job runs points ``i, i+N, ...`` of the grid.
-        seed, ties_trim_scope, model_paths, save_merge_models_dir, save_dtype, keep_model, merge_num_threads:
-            as in ``LlmMergeConfig``.
+        model_paths, save_merge_models_dir, save_dtype, keep_model, merge_num_threads: as in ``LlmMergeConfig``.
         evaluation: generation and scoring settings (always resumed).
     """
 
     merge_tasks: tuple[str, ...]
-    points: tuple[GridPoint, ...]
+    points: tuple[Recipe, ...]
     datasets: tuple[str, ...] = ()
-    fixed: Mapping[str, tuple[GridPoint, str]] = field(default_factory=dict)
+    fixed: Mapping[str, tuple[Recipe, str]] = field(default_factory=dict)
     label: str = "custom"
     table1_row: tuple[str, str] | None = None
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     split_seed: int = 0
     shard: tuple[int, int] = (0, 1)
-    seed: int = 0
-    ties_trim_scope: str = LLM_TIES_TRIM_SCOPE
     model_paths: Mapping[str, str] = field(default_factory=dict)
     save_merge_models_dir: str = "save_merge_models"
     save_dtype: str = "bfloat16"
@@ -129,21 +133,26 @@ class GridSearchConfig:
     def grid_datasets(self) -> tuple[str, ...]:
         return tuple(d for d in self.datasets if d not in self.fixed)
 
-    def merge_config(self, point: GridPoint) -> LlmMergeConfig:
+    def merge_config(self, point: Recipe) -> LlmMergeConfig:
         return LlmMergeConfig(
-            merge_tasks=self.merge_tasks, **point.merge_fields(), ties_trim_scope=self.ties_trim_scope,
-            seed=self.seed, model_paths=self.model_paths, save_merge_models_dir=self.save_merge_models_dir,
-            save_dtype=self.save_dtype, keep_model=self.keep_model, merge_num_threads=self.merge_num_threads,
+            merge_tasks=self.merge_tasks, recipe=point, model_paths=self.model_paths,
+            save_merge_models_dir=self.save_merge_models_dir, save_dtype=self.save_dtype, keep_model=self.keep_model,
+            merge_num_threads=self.merge_num_threads,
             homology_check=self.homology_check, strict_homology=self.strict_homology, evaluation=self.evaluation,
         )
 
-    def point_key(self, point: GridPoint) -> str:
-        """``<method>/<hyperparameters>``: the point's folder below ``points/`` and its id in tables."""
-        merge = self.merge_config(point)
-        hyperparameters = {k: v for k, v in merge.hyperparameters().items() if k != "mask_apply_method"}
-        return f"{merge.method_dirname()}/{hyperparameter_dirname(hyperparameters)}"
+    def point_key(self, point: Recipe) -> str:
+        """``<recipe.method_key>/<settings>``: the point's folder below ``points/`` and its id in tables.
+
+        The settings are the recipe's (DARE's seed included) and the merged model's ``save_dtype`` when not the
+        default; the generation settings (backend, dtype, token limit) name the grid folder above
+        (:meth:`grid_dir`), so the points of one selection were all generated alike.
+        """
+        settings = {**point.settings(), **saved_naming(self.save_dtype)}
+        return f"{point.method_key}/{hyperparameter_dirname(settings)}"
 
     def grid_dir(self, results_dir: str | os.PathLike) -> Path:
+        """``<results>/grid_search_llms_instruct_math_code/<tasks>/<split and generation settings>``."""
         split = {"validation_fraction": self.validation_fraction, "split_seed": self.split_seed,
                  **self.evaluation.naming()}
         return run_dir_for(results_dir, SCRIPT, "_".join(self.merge_tasks), hyperparameter_dirname(split))
@@ -151,13 +160,13 @@ class GridSearchConfig:
     def record(self) -> dict[str, Any]:
         return {"script": SCRIPT, "merge_tasks": list(self.merge_tasks), "label": self.label,
                 "table1_row": list(self.table1_row) if self.table1_row else None,
-                "datasets": list(self.datasets), "points": [p.as_dict() for p in self.points],
-                "fixed": {d: {"point": p.as_dict(), "source": s} for d, (p, s) in self.fixed.items()},
+                "datasets": list(self.datasets), "points": [p.record() for p in self.points],
+                "fixed": {d: {"point": p.record(), "source": s} for d, (p, s) in self.fixed.items()},
                 "validation_fraction": self.validation_fraction, "split_seed": self.split_seed,
-                "shard": list(self.shard), "seed": self.seed, "ties_trim_scope": self.ties_trim_scope,
-                "model_paths": dict(self.model_paths), "save_merge_models_dir": self.save_merge_models_dir,
-                "save_dtype": self.save_dtype, "homology_check": self.homology_check,
-                "strict_homology": self.strict_homology, "evaluation": dataclasses.asdict(self.evaluation)}
+                "shard": list(self.shard), "model_paths": dict(self.model_paths),
+                "save_merge_models_dir": self.save_merge_models_dir, "save_dtype": self.save_dtype,
+                "homology_check": self.homology_check, "strict_homology": self.strict_homology,
+                "evaluation": dataclasses.asdict(self.evaluation)}
 
 
 def grid_model_paths(config: GridSearchConfig) -> dict[str, str]:
@@ -204,9 +213,11 @@ def evaluate_parts(
     records, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
     needed = sorted({i for part in parts for i in part_positions(split, part)})
     path = folder / "generations" / f"{task.name}.jsonl"
-    before = set(load_finished_generations(path, id_field=task.id_field)[0])
+    made_with = generation_record(task, config.evaluation, config.save_dtype)
+    before = set(load_finished_generations(path, id_field=task.id_field, settings=made_with)[0])
     start = time.monotonic()
-    rows = generate_examples(task, [examples[i] for i in needed], model_path, path, config.evaluation)
+    rows = generate_examples(task, [examples[i] for i in needed], model_path, path, config.evaluation,
+                             save_dtype=config.save_dtype)
     seconds = time.monotonic() - start
     new = [r["completion"] for r in rows if r[task.id_field] not in before]
     stats = {"generation_seconds": seconds if new else 0.0,
@@ -248,7 +259,7 @@ def point_lock(folder: Path) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def merged_point(config: GridSearchConfig, point: GridPoint, paths: Mapping[str, str]) -> Iterator[tuple[dict, float]]:
+def merged_point(config: GridSearchConfig, point: Recipe, paths: Mapping[str, str]) -> Iterator[tuple[dict, float]]:
     """Merge ``point`` once (reusing a finished merge of the same recipe); yields ``({task: folder}, seconds)``."""
     merge = config.merge_config(point)
     start = time.monotonic()
@@ -257,9 +268,7 @@ def merged_point(config: GridSearchConfig, point: GridPoint, paths: Mapping[str,
         yield views, time.monotonic() - start
     finally:
         release_hf_model()
-        if not config.keep_model:
-            for folder in views.values():
-                remove_model_dir(folder, Path(config.save_merge_models_dir))
+        release_model_dirs(list(views.values()), Path(config.save_merge_models_dir), keep=config.keep_model)
 
 
 def model_for(config: GridSearchConfig, views: Mapping[str, Path], dataset: str) -> str:
@@ -274,7 +283,7 @@ def _missing_datasets(config: GridSearchConfig, folder: Path) -> tuple[dict[str,
     return result, [d for d in config.grid_datasets if d not in done]
 
 
-def run_point(config: GridSearchConfig, grid_dir: Path, point: GridPoint, paths: Mapping[str, str]) -> dict | None:
+def run_point(config: GridSearchConfig, grid_dir: Path, point: Recipe, paths: Mapping[str, str]) -> dict | None:
     """Validation scores of one point (``result.json``); a finished (point, benchmark) is read, never redone."""
     folder = grid_dir / "points" / config.point_key(point)
     result, missing = _missing_datasets(config, folder)
@@ -287,8 +296,8 @@ def run_point(config: GridSearchConfig, grid_dir: Path, point: GridPoint, paths:
         result, missing = _missing_datasets(config, folder)
         if not missing:
             return result
-        logger.info("grid point %s: %s", point.describe(), ", ".join(missing))
-        result = result or {"point": point.as_dict(), "key": config.point_key(point), "validation": {},
+        logger.info("grid point %s: %s", describe_point(point), ", ".join(missing))
+        result = result or {"point": point.record(), "key": config.point_key(point), "validation": {},
                             "generation_seconds": 0.0, "generated_tokens": 0}
         with merged_point(config, point, paths) as (views, merge_seconds):
             result["merge_seconds"] = merge_seconds
@@ -306,7 +315,7 @@ def run_point(config: GridSearchConfig, grid_dir: Path, point: GridPoint, paths:
 # Selection (validation only) and the final evaluation of the selected points
 
 
-def load_point_results(config: GridSearchConfig, grid_dir: Path) -> tuple[dict[GridPoint, dict], list[GridPoint]]:
+def load_point_results(config: GridSearchConfig, grid_dir: Path) -> tuple[dict[Recipe, dict], list[Recipe]]:
     """Finished points' results and the points of the grid that lack a benchmark of this search."""
     finished, missing = {}, []
     for point in config.points:
@@ -324,32 +333,23 @@ def external_scores(grid_dir: Path, dataset: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in read_json(path).items()} if path.is_file() else {}
 
 
-def select_best(candidates: Sequence[tuple[GridPoint, float | None]]) -> tuple[GridPoint, float] | None:
-    """The candidate with the highest score (the earliest on ties); ``None`` when no candidate has a score."""
-    best: tuple[GridPoint, float] | None = None
-    for point, score in candidates:
-        if score is not None and (best is None or score > best[1]):
-            best = (point, score)
-    return best
-
-
 def validation_scores(
-    config: GridSearchConfig, grid_dir: Path, finished: Mapping[GridPoint, dict]
-) -> dict[str, dict[GridPoint, float | None]]:
+    config: GridSearchConfig, grid_dir: Path, finished: Mapping[Recipe, dict]
+) -> dict[str, dict[Recipe, float | None]]:
     """``{dataset: {point: validation score}}`` (in-repo metric, else ``external_scores``)."""
-    scores: dict[str, dict[GridPoint, float | None]] = {}
+    scores: dict[str, dict[Recipe, float | None]] = {}
     for dataset in config.grid_datasets:
         external = external_scores(grid_dir, dataset)
         scores[dataset] = {}
         for point, result in finished.items():
             metrics = result["validation"].get(dataset)
-            score = primary_score(metrics) if metrics is not None else None
+            score = percent_score(metrics) if metrics is not None else None
             scores[dataset][point] = score if score is not None else external.get(config.point_key(point))
     return scores
 
 
 def select_settings(
-    config: GridSearchConfig, scores: Mapping[str, Mapping[GridPoint, float | None]]
+    config: GridSearchConfig, scores: Mapping[str, Mapping[Recipe, float | None]]
 ) -> dict[str, dict[str, Any]]:
     """Per benchmark: the stated setting, or the validation best (only validation scores are looked at)."""
     selection = {}
@@ -358,7 +358,7 @@ def select_settings(
             point, source = config.fixed[dataset]
             selection[dataset] = {"point": point, "selected_by": source, "validation_score": None}
             continue
-        best = select_best(list(scores[dataset].items()))
+        best = select_best(scores[dataset].items())  # first highest; a missing or NaN score never wins
         if best is None:
             logger.warning("%s: no finished point has a validation score; write external_scores/%s.json (point key "
                            "-> percent) or pass --allow_code_execution", dataset, dataset)
@@ -372,7 +372,7 @@ def run_final(
 ) -> dict[str, dict[str, Any]]:
     """Validation / test / full scores of each benchmark's selected point: one merge per distinct point."""
     final: dict[str, dict[str, Any]] = {}
-    by_point: dict[GridPoint, list[str]] = {}
+    by_point: dict[Recipe, list[str]] = {}
     for dataset, chosen in selection.items():
         by_point.setdefault(chosen["point"], []).append(dataset)
     for point, datasets in by_point.items():
@@ -388,7 +388,7 @@ def run_final(
                     for dataset in todo:
                         metrics, _ = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
                                                     PARTS, "final")
-                        record = {"point": point.as_dict(), "key": config.point_key(point),
+                        record = {"point": point.record(), "key": config.point_key(point),
                                   "selected_by": selection[dataset]["selected_by"], **metrics}
                         atomic_write_json(folder / "final" / f"{dataset}.json", record)
         for dataset in datasets:
@@ -439,7 +439,7 @@ def selection_folder(config: GridSearchConfig, grid_dir: Path) -> Path:
     return grid_dir / "selections" / config.label.replace("/", "_")
 
 
-def run_grid(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str]) -> list[GridPoint]:
+def run_grid(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str]) -> list[Recipe]:
     """Validation runs of this shard's points; returns the points this job finished or found finished."""
     done = []
     for point in shard_points(config.points, config.shard):
@@ -461,7 +461,7 @@ def select_and_evaluate(config: GridSearchConfig, grid_dir: Path, paths: Mapping
               "missing_points": [config.point_key(p) for p in missing],
               "validation_scores": {d: {config.point_key(p): s for p, s in by_point.items()}
                                     for d, by_point in scores.items()},
-              "selection": {d: {**s, "point": s["point"].as_dict(), "key": config.point_key(s["point"])}
+              "selection": {d: {**s, "point": s["point"].record(), "key": config.point_key(s["point"])}
                             for d, s in selection.items()},
               "final": {d: {part: {k: v for k, v in m.items() if k != "ids"} if isinstance(m, Mapping) else m
                             for part, m in parts.items()} for d, parts in final.items()}}

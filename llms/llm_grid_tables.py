@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from common.run_dir import atomic_write_json, atomic_write_text
-from llms.llm_grid import GridPoint
+from llms.llm_grid import PAPER_LABELS, column_label, column_value, describe_point, searched_settings
+from model_merging_methods import Recipe
 
 Table = tuple[list[str], list[list[Any]]]
 NOT_SCORED = "files"
@@ -41,35 +42,34 @@ def csv_text(table: Table) -> str:
     return buffer.getvalue()
 
 
-def primary_score(metrics: Mapping[str, Any]) -> float | None:
-    """The paper's metric x100 (GSM8K / MATH accuracy, code pass@1), ``None`` when scored externally."""
+def percent_score(metrics: Mapping[str, Any]) -> float | None:
+    """An LLM benchmark's metric x100 (GSM8K / MATH accuracy, code pass@1), ``None`` when scored externally."""
     for key in ("accuracy", "pass@1"):
         if isinstance(metrics.get(key), (int, float)):
             return float(metrics[key]) * 100
     return None
 
 
-def _hyperparameters(point: GridPoint) -> list[Any]:
-    retain = None if point.param_value_mask_rate is None else round(1 - point.param_value_mask_rate, 6)
-    values = (point.scaling_coefficient, point.weight_mask_rate, retain)
-    return [point.method, *("" if v is None else str(v) for v in values)]  # as given, not rounded to 2 places
-
-
 def grid_table(
-    points: Sequence[GridPoint], datasets: Sequence[str], scores: Mapping[str, Mapping[GridPoint, float | None]],
-    finished: Mapping[GridPoint, Any], selection: Mapping[str, Mapping[str, Any]],
+    points: Sequence[Recipe], datasets: Sequence[str], scores: Mapping[str, Mapping[Recipe, float | None]],
+    finished: Mapping[Recipe, Any], selection: Mapping[str, Mapping[str, Any]],
 ) -> Table:
-    """One row per grid point: hyperparameters, status, validation score per benchmark, benchmarks it won."""
+    """One row per grid point: method, one column per searched setting found in the points (λ, p, retain for the
+    paper's), status, validation score per benchmark, benchmarks it won."""
+    found = list(dict.fromkeys(name for point in points for name in searched_settings(point)))
+    names = [*(n for n in PAPER_LABELS if n in found), *(n for n in found if n not in PAPER_LABELS)]
     rows = []
     for point in points:
+        settings = searched_settings(point)
+        values = ["" if n not in settings else str(column_value(n, settings[n])) for n in names]  # as given
         cells = []
         for dataset in datasets:
             score = scores.get(dataset, {}).get(point)
             cells.append(score if score is not None else (NOT_SCORED if point in finished else None))
         won = [d for d, s in selection.items() if s["point"] == point and s["selected_by"] == "validation grid"]
-        rows.append([*_hyperparameters(point), "finished" if point in finished else "missing", *cells,
+        rows.append([point.method_key, *values, "finished" if point in finished else "missing", *cells,
                      " ".join(won)])
-    return ["method", "λ", "p", "retain", "status", *datasets, "selected for"], rows
+    return ["method", *(column_label(n) for n in names), "status", *datasets, "selected for"], rows
 
 
 def selection_table(selection: Mapping[str, Mapping[str, Any]], final: Mapping[str, Mapping[str, Any]]) -> Table:
@@ -79,10 +79,10 @@ def selection_table(selection: Mapping[str, Mapping[str, Any]], final: Mapping[s
         scores = []
         for part in ("validation", "test", "full"):
             metrics = final.get(dataset, {}).get(part)
-            value = None if metrics is None else primary_score(metrics)
+            value = None if metrics is None else percent_score(metrics)
             scores.append(value if value is not None or metrics is None else NOT_SCORED)
         counts = [len(final[dataset][p]["ids"]) if dataset in final else None for p in ("validation", "test")]
-        rows.append([dataset, chosen["point"].describe(), chosen["selected_by"], *scores, *counts])
+        rows.append([dataset, describe_point(chosen["point"]), chosen["selected_by"], *scores, *counts])
     return ["benchmark", "setting", "selected by", "validation", "test", "full", "n validation", "n test"], rows
 
 

@@ -1,7 +1,7 @@
 """Prepare and evaluate LLMs for the three LLM scripts: DARE'd, merged or already-merged model folders.
 
 * DARE (``inference_llms_instruct_math_code.py``): ``merge_checkpoints(backbone, [finetuned])`` with
-  ``mask_merging`` + ``average_merging`` writes ``backbone + DARE(finetuned - backbone)`` in bf16 to
+  ``Recipe("average_merging", dare=config.dare)`` writes ``backbone + DARE(finetuned - backbone)`` in bf16 to
   ``save_models/{dataset}/{name}`` (MergeLM wrote a float32 copy after loading both models in float32).
 * Merging (``merge_llms_instruct_math_code.py``): ONE streamed merge into
   ``save_merge_models/{tasks}/{first task}/{name}``; every other task gets a folder of hard links to the same
@@ -15,13 +15,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from delta_analysis import check_homology
 from evaluation.generation import release_hf_model
@@ -36,55 +34,70 @@ from llms.llm_pipeline import (
 from llms.model_names import TASK_TO_MODEL, WEIGHT_DIFF_MODELS
 from llms.model_resolution import resolve_model
 from llms.weight_diff import recover_wizardlm_7b
-from merge_engine import merge_checkpoints
+from merge_engine import holds_finished_merge, merge_checkpoints
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
+from model_merging_methods import Recipe
 
 logger = logging.getLogger(__name__)
 
 RECOVERED_SUFFIX = "-recovered"
 
 
-def _same_recipe(folder: Path, pretrained: str, finetuned: list[str], method: str, hp: Mapping[str, Any]) -> bool:
-    record = json.loads((folder / MERGE_CONFIG).read_text(encoding="utf-8"))
-    inputs = record.get("inputs", {})
-    same_inputs = inputs.get("pretrained_model") == pretrained and inputs.get("finetuned_models") == finetuned
-    recorded_hp = json.loads(json.dumps(dict(hp), default=str))
-    return same_inputs and record.get("merging_method_name") == method and record.get("hyperparameters") == recorded_hp
-
-
 def merge_into(
-    output_dir: Path, pretrained: str, finetuned: list[str], *, method: str, hyperparameters: Mapping[str, Any],
-    save_dtype: str, copy_config_from: int, resume: bool, num_threads: int | None = None, progress: bool = True,
+    output_dir: Path, pretrained: str, finetuned: list[str], *, recipe: Recipe, save_dtype: str,
+    copy_config_from: int, resume: bool, num_threads: int | None = None, progress: bool = True,
     homology_check: bool = True, strict_homology: bool = False,
 ) -> Path:
-    """Stream-merge into ``output_dir``; with ``resume`` a finished folder of the same recipe is reused.
+    """Stream-merge into ``output_dir``; with ``resume`` a finished folder of exactly this merge is reused.
 
-    An existing folder of another run is replaced (these folders are derived from the configuration and
-    temporary); an interrupted merge continues from its finished shards with ``resume``. Before merging, the
-    homology preflight (``delta_analysis.check_homology``, a few sampled tensors) warns about a fine-tune that does
-    not look derived from ``pretrained`` or whose deltas are far outside the SFT range (an error with
-    ``strict_homology``; skipped with ``homology_check=False``).
+    "Exactly this merge" is the merger's own fingerprint (``merge_engine.holds_finished_merge``: inputs and their
+    files, recipe, save dtype, vocabulary policy, exclude patterns, ...), so a run resumed with other arguments
+    merges again. An existing folder of another run is replaced (these folders are derived from the
+    configuration and temporary); an interrupted merge continues from its finished shards with ``resume``.
+    Before merging, the homology preflight (``delta_analysis.check_homology``, a few sampled tensors) warns about
+    a fine-tune that does not look derived from ``pretrained`` or whose deltas are far outside the SFT range (an
+    error with ``strict_homology``; skipped with ``homology_check=False``).
     """
+    arguments = {"merging_method_name": recipe, "dtype": save_dtype, "vocab_policy": "mergelm",
+                 "copy_config_from": copy_config_from}
     if resume and (output_dir / MERGE_CONFIG).is_file():
-        if _same_recipe(output_dir, pretrained, finetuned, method, hyperparameters):
+        if holds_finished_merge(pretrained, finetuned, str(output_dir), **arguments):
             logger.info("--resume: reusing the finished merge in %s", output_dir)
             return output_dir
-        logger.warning("%s holds a different merge; merging again", output_dir)
+        logger.warning("%s holds a merge made with other arguments; merging again", output_dir)
     if homology_check:
         check_homology(pretrained, finetuned, strict=strict_homology)
-    logger.info("merging %s into %s (%s, %s)", finetuned, output_dir, method, dict(hyperparameters))
-    summary = merge_checkpoints(
-        pretrained, finetuned, str(output_dir), merging_method_name=method, hyperparameters=hyperparameters,
-        dtype=save_dtype, vocab_policy="mergelm", copy_config_from=copy_config_from, overwrite=True,
-        resume=resume, num_threads=num_threads, progress=progress,
-    )
+    logger.info("merging %s into %s (%s)", finetuned, output_dir, recipe.describe())
+    summary = merge_checkpoints(pretrained, finetuned, str(output_dir), **arguments, overwrite=True, resume=resume,
+                                num_threads=num_threads, progress=progress)
     logger.info("merge summary: %s", summary)
     return output_dir
 
 
+#: a file in a model folder written or reused by a run with ``--keep_model``: no later run's clean-up deletes it
+KEPT_MARKER = ".kept_with_keep_model"
+
+
+def release_model_dirs(folders: Sequence[Path], stop_at: Path, *, keep: bool) -> None:
+    """The end of a run's use of its model folders: mark them kept (``keep``), else delete them.
+
+    A folder another run kept is never deleted, even when this run reused it without ``--keep_model``.
+    """
+    for folder in folders:
+        if keep:
+            if folder.is_dir():
+                (folder / KEPT_MARKER).touch()
+        else:
+            remove_model_dir(folder, stop_at)
+
+
 def remove_model_dir(folder: Path, stop_at: Path) -> None:
-    """Delete a temporary model folder and the empty parents it leaves, up to (not including) ``stop_at``."""
+    """Delete a temporary model folder and the empty parents it leaves, up to (not including) ``stop_at``; a
+    folder kept with ``--keep_model`` (``KEPT_MARKER``) stays."""
+    if (folder / KEPT_MARKER).is_file():
+        logger.info("%s was kept with --keep_model; not deleted", folder)
+        return
     if folder.exists():
         shutil.rmtree(folder)
         logger.info("deleted %s", folder)
@@ -122,7 +135,7 @@ def recovered_wizardlm_7b(overrides: Mapping[str, str], save_models_dir: str) ->
 def inference_model_paths(config: LlmInferenceConfig) -> dict[str, str]:
     """Resolve the fine-tuned (and, with DARE, backbone) paths and check the data; fails before any heavy work."""
     names = [config.finetuned_model_name] if config.finetuned_model_name not in WEIGHT_DIFF_MODELS else []
-    if config.uses_dare:
+    if config.dare is not None:
         names.append(config.backbone_name)
     paths = resolve_paths(names, config.model_paths)
     if config.finetuned_model_name in WEIGHT_DIFF_MODELS:
@@ -149,11 +162,11 @@ def prepare_inference_model(config: LlmInferenceConfig, paths: Mapping[str, str]
     finetuned = paths.get(config.finetuned_model_name)
     if config.finetuned_model_name in WEIGHT_DIFF_MODELS:
         finetuned = recovered_wizardlm_7b(config.model_paths, config.save_models_dir)
-    if not config.uses_dare:
+    if config.recipe is None:
         return finetuned, None
     output_dir = config.dare_model_dir()
-    merge_into(output_dir, paths[config.backbone_name], [finetuned], method="mask_merging",
-               hyperparameters=config.dare_hyperparameters(), save_dtype=config.save_dtype, copy_config_from=1,
+    merge_into(output_dir, paths[config.backbone_name], [finetuned], recipe=config.recipe,
+               save_dtype=config.save_dtype, copy_config_from=1,
                resume=config.evaluation.resume, num_threads=config.merge_num_threads,
                progress=config.evaluation.progress, homology_check=config.homology_check,
                strict_homology=config.strict_homology)
@@ -165,10 +178,11 @@ def run_inference(config: LlmInferenceConfig, run_dir: Path, paths: Mapping[str,
     warn_if_unscored([config.dataset_name], config.evaluation)
     model_path, temporary = prepare_inference_model(config, paths)
     generator = str(temporary) if temporary is not None else config.finetuned_model_name
-    metrics = run_benchmark(config.dataset_name, model_path, run_dir, config.evaluation, generator_name=generator)
+    metrics = run_benchmark(config.dataset_name, model_path, run_dir, config.evaluation, generator_name=generator,
+                            save_dtype=config.save_dtype if temporary is not None else None)
     release_hf_model()
-    if temporary is not None and not config.keep_model:
-        remove_model_dir(temporary, Path(config.save_models_dir))
+    if temporary is not None:
+        release_model_dirs([temporary], Path(config.save_models_dir), keep=config.keep_model)
     logger.info("inference of %s is completed", config.finetuned_model_name)
     return {config.dataset_name: metrics}
 
@@ -217,8 +231,8 @@ def merge_llms(config: LlmMergeConfig, paths: Mapping[str, str]) -> dict[str, Pa
     """Merge once; ``{task: folder with the merged weights and that task's tokenizer}``."""
     finetuned = [paths[name] for name in config.finetuned_model_names]
     weights_dir = config.merged_model_dir(config.merge_tasks[0])
-    merge_into(weights_dir, paths[config.backbone_name], finetuned, method=config.merging_method_name,
-               hyperparameters=config.hyperparameters(), save_dtype=config.save_dtype, copy_config_from=0,
+    merge_into(weights_dir, paths[config.backbone_name], finetuned, recipe=config.recipe,
+               save_dtype=config.save_dtype, copy_config_from=0,
                resume=config.evaluation.resume, num_threads=config.merge_num_threads,
                progress=config.evaluation.progress, homology_check=config.homology_check,
                strict_homology=config.strict_homology)
@@ -230,13 +244,19 @@ def merge_llms(config: LlmMergeConfig, paths: Mapping[str, str]) -> dict[str, Pa
 
 
 def evaluate_task_models(
-    models: Mapping[str, Path], run_dir: Path, settings: EvaluationSettings, generator_name: str
+    models: Mapping[str, Path], run_dir: Path, settings: EvaluationSettings, generator_name: str,
+    save_dtype: str | None,
 ) -> dict[str, dict]:
-    """Each task's datasets from its folder (instruct -> alpaca_eval, math -> gsm8k + MATH, code -> both code)."""
+    """Each task's datasets from its folder (instruct -> alpaca_eval, math -> gsm8k + MATH, code -> both code).
+
+    ``save_dtype``: the dtype this run wrote the folders in (None: folders it did not write), recorded with the
+    generations.
+    """
     metrics = {}
     for task, folder in models.items():
         for dataset in TASK_DATASETS[task]:
-            metrics[dataset] = run_benchmark(dataset, str(folder), run_dir, settings, generator_name=generator_name)
+            metrics[dataset] = run_benchmark(dataset, str(folder), run_dir, settings, generator_name=generator_name,
+                                             save_dtype=save_dtype)
         release_hf_model()
     return metrics
 
@@ -246,11 +266,9 @@ def run_merge(config: LlmMergeConfig, run_dir: Path, paths: Mapping[str, str]) -
     warn_if_unscored([d for t in config.merge_tasks for d in TASK_DATASETS[t]], config.evaluation)
     views = merge_llms(config, paths)
     generator = str(config.merged_model_dir(config.merge_tasks[0]))
-    metrics = evaluate_task_models(views, run_dir, config.evaluation, generator)
-    if not config.keep_model:
-        for folder in views.values():
-            remove_model_dir(folder, Path(config.save_merge_models_dir))
-    logger.info("inference of merging method %s is completed", config.merging_method_name)
+    metrics = evaluate_task_models(views, run_dir, config.evaluation, generator, config.save_dtype)
+    release_model_dirs(list(views.values()), Path(config.save_merge_models_dir), keep=config.keep_model)
+    logger.info("inference of %s is completed", config.recipe.describe())
     return metrics
 
 
@@ -270,4 +288,4 @@ def run_direct_inference(config: DirectInferenceConfig, run_dir: Path) -> dict[s
     """Evaluate an existing merged folder on the datasets of ``config.evaluate_task``; nothing is deleted."""
     folder = check_direct_inputs(config)
     warn_if_unscored(list(config.datasets), config.evaluation)
-    return evaluate_task_models({config.evaluate_task: folder}, run_dir, config.evaluation, str(folder))
+    return evaluate_task_models({config.evaluate_task: folder}, run_dir, config.evaluation, str(folder), None)

@@ -4,8 +4,9 @@ Shared by ``inference_llms_instruct_math_code.py``, ``merge_llms_instruct_math_c
 ``direct_inference_merged_llms_instruct_math_code.py``. For a dataset ``<d>`` a run folder receives
 
 * ``generations/<d>.jsonl``: one line per finished example (``idx`` or ``task_id``, ``prompt``,
-  ``completion``), appended as examples finish; ``--resume`` generates only the missing ids. The file is also
-  the input format of ``evaluate_generations.py``;
+  ``completion``, ``settings``: :func:`generation_record`), appended as examples finish; ``--resume`` generates
+  only the missing ids and refuses lines made with other settings. The file is also the input format of
+  ``evaluate_generations.py``;
 * ``predictions/<d>.jsonl``: the scored examples (``evaluation.scoring`` records);
 * ``external/``: the file the original README's external tool reads (AlpacaEval ``model_outputs`` JSON,
   human-eval samples JSONL, bigcode-evaluation-harness MBPP generations JSON);
@@ -101,8 +102,16 @@ class EvaluationSettings:
                              f"end_index={self.end_index}")
 
     def naming(self) -> dict[str, Any]:
-        """Settings that change the results and differ from the paper's defaults (part of run folder names)."""
+        """Settings that change the results and differ from the paper's defaults (part of run folder names).
+
+        The backend is the one generation will use (``auto`` resolved on this machine; vLLM, the paper's, is left
+        out) and the generation dtype appears unless ``auto``, so runs generated differently never share a folder.
+        """
         extra: dict[str, Any] = {}
+        if resolve_backend(self.backend) != "vllm":
+            extra["backend"] = resolve_backend(self.backend)
+        if self.dtype != "auto":
+            extra["dtype"] = self.dtype
         if self.start_index:
             extra["start_index"] = self.start_index
         if self.end_index != sys.maxsize:
@@ -158,6 +167,18 @@ def select_examples(task: TaskSpec, settings: EvaluationSettings) -> tuple[list[
     return records, examples
 
 
+def generation_record(task: TaskSpec, settings: EvaluationSettings, save_dtype: str | None) -> dict[str, Any]:
+    """How ``task``'s generations are made: the backend that runs (``auto`` resolved), the generation dtype, the
+    token limit and, for a model this run wrote (DARE'd or merged), its ``save_dtype``.
+
+    Recorded in every line of the generations file; a resumed file made otherwise is refused
+    (``evaluation.generations_file.load_finished_generations``), so one file never mixes generations.
+    """
+    record = {"backend": resolve_backend(settings.backend), "dtype": settings.dtype,
+              "max_tokens": settings.max_new_tokens or task.sampling.max_tokens}
+    return {**record, "save_dtype": save_dtype} if save_dtype is not None else record
+
+
 def _generation_kwargs(task: TaskSpec, model_path: str, settings: EvaluationSettings) -> dict[str, Any]:
     return {
         "model_path": model_path, "backend": settings.backend,
@@ -169,14 +190,21 @@ def _generation_kwargs(task: TaskSpec, model_path: str, settings: EvaluationSett
 
 
 def generate_examples(
-    task: TaskSpec, examples: Sequence[Mapping[str, Any]], model_path: str, path: Path, settings: EvaluationSettings
+    task: TaskSpec, examples: Sequence[Mapping[str, Any]], model_path: str, path: Path, settings: EvaluationSettings,
+    *, save_dtype: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Generations for ``examples`` (resumable JSONL at ``path``), in this process or a fresh one."""
-    kwargs = {**_generation_kwargs(task, model_path, settings), "resume": settings.resume, "id_field": task.id_field}
+    """Generations for ``examples`` (resumable JSONL at ``path``), in this process or a fresh one.
+
+    ``save_dtype``: the dtype this run wrote the model in (None for a model used as it is), see
+    :func:`generation_record`.
+    """
+    made_with = generation_record(task, settings, save_dtype)
+    kwargs = {**_generation_kwargs(task, model_path, settings), "resume": settings.resume, "id_field": task.id_field,
+              "settings": made_with}
     if not settings.isolate_generation():
         return generate_to_jsonl(examples, path, **kwargs)
     if settings.resume:
-        done, _ = load_finished_generations(path, id_field=task.id_field)
+        done, _ = load_finished_generations(path, id_field=task.id_field, settings=made_with)
         if all(example[task.id_field] in done for example in examples):
             logger.info("%s: all %d examples already generated", path, len(examples))
             return [done[example[task.id_field]] for example in examples]
@@ -236,7 +264,7 @@ def write_external_file(
 
 def run_benchmark(
     dataset_name: str, model_path: str, run_dir: str | os.PathLike, settings: EvaluationSettings, *,
-    generator_name: str,
+    generator_name: str, save_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model on one dataset and write its files into ``run_dir`` (see the module docstring).
 
@@ -246,6 +274,8 @@ def run_benchmark(
         run_dir: the run folder.
         settings: generation and scoring settings.
         generator_name: model name recorded in the AlpacaEval outputs.
+        save_dtype: the dtype this run wrote the model in (DARE'd or merged), None for a model used as it is;
+            recorded with the generations (:func:`generation_record`).
     Returns:
         The dataset's metrics: ``accuracy``/``accuracy_flexible``/``num_invalid`` (gsm8k, MATH), ``pass@1``
         (code, with ``allow_code_execution``), always ``num_examples`` and ``version``.
@@ -254,7 +284,8 @@ def run_benchmark(
     records, examples = select_examples(task, settings)
     logger.info("%s: %d examples (indices %d..%d), model %s", task.name, len(examples), settings.start_index,
                 settings.start_index + len(examples) - 1, model_path)
-    rows = generate_examples(task, examples, model_path, run_dir / "generations" / f"{task.name}.jsonl", settings)
+    rows = generate_examples(task, examples, model_path, run_dir / "generations" / f"{task.name}.jsonl", settings,
+                             save_dtype=save_dtype)
     completions = [row["completion"] for row in rows]
     metrics, predictions = score_examples(task, records, examples, completions, settings)
     lines = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from llms.llm_grid import METHOD_LABELS, GridPoint
+from llms.llm_grid import describe_point, method_label
+from model_merging_methods import Dare, Recipe
 
 ALL_DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 TA_DARE = "mask_merging+task_arithmetic"
@@ -20,16 +21,21 @@ A39 = "A#39 (first author's best settings, lambda / p)"
 UNKNOWN = "unknown (A#39 is cut off here): validation grid"
 
 
-def _ta_dare(scaling_coefficient: float, weight_mask_rate: float) -> GridPoint:
-    return GridPoint(TA_DARE, scaling_coefficient=scaling_coefficient, weight_mask_rate=weight_mask_rate)
+def _ta_dare(scaling_coefficient: float, weight_mask_rate: float) -> Recipe:
+    """Task Arithmetic + DARE as in Table 1 (DARE rescales)."""
+    return Recipe("task_arithmetic", {"scaling_coefficient": scaling_coefficient}, Dare(weight_mask_rate))
 
 
 @dataclass(frozen=True)
 class PresetCell:
-    """One benchmark of a preset: the stated setting (or ``None`` = grid) and where it comes from."""
+    """One benchmark of a preset: the stated setting (or ``None`` = grid) and where it comes from.
+
+    A stated setting is a :class:`Recipe` of what the source states; the settings it does not state (DARE's mask
+    seed, TIES' trim scope) are the grid command line's, applied as to every grid point.
+    """
 
     dataset: str
-    point: GridPoint | None
+    point: Recipe | None
     source: str
 
 
@@ -54,10 +60,10 @@ class Preset:
     cells: tuple[PresetCell, ...]
     table1_row: tuple[str, str]
     note: str
-    grid_points: tuple[GridPoint, ...] = field(default=())
+    grid_points: tuple[Recipe, ...] = field(default=())
 
     @property
-    def fixed(self) -> dict[str, tuple[GridPoint, str]]:
+    def fixed(self) -> dict[str, tuple[Recipe, str]]:
         return {c.dataset: (c.point, c.source) for c in self.cells if c.point is not None}
 
     @property
@@ -69,7 +75,7 @@ def _grid_cells(datasets: tuple[str, ...], source: str) -> tuple[PresetCell, ...
     return tuple(PresetCell(d, None, source) for d in datasets)
 
 
-_A21_POINTS = (GridPoint("mask_merging+average_merging", weight_mask_rate=0.5), _ta_dare(1.0, 0.1))
+_A21_POINTS = (Recipe("average_merging", dare=Dare(0.5)), _ta_dare(1.0, 0.1))
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("table1/lm+math/task_arithmetic", ("instruct", "math"), ("task_arithmetic",),
            _grid_cells(ALL_DATASETS, "not stated: validation grid (lambda in [0.5, 1.0], A#44)"),
@@ -114,7 +120,7 @@ def table1_row_for(merge_tasks: tuple[str, ...], methods: list[str] | tuple[str,
     """``(models, method)`` Table 1 row of a grid of one method (``None`` for a grid over several methods)."""
     if len(methods) != 1:
         return None
-    return " + ".join(MODEL_LABELS[t] for t in merge_tasks), METHOD_LABELS[methods[0]]
+    return " + ".join(MODEL_LABELS[t] for t in merge_tasks), method_label(methods[0])
 
 
 def get_preset(name: str) -> Preset:
@@ -131,6 +137,6 @@ def describe_presets() -> str:
     for preset in PRESETS.values():
         lines.append(f"{preset.name}: {' + '.join(preset.merge_tasks)}; {preset.note}")
         for cell in preset.cells:
-            setting = cell.point.describe() if cell.point is not None else "grid of " + ", ".join(preset.methods)
+            setting = describe_point(cell.point) if cell.point is not None else "grid of " + ", ".join(preset.methods)
             lines.append(f"    {cell.dataset:<12} {setting}  [{cell.source}]")
     return "\n".join(lines) + "\n"

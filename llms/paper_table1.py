@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.run_dir import atomic_write_text
-from llms.llm_grid_tables import NOT_SCORED, csv_text, markdown_table, primary_score
+from llms.llm_grid_tables import NOT_SCORED, csv_text, markdown_table, percent_score
 
 COLUMNS = {"alpaca_eval": "AlpacaEval", "gsm8k": "GSM8K", "MATH": "MATH", "human_eval": "HumanEval", "mbpp": "MBPP"}
 LM_MATH, ALL3 = "WizardLM + WizardMath", "WizardLM + WizardMath + code-alpaca"
@@ -62,7 +62,7 @@ def _read(path: Path) -> Any:
 def _score(metrics: Mapping[str, Any] | None) -> float | str | None:
     if metrics is None:
         return None
-    score = primary_score(metrics)
+    score = percent_score(metrics)
     return NOT_SCORED if score is None else score
 
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from model_merging_methods import MERGE_METHODS
+
 logger = logging.getLogger(__name__)
 
 INFERENCE_SCRIPT = "inference_llms_instruct_math_code"
@@ -94,16 +96,25 @@ def _inference_row(config: Mapping[str, Any]) -> tuple[SortKey, str, str]:
     return (0, model, 1, variant, rate, setting), model, setting
 
 
+#: short names of the paper's settings in a merge's row (the others keep their own names)
+SHORT_NAMES = {"scaling_coefficient": "lambda", "param_value_mask_rate": "trim"}
+
+
 def _merge_method(merge: Mapping[str, Any]) -> str:
-    """The applied method with the hyperparameters that change it: ``task_arithmetic lambda=1.0``."""
+    """The applied method and each of its settings: ``task_arithmetic lambda=1.0``, ``toy_method toy_alpha=0.5``.
+
+    The settings are the ones the record's ``recipe`` holds (older records: the method's declared settings found
+    among the flat keys).
+    """
     dare = merge["merging_method_name"] == "mask_merging"
     method = merge["mask_apply_method"] if dare else merge["merging_method_name"]
-    if method in ("task_arithmetic", "ties_merging"):
-        method += f" lambda={merge['scaling_coefficient']}"
-    if method.startswith("ties_merging"):
-        method += f" trim={merge['param_value_mask_rate']}"
-        method += " global" if merge.get("ties_trim_scope") == "global" else ""
-    return method
+    recipe = merge.get("recipe")
+    if recipe:
+        settings = dict(recipe["hyperparameters"])
+    else:
+        declared = MERGE_METHODS[method].specs if method in MERGE_METHODS else {}
+        settings = {name: merge[name] for name in declared if name in merge}
+    return " ".join([method, *(f"{SHORT_NAMES.get(name, name)}={value}" for name, value in settings.items())])
 
 
 def _merge_row(merge: Mapping[str, Any]) -> tuple[SortKey, str, str]:

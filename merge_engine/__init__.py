@@ -6,7 +6,7 @@
                                        "use_weight_rescale": True, "scaling_coefficient": 1.0})
 """
 
-from merge_engine.stream_merge import DEFAULT_MAX_SHARD_BYTES, merge_checkpoints
+from merge_engine.stream_merge import DEFAULT_MAX_SHARD_BYTES, holds_finished_merge, merge_checkpoints
 from merge_engine.vocab import VOCAB_POLICIES
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "VOCAB_POLICIES", "merge_checkpoints"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "VOCAB_POLICIES", "holds_finished_merge", "merge_checkpoints"]

@@ -43,13 +43,13 @@ from merge_engine.output_folder import (
 )
 from merge_engine.pipeline import ordered_map
 from merge_engine.shard_index import CheckpointIndex, index_checkpoint
-from merge_engine.statistics_files import check_statistics, open_statistics
+from merge_engine.statistics_files import LazyStatistics, check_statistics, open_statistics
 from merge_engine.tensor_plan import TensorJob, build_tensor_jobs, check_architectures, parse_dtype, read_config
 from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_task import UnitRunner, plan_units
 from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
 from merge_engine.vocab import VOCAB_POLICIES
-from model_merging_methods import Recipe, build_merge_plan
+from model_merging_methods import MergePlan, Recipe, build_merge_plan
 from model_merging_methods.task_vector import get_param_names_to_merge
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,64 @@ def _run(runner: UnitRunner, units, writer: ShardedWriter, done_names: set[str],
             reader.close()
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated merge before any tensor is read: its plan, statistics, models and ``merge_config.json`` record."""
+
+    plan: MergePlan
+    statistics: list[LazyStatistics] | None
+    setup: _Models
+    record: dict[str, Any]
+
+
+def _prepare(pretrained_model: str, finetuned_models: Sequence[str], output_dir: str, *,
+             merging_method_name: str | Recipe, hyperparameters: Mapping[str, Any] | None,
+             exclude_param_names_regex: Sequence[str], dtype: str | None, vocab_policy: str, copy_config_from: int,
+             max_shard_bytes: int, statistics_files: Sequence[str] | None, command: str | None, device: str = "cpu",
+             num_threads: int | None = None) -> _Prepared:
+    """Validate every argument and model (headers only) and build the record ``merge_checkpoints`` writes."""
+    plan = build_merge_plan(merging_method_name, len(finetuned_models), **dict(hyperparameters or {}))
+    _check_options(vocab_policy, device, num_threads, len(finetuned_models), copy_config_from)
+    statistics = open_statistics(statistics_files, statistics_kind=plan.statistics,
+                                 num_models=len(finetuned_models), method_name=plan.method.name)
+    labels = [pretrained_model, *finetuned_models]
+    setup = _validate_models(labels, Path(output_dir).expanduser().resolve(), plan, exclude_param_names_regex,
+                             vocab_policy, parse_dtype(dtype), statistics)
+    record = build_merge_record(labels, setup.dirs, setup.indexes, plan.recipe,
+                                exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
+                                statistics_files, command)
+    return _Prepared(plan, statistics, setup, record)
+
+
+def holds_finished_merge(
+    pretrained_model: str,
+    finetuned_models: Sequence[str],
+    output_dir: str,
+    *,
+    merging_method_name: str | Recipe,
+    hyperparameters: Mapping[str, Any] | None = None,
+    exclude_param_names_regex: Sequence[str] = (),
+    dtype: str | None = None,
+    vocab_policy: str = "error",
+    copy_config_from: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    statistics_files: Sequence[str] | None = None,
+) -> bool:
+    """True when ``output_dir`` holds a finished merge of exactly these ``merge_checkpoints`` arguments.
+
+    The record is built and compared as ``merge_checkpoints(..., resume=True)`` builds and compares it (inputs
+    and their files, recipe, exclude patterns, dtype, vocabulary policy, config source, shard size, statistics
+    files), so a caller that skips work for a finished folder (e.g. the homology preflight) never reuses a
+    merge made with other arguments. The arguments ``merge_checkpoints`` takes besides these change how it runs,
+    not what it writes. Every model is indexed (headers only); nothing is merged or written.
+    """
+    prepared = _prepare(pretrained_model, finetuned_models, output_dir, merging_method_name=merging_method_name,
+                        hyperparameters=hyperparameters, exclude_param_names_regex=exclude_param_names_regex,
+                        dtype=dtype, vocab_policy=vocab_policy, copy_config_from=copy_config_from,
+                        max_shard_bytes=max_shard_bytes, statistics_files=statistics_files, command=None)
+    return finished_merge_matches(prepared.setup.output, prepared.record, overwrite=True)
+
+
 def merge_checkpoints(
     pretrained_model: str,
     finetuned_models: Sequence[str],
@@ -243,16 +301,13 @@ def merge_checkpoints(
         ``resume`` on a finished folder of the same merge nothing is written and ``already_complete`` is True.
     """
     start = time.perf_counter()
-    plan = build_merge_plan(merging_method_name, len(finetuned_models), **dict(hyperparameters or {}))
-    _check_options(vocab_policy, device, num_threads, len(finetuned_models), copy_config_from)
-    statistics = open_statistics(statistics_files, statistics_kind=plan.statistics,
-                                 num_models=len(finetuned_models), method_name=plan.method.name)
+    prepared = _prepare(pretrained_model, finetuned_models, output_dir, merging_method_name=merging_method_name,
+                        hyperparameters=hyperparameters, exclude_param_names_regex=exclude_param_names_regex,
+                        dtype=dtype, vocab_policy=vocab_policy, copy_config_from=copy_config_from,
+                        max_shard_bytes=max_shard_bytes, statistics_files=statistics_files, command=command,
+                        device=device, num_threads=num_threads)
+    plan, statistics, setup, record = prepared.plan, prepared.statistics, prepared.setup, prepared.record
     labels = [pretrained_model, *finetuned_models]
-    setup = _validate_models(labels, Path(output_dir).expanduser().resolve(), plan, exclude_param_names_regex,
-                             vocab_policy, parse_dtype(dtype), statistics)
-    record = build_merge_record(labels, setup.dirs, setup.indexes, plan.recipe,
-                                exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
-                                statistics_files, command)
     if resume and finished_merge_matches(setup.output, record, overwrite=overwrite):
         logger.info("--resume: %s already holds this merge; nothing to do", setup.output)
         return {**_summary(0, 0, start, setup.output), "already_complete": True}

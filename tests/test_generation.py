@@ -193,6 +193,29 @@ def test_resume_refuses_a_file_made_from_other_prompts(tmp_path):
         generate_to_jsonl(_examples(2), path, resume=True, model_path="unused", max_tokens=4)
 
 
+def test_resume_refuses_generations_made_with_other_settings(tmp_path, monkeypatch):
+    path = tmp_path / "g.jsonl"
+    calls: list[list[str]] = []
+    monkeypatch.setattr(generation, "generate", _fake_generate(calls))
+    made = {"backend": "hf", "dtype": "float32", "max_tokens": 4, "save_dtype": "bfloat16"}
+    generate_to_jsonl(_examples(2), path, settings=made, model_path="unused", max_tokens=4)
+    assert [json.loads(line)["settings"] for line in path.read_text(encoding="utf-8").splitlines()] == [made] * 2
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="dtype: 'float32' there, 'float16' now"):
+        generate_to_jsonl(_examples(3), path, resume=True, settings={**made, "dtype": "float16"},
+                          model_path="unused", max_tokens=4)
+    with pytest.raises(ValueError, match="save_dtype: 'bfloat16' there, 'float32' now"):
+        load_finished_generations(path, settings={**made, "save_dtype": "float32"})
+    assert path.read_bytes() == before and calls == [["prompt 0", "prompt 1"]]  # nothing generated or cut
+    generate_to_jsonl(_examples(3), path, resume=True, settings=made, model_path="unused", max_tokens=4)
+    assert calls[-1] == ["prompt 2"]  # the same settings resume
+    unrecorded = tmp_path / "old.jsonl"
+    unrecorded.write_text(json.dumps({"id": 0, "prompt": "prompt 0", "completion": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no settings recorded"):
+        generate_to_jsonl(_examples(2), unrecorded, resume=True, settings=made, model_path="unused", max_tokens=4)
+    assert len(load_finished_generations(unrecorded)[0]) == 1  # without settings (scoring) nothing is checked
+
+
 def test_a_broken_line_before_the_last_is_an_error(tmp_path):
     path = tmp_path / "g.jsonl"
     path.write_text('{"id": 0, "prom\n' + json.dumps({"id": 1, "completion": "x"}) + "\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from delta_analysis import HomologyError, check_homology
 from delta_analysis.plan import build_plan
 from delta_analysis.preflight import SAMPLE_NUMEL, sample_units
 from llms import llm_merging
+from model_merging_methods import Recipe
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,8 @@ def test_merge_cli_skip_flag_skips_the_check(folders, tmp_path, monkeypatch):
 
 
 def test_llm_merge_path_runs_the_check(folders, tmp_path, caplog):
-    kwargs = dict(method="task_arithmetic", hyperparameters={"scaling_coefficient": 1.0}, save_dtype="float32",
-                  copy_config_from=0, resume=False, progress=False)
+    kwargs = dict(recipe=Recipe("task_arithmetic"), save_dtype="float32", copy_config_from=0, resume=False,
+                  progress=False)
     with caplog.at_level(logging.WARNING):
         llm_merging.merge_into(tmp_path / "merged", folders["base"], [folders["large"]], **kwargs)
     assert any("large deltas" in r.getMessage() and folders["large"] in r.getMessage() for r in caplog.records)

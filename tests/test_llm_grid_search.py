@@ -16,12 +16,13 @@ from test_llm_merging import family  # noqa: F401  (module fixture: the tiny bas
 
 import grid_search_llms_instruct_math_code as grid_script
 from evaluation import generation
-from llms import llm_grid_search, llm_merging
+from llms import llm_grid_search, llm_merging, llm_pipeline
 from llms.llm_compute_estimate import describe_plan, plan_compute
-from llms.llm_grid import GridPoint, expand_grid, parse_shard, shard_points
-from llms.llm_grid_search import GridSearchConfig, point_lock, run_grid_search, select_best
+from llms.llm_grid import describe_point, expand_points, grid_methods, parse_shard, shard_points
+from llms.llm_grid_search import GridSearchConfig, point_lock, run_grid_search
 from llms.llm_pipeline import EvaluationSettings
 from llms.llm_validation_split import split_positions
+from model_merging_methods import Dare, Recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TA = "task_arithmetic"
@@ -58,18 +59,28 @@ def test_split_rejects_what_cannot_be_split():
 # --- grid and shards --------------------------------------------------------------------------------------------
 
 
+def _ta(scaling_coefficient: float) -> Recipe:
+    return Recipe(TA, {"scaling_coefficient": scaling_coefficient})
+
+
 def test_grid_expands_the_paper_ranges():
-    assert len(expand_grid(["mask_merging+task_arithmetic"])) == 6 * 9
-    assert len(expand_grid(["mask_merging+ties_merging"])) == 6 * 9 * 3
-    assert expand_grid([TA, "average_merging"], scaling_coefficients=[0.5, 1.0]) == (
-        GridPoint(TA, scaling_coefficient=0.5), GridPoint(TA, scaling_coefficient=1.0), GridPoint("average_merging"))
-    with pytest.raises(ValueError, match="needs weight_mask_rate"):
-        GridPoint("mask_merging+task_arithmetic", scaling_coefficient=1.0)
+    assert grid_methods() == ("average_merging", TA, "ties_merging", "mask_merging+average_merging",
+                              "mask_merging+task_arithmetic", "mask_merging+ties_merging")
+    assert len(expand_points(["mask_merging+task_arithmetic"])) == 6 * 9
+    ties_dare = expand_points(["mask_merging+ties_merging"], settings={"ties_trim_scope": "per_tensor", "seed": 3})
+    assert len(ties_dare) == 6 * 9 * 3
+    assert ties_dare[0] == Recipe("ties_merging", {"scaling_coefficient": 0.5, "param_value_mask_rate": 0.5,
+                                                   "ties_trim_scope": "per_tensor"}, Dare(0.1, seed=3))
+    assert describe_point(ties_dare[0]) == "TIES + DARE, λ=0.5, p=0.1, retain=0.5"
+    assert expand_points([TA, "average_merging"], {"scaling_coefficient": [0.5, 1.0]}, {"seed": 3}) == (
+        _ta(0.5), _ta(1.0), Recipe("average_merging"))
+    with pytest.raises(ValueError, match="unknown grid method 'mask_merging\\+fisher_merging'"):
+        expand_points(["mask_merging+fisher_merging"])
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 9])
 def test_shards_partition_the_points_disjointly_and_completely(count):
-    points = expand_grid([TA], scaling_coefficients=[0.1 * i for i in range(1, 8)])
+    points = expand_points([TA], {"scaling_coefficient": [0.1 * i for i in range(1, 8)]})
     shards = [shard_points(points, parse_shard(f"{i}/{count}")) for i in range(count)]
     flat = [p for shard in shards for p in shard]
     assert len(flat) == len(set(flat)) == len(points) and set(flat) == set(points)
@@ -84,19 +95,13 @@ def test_bad_shard_is_a_clear_error(text):
 # --- selection looks at validation only --------------------------------------------------------------------------
 
 
-def test_select_best_takes_the_highest_score_and_the_earlier_point_on_ties():
-    a, b, c = (GridPoint(TA, scaling_coefficient=v) for v in (0.5, 0.7, 1.0))
-    assert select_best([(a, 10.0), (b, 30.0), (c, 30.0)]) == (b, 30.0)
-    assert select_best([(a, None), (b, None)]) is None
-
-
 # validation favours lambda=0.5, test favours lambda=1.0
 FAKE_SCORES = {"0.5": {"validation": 0.6, "test": 0.1, "full": 0.15}, "1.0": {"validation": 0.4, "test": 0.9,
                                                                               "full": 0.85}}
 
 
 def _fake_config(tmp_path, **overrides) -> GridSearchConfig:
-    kwargs = dict(merge_tasks=("instruct", "math"), points=expand_grid([TA], scaling_coefficients=[0.5, 1.0]),
+    kwargs = dict(merge_tasks=("instruct", "math"), points=expand_points([TA], {"scaling_coefficient": [0.5, 1.0]}),
                   datasets=("gsm8k",), save_merge_models_dir=str(tmp_path / "merged"),
                   evaluation=EvaluationSettings(backend="hf"))
     return GridSearchConfig(**{**kwargs, **overrides})
@@ -108,7 +113,7 @@ def fake_evaluation(monkeypatch):
 
     @contextlib.contextmanager
     def merged_point(config, point, paths):
-        calls.append((f"merge {point.scaling_coefficient}", ()))
+        calls.append((f"merge {point.hyperparameters['scaling_coefficient']}", ()))
         yield {task: Path("unused") for task in config.merge_tasks}, 0.0
 
     def evaluate_parts(config, dataset, model_path, folder, parts, out):
@@ -125,18 +130,37 @@ def fake_evaluation(monkeypatch):
 def test_selection_uses_validation_and_never_peeks_at_test(fake_evaluation, tmp_path):
     config = _fake_config(tmp_path)
     result = run_grid_search(config, tmp_path / "grid", {})
-    assert result["selection"]["gsm8k"]["point"] == {"method": TA, "scaling_coefficient": 0.5,
-                                                     "weight_mask_rate": None, "param_value_mask_rate": None}
+    assert result["selection"]["gsm8k"]["point"] == _ta(0.5).record()
     # grid: validation parts only; afterwards only the selected point is merged again and scored on the rest
     assert fake_evaluation == [("merge 0.5", ()), ("0.5", ("validation",)), ("merge 1.0", ()),
                                ("1.0", ("validation",)), ("merge 0.5", ()), ("0.5", ("validation", "test", "full"))]
     assert result["final"]["gsm8k"]["test"]["accuracy"] == 0.1  # the selected point's test score, not the best test
     folder = tmp_path / "grid" / "selections" / "custom"
     grid_md = (folder / "grid.md").read_text()
-    assert "| task_arithmetic | 0.5 |  |  | finished | 60.00 | gsm8k |" in grid_md
-    assert "| task_arithmetic | 1.0 |  |  | finished | 40.00 |  |" in grid_md
-    assert (folder / "grid.csv").read_text().splitlines()[0] == "method,λ,p,retain,status,gsm8k,selected for"
+    assert "| task_arithmetic | 0.5 | finished | 60.00 | gsm8k |" in grid_md
+    assert "| task_arithmetic | 1.0 | finished | 40.00 |  |" in grid_md
+    assert (folder / "grid.csv").read_text().splitlines()[0] == "method,λ,status,gsm8k,selected for"
     assert json.loads((folder / "selection.json").read_text())["missing_points"] == []
+
+
+def test_a_nan_validation_score_never_wins(fake_evaluation, tmp_path, monkeypatch):
+    monkeypatch.setitem(FAKE_SCORES["0.5"], "validation", float("nan"))  # the first point: NaN > x is never True
+    result = run_grid_search(_fake_config(tmp_path), tmp_path / "grid", {})
+    assert result["selection"]["gsm8k"]["point"] == _ta(1.0).record()
+    assert result["selection"]["gsm8k"]["validation_score"] == 40.0
+
+
+def test_generation_and_save_settings_name_the_grid_and_point_folders(tmp_path, monkeypatch):
+    config = _fake_config(tmp_path)
+    point = config.points[0]
+    assert config.grid_dir("r").name == "backend=hf,split_seed=0,validation_fraction=0.1"
+    float16 = _fake_config(tmp_path, evaluation=EvaluationSettings(backend="hf", dtype="float16"))
+    assert float16.grid_dir("r").name == "backend=hf,dtype=float16,split_seed=0,validation_fraction=0.1"
+    assert config.point_key(point) == "task_arithmetic/scaling_coefficient=0.5"
+    float32 = _fake_config(tmp_path, save_dtype="float32")
+    assert float32.point_key(point) == "task_arithmetic/save_dtype=float32,scaling_coefficient=0.5"
+    monkeypatch.setattr(llm_pipeline, "resolve_backend", lambda backend: "vllm")  # auto on a vLLM machine
+    assert EvaluationSettings().naming() == {}  # the paper's backend and dtype: left out of the names
 
 
 def test_a_point_held_by_another_job_is_skipped_and_reported_missing(fake_evaluation, tmp_path):
@@ -160,7 +184,7 @@ def test_a_benchmark_added_later_is_evaluated_alone_on_finished_points(fake_eval
 
 
 def test_stated_settings_skip_the_grid(fake_evaluation, tmp_path):
-    stated = GridPoint(TA, scaling_coefficient=1.0)
+    stated = _ta(1.0)
     config = _fake_config(tmp_path, points=(), fixed={"gsm8k": (stated, "A#39")})
     result = run_grid_search(config, tmp_path / "grid", {})
     assert fake_evaluation == [("merge 1.0", ()), ("1.0", ("validation", "test", "full"))]
@@ -168,6 +192,10 @@ def test_stated_settings_skip_the_grid(fake_evaluation, tmp_path):
 
 
 # --- presets ----------------------------------------------------------------------------------------------------
+
+
+def _lambda_p(point: Recipe) -> tuple[float, float]:
+    return point.hyperparameters["scaling_coefficient"], point.dare.weight_mask_rate
 
 
 def _preset_config(name: str, *flags: str) -> GridSearchConfig:
@@ -178,18 +206,19 @@ def test_presets_expand_to_the_stated_settings():
     config = _preset_config("table1/lm+math/task_arithmetic+dare")
     ta_dare = "mask_merging+task_arithmetic"
     assert config.merge_tasks == ("instruct", "math") and config.points == ()
-    assert {d: (p.scaling_coefficient, p.weight_mask_rate) for d, (p, _) in config.fixed.items()} == {
+    assert {d: _lambda_p(p) for d, (p, _) in config.fixed.items()} == {
         "alpaca_eval": (1.0, 0.2), "gsm8k": (0.5, 0.6), "MATH": (0.5, 0.6), "human_eval": (0.5, 0.6),
         "mbpp": (0.5, 0.6)}
-    assert all(p.method == ta_dare and "A#39" in source for p, source in config.fixed.values())
+    assert all(p.method_key == ta_dare and "A#39" in source for p, source in config.fixed.values())
     merge = config.merge_config(config.fixed["gsm8k"][0])
-    assert (merge.merging_method_name, merge.mask_apply_method, merge.use_weight_rescale) == (
+    assert (merge.recipe.merging_method_name, merge.recipe.method, merge.recipe.dare.use_weight_rescale) == (
         "mask_merging", "task_arithmetic", True)
+    assert _preset_config("table1/lm+math/task_arithmetic+dare", "--seed", "2").fixed["gsm8k"][0].dare.seed == 2
     code = _preset_config("table1/math+code/task_arithmetic+dare")
-    assert {d: (p.scaling_coefficient, p.weight_mask_rate) for d, (p, _) in code.fixed.items()} == {
+    assert {d: _lambda_p(p) for d, (p, _) in code.fixed.items()} == {
         "gsm8k": (1.0, 0.5), "MATH": (1.0, 0.5), "human_eval": (0.5, 0.9), "mbpp": (0.5, 0.9)}
     lm_code = _preset_config("table1/lm+code/task_arithmetic+dare")
-    assert {d: (p.scaling_coefficient, p.weight_mask_rate) for d, (p, _) in lm_code.fixed.items()} == {
+    assert {d: _lambda_p(p) for d, (p, _) in lm_code.fixed.items()} == {
         "alpaca_eval": (1.0, 0.3), "human_eval": (1.0, 0.3), "mbpp": (0.5, 0.4)}
 
 
@@ -198,8 +227,10 @@ def test_unknown_preset_cells_fall_back_to_the_grid():
     assert set(config.fixed) == {"alpaca_eval", "gsm8k", "MATH"}
     assert config.grid_datasets == ("human_eval", "mbpp") and len(config.points) == 54
     a21 = _preset_config("table1/lm+math+code/average_or_task_arithmetic+dare")
-    assert [p.describe() for p in a21.points] == ["Average Merging + DARE, p=0.5",
-                                                  "Task Arithmetic + DARE, λ=1.0, p=0.1"]
+    assert [describe_point(p) for p in a21.points] == ["Average Merging + DARE, p=0.5",
+                                                       "Task Arithmetic + DARE, λ=1.0, p=0.1"]
+    ties = _preset_config("table1/lm+math+code/ties_merging+dare")
+    assert len(ties.points) == 162 and {p.hyperparameters["ties_trim_scope"] for p in ties.points} == {"per_tensor"}
     assert _preset_config("table1/lm+math/task_arithmetic+dare", "--datasets", "gsm8k").datasets == ("gsm8k",)
 
 

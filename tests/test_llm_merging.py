@@ -22,6 +22,9 @@ import merge_llms_instruct_math_code as merge_script
 from evaluation import generation
 from llms import llm_merging
 from llms.llm_cli import merge_config_from_args, settings_from_args
+from llms.llm_configs import LlmInferenceConfig, LlmMergeConfig
+from llms.llm_pipeline import EvaluationSettings
+from model_merging_methods import Dare, Recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -143,7 +146,7 @@ def test_dare_ties_merge_once_per_task_tokenizers_then_direct_inference(family, 
             str(store)]
     metrics = merge_script.main([*argv, "--keep_model"])
     assert set(metrics) == {"alpaca_eval", "gsm8k", "MATH"}
-    name = ("mask_merging/ties_merging_param_value_mask_rate_0.8_scaling_coefficient_1.0_trim_per_tensor/"
+    name = ("mask_merging/ties_merging_scaling_coefficient_1.0_param_value_mask_rate_0.8_ties_trim_scope_per_tensor/"
             "mask_0.2_0.2_rescale_True")
     folders = {task: store / "instruct_math" / task / name for task in ("instruct", "math")}
     (instruct_model, instruct_tok), (math_model, math_tok) = _load(folders["instruct"]), _load(folders["math"])
@@ -155,11 +158,20 @@ def test_dare_ties_merge_once_per_task_tokenizers_then_direct_inference(family, 
     run_dir = _run_dir(tmp_path / "results", "merge_llms_instruct_math_code")
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert {p.name for p in (run_dir / "predictions").iterdir()} == {"alpaca_eval.jsonl", "gsm8k.jsonl", "MATH.jsonl"}
+    # every generation records how it was made, so a resumed file never mixes generations made differently
+    [line] = (run_dir / "generations" / "gsm8k.jsonl").read_text().splitlines()
+    assert json.loads(line)["settings"] == {"backend": "hf", "dtype": "auto", "max_tokens": 3,
+                                            "save_dtype": "bfloat16"}
     # --resume reuses the finished merge and the finished generations
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(llm_merging, "merge_checkpoints", _fail("merge_checkpoints"))
         patch.setattr(generation, "generate", _fail("generate"))
         assert merge_script.main([*argv, "--keep_model", "--resume"]) == metrics
+    # a later run without --keep_model reuses the kept merge and never deletes it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm_merging, "merge_checkpoints", _fail("merge_checkpoints"))
+        assert merge_script.main([*argv, "--resume"]) == metrics
+    assert all((folder / "config.json").is_file() for folder in folders.values())
     direct = direct_script.main([*argv, "--evaluate_task", "math"])
     assert set(direct) == {"gsm8k", "MATH"} and direct["gsm8k"] == metrics["gsm8k"]
     by_path = direct_script.main([*_common(family, tmp_path, shared_data_dir), "--evaluate_task", "instruct",
@@ -172,6 +184,52 @@ def _fail(what: str):
         raise AssertionError(f"{what} must not be called")
 
     return fail
+
+
+def test_resume_reuses_a_finished_merge_only_with_the_same_merge_arguments(family, tmp_path, monkeypatch):
+    merged, checked = [], []
+    real_merge = llm_merging.merge_checkpoints
+
+    def counted_merge(*args, **kwargs):
+        merged.append(kwargs["dtype"])
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(llm_merging, "merge_checkpoints", counted_merge)
+    monkeypatch.setattr(llm_merging, "check_homology", lambda *a, **k: checked.append(a))
+    out = tmp_path / "merged"
+    finetuned = [family["WizardLM-13B-V1.2"], family["WizardMath-13B-V1.0"]]
+
+    def merge(save_dtype: str, scaling_coefficient: float = 0.5) -> None:
+        llm_merging.merge_into(out, family["Llama-2-13b-hf"], finetuned, save_dtype=save_dtype, copy_config_from=0,
+                               recipe=Recipe("task_arithmetic", {"scaling_coefficient": scaling_coefficient}),
+                               resume=True, progress=False)
+
+    merge("bfloat16")
+    merge("bfloat16")  # the same merge: reused, and the homology preflight is not run again
+    assert merged == ["bfloat16"] and len(checked) == 1
+    merge("float32")  # another save dtype: merged again, not the bf16 folder evaluated as if it were float32
+    assert merged == ["bfloat16", "float32"] and len(checked) == 2
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    merge("float32", scaling_coefficient=1.0)
+    assert merged == ["bfloat16", "float32", "float32"]
+
+
+def test_generation_and_save_settings_name_the_run_folders():
+    def merge_dir(**kwargs) -> str:
+        config = LlmMergeConfig(merge_tasks=("instruct", "math"), recipe=Recipe("task_arithmetic"), **kwargs)
+        return config.run_dir("r").name
+
+    assert merge_dir(evaluation=EvaluationSettings(backend="hf")) == "backend=hf,scaling_coefficient=1.0"
+    assert merge_dir(evaluation=EvaluationSettings(backend="hf", dtype="float16"), save_dtype="float32") == (
+        "backend=hf,dtype=float16,save_dtype=float32,scaling_coefficient=1.0")
+
+    def inference_dir(dare: Dare | None) -> str:
+        config = LlmInferenceConfig(finetuned_model_name="WizardMath-7B-V1.0", dataset_name="gsm8k", dare=dare,
+                                    save_dtype="float32", evaluation=EvaluationSettings(backend="hf"))
+        return config.run_dir("r").name
+
+    assert "save_dtype=float32" in inference_dir(Dare(0.9))
+    assert inference_dir(None) == "backend=hf,weight_mask_rate=0.0"  # no model written: its save dtype is moot
 
 
 def test_merge_generates_each_dataset_in_a_subprocess_and_deletes_folders(family, tmp_path, shared_data_dir):

@@ -55,7 +55,7 @@ def test_gsm8k_run_folder_metrics_and_predictions(gsm8k_run, shared_data_dir):
     _, metrics, run_dir = gsm8k_run
     assert set(metrics) == {"gsm8k"} and set(metrics["gsm8k"]) == GSM8K_KEYS
     assert metrics["gsm8k"]["num_examples"] == 3
-    assert run_dir.name == "end_index=3,max_new_tokens=12,weight_mask_rate=0.0"
+    assert run_dir.name == "backend=hf,end_index=3,max_new_tokens=12,weight_mask_rate=0.0"
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert config["script"] == "inference_llms_instruct_math_code" and config["dataset_name"] == "gsm8k"
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics

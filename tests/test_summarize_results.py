@@ -92,6 +92,7 @@ FILES_ONLY = {"num_examples": 8, "version": "v1"}  # alpaca_eval, or code withou
 def llm_tree(tmp_path):
     from llms.llm_configs import DirectInferenceConfig, LlmInferenceConfig, LlmMergeConfig
     from llms.llm_pipeline import EvaluationSettings
+    from model_merging_methods import Dare, Recipe
 
     root = tmp_path / "llm_results"
     math = "WizardMath-7B-V1.0"
@@ -110,18 +111,18 @@ def llm_tree(tmp_path):
         ("WizardLM-13B-V1.2", "alpaca_eval", 0.0, False, {}, FILES_ONLY),
     ]
     for model, dataset, rate, rescale, extra, metrics in inference:
-        config = LlmInferenceConfig(finetuned_model_name=model, dataset_name=dataset, weight_mask_rate=rate,
-                                    use_weight_rescale=rescale, **extra)
+        evaluation = extra.pop("evaluation", EvaluationSettings())  # the rest of extra are DARE settings
+        dare = Dare(rate, use_weight_rescale=rescale, **extra) if rate else None
+        config = LlmInferenceConfig(finetuned_model_name=model, dataset_name=dataset, dare=dare, evaluation=evaluation)
         _llm_run(root, config, {dataset: metrics})
-    plain = LlmMergeConfig(merge_tasks=("math", "instruct"), merging_method_name="task_arithmetic")
+    plain = LlmMergeConfig(merge_tasks=("math", "instruct"), recipe=Recipe("task_arithmetic"))
     _llm_run(root, plain, {"alpaca_eval": FILES_ONLY, "gsm8k": _acc(0.5), "MATH": _acc(0.0625)})
-    dare = LlmMergeConfig(merge_tasks=("instruct", "math"), merging_method_name="mask_merging",
-                          mask_apply_method="task_arithmetic", weight_mask_rate=0.2, use_weight_rescale=True)
+    dare = LlmMergeConfig(merge_tasks=("instruct", "math"), recipe=Recipe("task_arithmetic", dare=Dare(0.2)))
     # the DARE merge evaluated task by task from its kept folder: two runs, one row
     _llm_run(root, DirectInferenceConfig(evaluate_task="math", merge=dare), {"gsm8k": _acc(0.625), "MATH": _acc(0.25)})
     _llm_run(root, DirectInferenceConfig(evaluate_task="instruct", merge=dare), {"alpaca_eval": FILES_ONLY})
-    ties = LlmMergeConfig(merge_tasks=("instruct", "code"), merging_method_name="mask_merging",
-                          mask_apply_method="ties_merging", weight_mask_rate=0.5, use_weight_rescale=True)
+    ties = LlmMergeConfig(merge_tasks=("instruct", "code"),
+                          recipe=Recipe("ties_merging", {"ties_trim_scope": "per_tensor"}, Dare(0.5)))
     _llm_run(root, ties, {"alpaca_eval": FILES_ONLY, "human_eval": {"pass@1": 0.25, "num_examples": 8,
                                                                    "version": "v1"}, "mbpp": FILES_ONLY})
     by_path = DirectInferenceConfig(evaluate_task="code", merged_model_path=str(tmp_path / "my_merge"))
@@ -143,7 +144,8 @@ LLM_ROWS = [
     ["WizardMath-7B-V1.0", "+ DARE-finetuned_weight p=0.9", None, 0.0, None, None, None],
     ["instruct+math", "task_arithmetic lambda=1.0", "files", 50.0, 6.25, None, None],
     ["instruct+math", "task_arithmetic lambda=1.0 + DARE p=0.2", "files", 62.5, 25.0, None, None],
-    ["instruct+code", "ties_merging lambda=1.0 trim=0.8 + DARE p=0.5", "files", None, None, 25.0, "files"],
+    ["instruct+code", "ties_merging lambda=1.0 trim=0.8 ties_trim_scope=per_tensor + DARE p=0.5", "files", None,
+     None, 25.0, "files"],
     ["merged_model_path", "my_merge", None, None, None, "files", 50.0],
 ]
 
