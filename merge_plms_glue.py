@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_pairs", nargs="*", default=None, metavar="A,B", help="explicit pairs")
     parser.add_argument("--select_on", default="validation", choices=["validation", "test"])
     parser.add_argument("--grid", default="paper", choices=[*GRID_PROTOCOLS, "none"])
-    # every registered method's declared settings and DARE's; MergeLM's merge_plms_glue.py has Fisher's
-    # normalisation off unless --normalize_fisher_weight is given (its README passes it)
-    add_hyperparameter_flags(parser, defaults={"normalize_fisher_weight": False}, several=_several())
+    # every registered method's declared settings and DARE's, with MergeLM's command-line defaults (e.g. Fisher's
+    # normalisation off unless --normalize_fisher_weight is given, as its merge_plms_glue.py; its README passes it)
+    add_hyperparameter_flags(parser, several=_several())
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several DARE mask seeds: every mask_merging run is repeated (selection included) per "
                              "seed, one run folder each; overrides --seed")
