@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,12 @@ def walk(module_name: str, argv: list[str], sentinel: float, opaque: tuple[str, 
 
     module = importlib.import_module(module_name)
     sys.settrace(tracer)
+    threading.settrace(tracer)  # the streaming merger's worker threads
     try:
         module.main(argv)
     finally:
         sys.settrace(None)
+        threading.settrace(None)
     return {name: sorted(functions) for name, functions in sorted(files.items())}
 
 
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     if args.name:
         named = naming_files(args.name)
         print(f"{len(named)} files name {args.name}: {', '.join(named)}")
+        walked = [name for name in files if name in named]
+        print(f"{len(walked)} of the {len(files)} walked files name it: {', '.join(walked)}")
     if args.json:
         Path(args.json).write_text(json.dumps(files, indent=1) + "\n", encoding="utf-8")
     return files
