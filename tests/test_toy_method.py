@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_family, tiny_llama_config
 from test_glue_pipeline import TASKS, workspace  # noqa: F401  (module fixture: tiny BERT fine-tuned on rte, mrpc)
-from test_merge_engine import load_merged, read_back, save_sharded, state_dicts_of
+from test_merge_checkpoints import folders  # noqa: F401  (fixture: a tiny Llama base and two fine-tunes)
+from test_merge_engine import load_merged, read_back
 
 from model_merging_methods import MERGE_METHODS, Hyperparameter, MergeMethod, merge_state_dicts
 from model_merging_methods.registry import always
@@ -39,16 +39,6 @@ def registered(monkeypatch):
     return TOY_METHOD
 
 
-@pytest.fixture
-def llama_folders(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    config = tiny_llama_config()
-    base, finetuned = make_family(LlamaForCausalLM, config)
-    return [str(save_sharded(sd, tmp_path / name, config=config))
-            for sd, name in zip(state_dicts_of([base, *finetuned]), ["base", "ft1", "ft2"], strict=True)]
-
-
 @pytest.mark.parametrize("module_name", ["merge_checkpoints", "merge_plms_glue"])
 def test_the_toy_method_and_its_flag_are_offered(registered, module_name):
     import importlib
@@ -60,14 +50,14 @@ def test_the_toy_method_and_its_flag_are_offered(registered, module_name):
     assert actions["toy_alpha"].help.startswith("scale of the mean delta")
 
 
-def test_merge_checkpoints_runs_the_toy_method_with_and_without_dare(registered, llama_folders, tmp_path):
+def test_merge_checkpoints_runs_the_toy_method_with_and_without_dare(registered, folders, tmp_path):  # noqa: F811
     import merge_checkpoints
 
-    common = ["--pretrained_model", llama_folders[0], "--finetuned_models", *llama_folders[1:], "--quiet",
+    common = ["--pretrained_model", folders[0], "--finetuned_models", *folders[1:], "--quiet",
               "--skip_homology_check"]
     merge_checkpoints.main([*common, "--merging_method_name", TOY, "--toy_alpha", "0.5",
                             "--output_dir", str(tmp_path / "plain")])
-    state_dicts = [read_back(Path(folder)) for folder in llama_folders]
+    state_dicts = [read_back(Path(folder)) for folder in folders]
     merged = load_merged(tmp_path / "plain")
     name = "model.layers.0.mlp.up_proj.weight"
     base = state_dicts[0][name].float()
