@@ -1,13 +1,24 @@
-"""MATH answer normalisation and equivalence (Hendrycks et al., 2021, arXiv:2103.03874).
+"""MATH answer normalisation and equivalence, exactly as MergeLM scores MATH (Hendrycks et al., 2021).
 
-A faithful port of ``math_equivalence.py`` from hendrycks/math, as copied into WizardMath and MergeLM
-(``utils/evaluate_llms_utils.py``). The quirks are kept on purpose because the paper's MATH numbers depend
-on them:
+A port of ``strip_string`` / ``is_equiv`` from yule-BUAA/MergeLM ``utils/evaluate_llms_utils.py`` (commit
+0dbd199), which copied hendrycks/math ``modeling/math_equivalence.py`` with two changes that MergeLM's
+numbers depend on and that are kept here: its ``fix_a_slash_b`` catches only ``AssertionError``, and a bare
+``%`` is not removed (only ``\\%``). :func:`is_equiv` returns what MergeLM's ``is_equiv`` returns on every
+input; ``tests/test_math_equivalence.py`` checks that against a verbatim copy of the original functions.
 
-* ``_remove_right_units`` requires exactly one ``"\\text{ "``; with two or more the normalisation fails and
-  :func:`is_equiv` falls back to a raw string comparison.
-* any other exception raised while normalising (for example a string ending in ``\\sqrt``) also falls back
-  to the raw comparison.
+* Both ``None`` -> ``True`` (with a warning); exactly one ``None`` -> ``False``.
+* Otherwise both strings are normalised with :func:`strip_string` and compared; if normalising either one
+  raises, the raw strings are compared instead (MergeLM's ``except Exception``). Normalising raises
+
+  - ``ValueError`` for a normalised string with exactly one ``/`` and a side that ``int()`` rejects
+    (``\\pi/2``, ``0.5/2``, ``x/2``, ``1/``; also an integer of more than 4300 digits), because
+    ``int()`` fails outside the original's ``try ... except AssertionError``. So ``\\pi / 2`` and
+    ``\\pi/2`` are *not* equivalent;
+  - ``IndexError`` where ``\\sqrt`` or ``\\frac`` has nothing after it (a string ending in one of them);
+  - an ``AssertionError`` (:class:`_NormalisationError`) for two or more ``"\\text{ "`` unit markers.
+
+There is no lenient variant: the earlier one (which treated a failed ``int()`` as "leave the string
+unchanged" and went on normalising) had no caller and is gone.
 """
 
 from __future__ import annotations
@@ -17,8 +28,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-class _NormalisationError(Exception):
-    """Raised where Hendrycks' code fails an ``assert``; :func:`is_equiv` then compares the raw strings."""
+class _NormalisationError(AssertionError):
+    """Raised where the original fails an ``assert``; :func:`is_equiv` then compares the raw strings."""
 
 
 def _fix_fracs(string: str) -> str:
@@ -42,14 +53,16 @@ def _fix_fracs(string: str) -> str:
 
 
 def _fix_a_slash_b(string: str) -> str:
-    """A string that is exactly ``int/int`` becomes ``\\frac{int}{int}``; anything else is returned unchanged."""
+    """Exactly ``int/int`` becomes ``\\frac{int}{int}``; other spellings of integers (``+1/2``) are kept.
+
+    Raises:
+        ValueError: where a side of the single ``/`` is not an integer; the original only catches the
+            ``AssertionError`` of its round-trip check, so this makes :func:`is_equiv` compare the raw strings.
+    """
     parts = string.split("/")
     if len(parts) != 2:
         return string
-    try:
-        a, b = int(parts[0]), int(parts[1])
-    except ValueError:
-        return string
+    a, b = int(parts[0]), int(parts[1])  # ValueError propagates, as in MergeLM
     if string != f"{a}/{b}":
         return string
     return "\\frac{" + str(a) + "}{" + str(b) + "}"
@@ -95,7 +108,8 @@ def strip_string(string: str) -> str:
         The normalised string.
 
     Raises:
-        _NormalisationError, IndexError: where the original code fails; :func:`is_equiv` catches them.
+        ValueError, IndexError, _NormalisationError: where the original code fails (see the module docstring);
+            :func:`is_equiv` catches them and compares the raw strings.
     """
     string = string.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     string = string.replace("tfrac", "frac").replace("dfrac", "frac")
@@ -120,7 +134,7 @@ def strip_string(string: str) -> str:
 
 
 def is_equiv(str1: str | None, str2: str | None) -> bool:
-    """Hendrycks' ``is_equiv``: compare two MATH answers after :func:`strip_string`.
+    """MergeLM's ``is_equiv``: compare two MATH answers after :func:`strip_string`.
 
     Both ``None`` -> ``True`` (with a warning, as the original prints one); exactly one ``None`` -> ``False``;
     if normalising either string fails, the raw strings are compared instead.
@@ -139,5 +153,5 @@ def is_equiv(str1: str | None, str2: str | None) -> bool:
         return False
     try:
         return strip_string(str1) == strip_string(str2)
-    except Exception:  # Hendrycks uses a bare except: any failure -> raw comparison
+    except Exception:  # as MergeLM: any failure -> raw comparison
         return str1 == str2
