@@ -20,8 +20,12 @@ Examples:
         --merging_methods mask_merging+task_arithmetic --stage select
 
 Every grid point is one streamed merge, evaluated on every benchmark's validation sample; a finished point
-(``result.json``) is never redone, so a killed job is simply started again. ``--list_presets`` shows the Table 1
-presets and their sources. Folders and files: see ``llms/llm_grid_search.py``.
+(``result.json``) is never redone, so a killed job is simply started again. The selection (``--stage select`` or
+the end of ``--stage all``) refuses to run while a grid point is not finished, naming the missing ones, unless
+``--allow_missing`` (then ``selection.json`` records them and the tables say the grid was partial). Points tied
+for a benchmark's best validation score are listed in ``selection.json`` and the tables; the earlier point in
+grid order wins. ``--list_presets`` shows the Table 1 presets and their sources. Folders and files: see
+``llms/llm_grid_search.py``.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", default="0/1", help="i/N: run grid points i, i+N, ... (with --stage grid)")
     parser.add_argument("--stage", default="all", choices=["all", "grid", "select"],
                         help="grid = validation runs only; select = selection + test/full runs of the selected")
+    parser.add_argument("--allow_missing", action="store_true",
+                        help="select among the finished grid points when some are not finished (recorded in "
+                             "selection.json; the Table 1 printout marks it partial); default: refuse")
     parser.add_argument("--tokens_per_second", type=float, default=None,
                         help="generation rate for the estimate (default: measured on finished points)")
     parser.add_argument("--merge_seconds", type=float, default=None, help="seconds per merge for the estimate")
@@ -146,7 +153,7 @@ def build_config(args: argparse.Namespace) -> GridSearchConfig:
         shard=parse_shard(args.shard), model_paths=parse_model_path_overrides(args.model_path),
         save_merge_models_dir=args.save_merge_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
-        **homology_from_args(args), evaluation=settings_from_args(args),
+        **homology_from_args(args), evaluation=settings_from_args(args), allow_missing=args.allow_missing,
     )
 
 

@@ -10,7 +10,9 @@ runs get the fine-tuning table (with the majority-class score), the drop-rate sw
 table (target task x method, without and with DARE) and DARE's relative change per method (see
 ``glue.glue_tables``); runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K,
 MATH, HumanEval, MBPP, see ``llms.results_tables``); runs of any other script are listed with their flattened
-top-level metrics.
+top-level metrics. ``--paper_table1`` prints only the paper's Table 1 next to ours (``llms.paper_table1``:
+validation, test and full-set scores of each grid selection; partial runs marked and, without ``--show_partial``,
+not shown).
 """
 
 from __future__ import annotations
@@ -147,14 +149,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_dir", default="results")
     parser.add_argument("--output_dir", default=None, help="default: <results_dir>/summary")
     parser.add_argument("--paper_table1", action="store_true",
-                        help="only the paper's Table 1 next to ours (table1.md, table1.csv; llms/paper_table1.py)")
-    return parser.parse_args(argv)
+                        help="only the paper's Table 1 next to ours (table1.md, table1.csv; llms/paper_table1.py); "
+                             "grid selections show validation, test (the other 90 %%) and full-set scores")
+    parser.add_argument("--show_partial", action="store_true",
+                        help="with --paper_table1: also show the scores of partial runs (fewer examples or new "
+                             "tokens than the paper's, or a selection over part of the grid), marked partial")
+    args = parser.parse_args(argv)
+    if args.show_partial and not args.paper_table1:
+        parser.error("--show_partial applies to --paper_table1 only")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.paper_table1:
-        markdown = write_side_by_side(args.results_dir, args.output_dir or Path(args.results_dir) / "summary")
+        markdown = write_side_by_side(args.results_dir, args.output_dir or Path(args.results_dir) / "summary",
+                                      show_partial=args.show_partial)
         sys.stdout.write(markdown)
         return {"markdown": markdown}
     summary = summarize(args.results_dir, args.output_dir)

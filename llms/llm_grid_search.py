@@ -8,6 +8,13 @@ missing or NaN score never wins) and only then evaluated on the test part; the f
 the paper reports) is scored from the same generations. Cells whose setting a preset states (``llms.llm_presets``)
 skip the grid and are evaluated with that setting.
 
+The selection needs every grid point: with a point not finished (a shard still running, a job killed, a point
+held by a concurrent job) it raises :class:`IncompleteGridError` before any final merge, naming the missing
+points, unless ``GridSearchConfig.allow_missing`` (``--allow_missing``); then it selects among the finished points
+and ``selection.json`` records ``"missing_points"`` and ``"allow_missing": true``. Ties are never silent: every
+point sharing a benchmark's best validation score is listed under ``selection.<benchmark>.tied`` (the rule,
+:data:`TIE_BREAK`, is in ``selection.json`` and the tables) and logged.
+
 Folder ``<results>/grid_search_llms_instruct_math_code/<tasks>/<split and generation settings>/`` (the
 generation settings: ``EvaluationSettings.naming()``, e.g. ``backend=hf``, ``dtype=float16``, ``max_new_tokens``):
 
@@ -20,7 +27,8 @@ generation settings: ``EvaluationSettings.naming()``, e.g. ``backend=hf``, ``dty
 * ``external_scores/<dataset>.json``: ``{"<method>/<settings>": percent}`` for benchmarks scored outside
   the repository (AlpacaEval, or code without ``--allow_code_execution``), read by the selection;
 * ``selections/<label>/``: ``grid.md`` / ``grid.csv`` (every point's validation score per benchmark),
-  ``selection.csv``, ``selection.json`` (everything, including the missing points), ``config.json``, logs.
+  ``selection.csv``, ``selection.json`` (everything: the missing points and ``allow_missing``, the tied points
+  per benchmark and the tie rule ``tie_break``, the evaluation settings in ``config``), ``config.json``, logs.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from evaluation.tasks import get_task
 from llms.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
 from llms.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER, LlmMergeConfig, saved_naming
 from llms.llm_grid import describe_point, shard_points
-from llms.llm_grid_tables import grid_table, percent_score, selection_table, write_tables
+from llms.llm_grid_tables import TIE_BREAK, grid_table, percent_score, selection_table, write_tables
 from llms.llm_merging import merge_llms, release_model_dirs, resolve_paths
 from llms.llm_pipeline import (
     TASK_DATASETS,
@@ -73,6 +81,10 @@ RESULT_FILE = "result.json"
 PARTS = ("validation", "test", "full")
 
 
+class IncompleteGridError(RuntimeError):
+    """The selection was asked for while grid points are not finished (and ``allow_missing`` is off)."""
+
+
 @dataclass(frozen=True)
 class GridSearchConfig:
     """A grid search (or a preset) over merges of ``merge_tasks``; validated before any model is read.
@@ -90,6 +102,8 @@ class GridSearchConfig:
         shard: ``(i, N)``: this job runs points ``i, i+N, ...`` of the grid.
         model_paths, save_merge_models_dir, save_dtype, keep_model, merge_num_threads: as in ``LlmMergeConfig``.
         evaluation: generation and scoring settings (always resumed).
+        allow_missing: select among the finished points when some are not finished (recorded in
+            ``selection.json``); otherwise the selection refuses to run (:class:`IncompleteGridError`).
     """
 
     merge_tasks: tuple[str, ...]
@@ -109,6 +123,7 @@ class GridSearchConfig:
     homology_check: bool = True
     strict_homology: bool = False
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    allow_missing: bool = False
 
     def __post_init__(self) -> None:
         tasks = tuple(t for t in MERGE_TASK_ORDER if t in self.merge_tasks)
@@ -166,7 +181,7 @@ class GridSearchConfig:
                 "shard": list(self.shard), "model_paths": dict(self.model_paths),
                 "save_merge_models_dir": self.save_merge_models_dir, "save_dtype": self.save_dtype,
                 "homology_check": self.homology_check, "strict_homology": self.strict_homology,
-                "evaluation": dataclasses.asdict(self.evaluation)}
+                "evaluation": dataclasses.asdict(self.evaluation), "allow_missing": self.allow_missing}
 
 
 def grid_model_paths(config: GridSearchConfig) -> dict[str, str]:
@@ -348,10 +363,19 @@ def validation_scores(
     return scores
 
 
+def tied_points(scores: Mapping[Recipe, float | None], best: float) -> list[Recipe]:
+    """The points (grid order) whose validation score equals the best one; a missing or NaN score is never tied."""
+    return [point for point, score in scores.items() if score is not None and score == best]
+
+
 def select_settings(
     config: GridSearchConfig, scores: Mapping[str, Mapping[Recipe, float | None]]
 ) -> dict[str, dict[str, Any]]:
-    """Per benchmark: the stated setting, or the validation best (only validation scores are looked at)."""
+    """Per benchmark: the stated setting, or the validation best (only validation scores are looked at).
+
+    A grid selection's ``"tied"`` lists every point sharing the best score, in grid order (empty when the best is
+    unique); the first of them is selected (:data:`TIE_BREAK`), and the tie is logged.
+    """
     selection = {}
     for dataset in config.datasets:
         if dataset in config.fixed:
@@ -363,7 +387,13 @@ def select_settings(
             logger.warning("%s: no finished point has a validation score; write external_scores/%s.json (point key "
                            "-> percent) or pass --allow_code_execution", dataset, dataset)
             continue
-        selection[dataset] = {"point": best[0], "selected_by": "validation grid", "validation_score": best[1]}
+        tied = tied_points(scores[dataset], best[1])
+        if len(tied) > 1:
+            logger.warning("%s: %d points share the best validation score %.2f (%s); %s: %s", dataset, len(tied),
+                           best[1], ", ".join(config.point_key(p) for p in tied), TIE_BREAK,
+                           config.point_key(best[0]))
+        selection[dataset] = {"point": best[0], "selected_by": "validation grid", "validation_score": best[1],
+                              "tied": tied if len(tied) > 1 else []}
     return selection
 
 
@@ -448,25 +478,45 @@ def run_grid(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str])
     return done
 
 
+def check_complete(config: GridSearchConfig, missing: Sequence[Recipe]) -> None:
+    """Refuse a selection over part of the grid unless ``allow_missing`` (then the missing points are logged)."""
+    if not missing:
+        return
+    keys = ", ".join(config.point_key(p) for p in missing)
+    if not config.allow_missing:
+        raise IncompleteGridError(
+            f"{len(missing)} of {len(config.points)} grid points are not finished, so there is no selection yet: "
+            f"{keys}. Finish them (rerun the grid jobs, --stage grid --shard i/N, or wait for the jobs still "
+            "working on them), then run --stage select; or pass --allow_missing to select among the finished "
+            "points (selection.json and the tables then record the missing ones)")
+    logger.warning("--allow_missing: %d of %d grid points are not finished; selecting among the finished ones. "
+                   "Missing: %s", len(missing), len(config.points), keys)
+
+
 def select_and_evaluate(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str]) -> dict[str, Any]:
-    """Select on the finished points (naming the missing ones), evaluate the selection, write the tables."""
+    """Select on the finished points, evaluate the selection, write the tables.
+
+    Raises :class:`IncompleteGridError` (before any final merge) when a grid point is not finished, unless
+    ``config.allow_missing``.
+    """
     finished, missing = load_point_results(config, grid_dir)
-    if missing:
-        logger.warning("%d of %d grid points are not finished; selecting among the finished ones. Missing: %s",
-                       len(missing), len(config.points), ", ".join(config.point_key(p) for p in missing))
+    check_complete(config, missing)
     scores = validation_scores(config, grid_dir, finished)
     selection = select_settings(config, scores)
     final = run_final(config, grid_dir, selection, paths)
     record = {"label": config.label, "config": config.record(), "table1_row": config.table1_row,
-              "missing_points": [config.point_key(p) for p in missing],
+              "missing_points": [config.point_key(p) for p in missing], "allow_missing": config.allow_missing,
+              "finished_points": len(finished), "grid_points": len(config.points), "tie_break": TIE_BREAK,
               "validation_scores": {d: {config.point_key(p): s for p, s in by_point.items()}
                                     for d, by_point in scores.items()},
-              "selection": {d: {**s, "point": s["point"].record(), "key": config.point_key(s["point"])}
+              "selection": {d: {**s, "point": s["point"].record(), "key": config.point_key(s["point"]),
+                                **({"tied": [config.point_key(p) for p in s["tied"]]} if "tied" in s else {})}
                             for d, s in selection.items()},
               "final": {d: {part: {k: v for k, v in m.items() if k != "ids"} if isinstance(m, Mapping) else m
                             for part, m in parts.items()} for d, parts in final.items()}}
     grid = grid_table(config.points, config.grid_datasets, scores, finished, selection)
-    markdown = write_tables(selection_folder(config, grid_dir), grid, selection_table(selection, final), record)
+    selected = selection_table(selection, final, grid_points=(len(finished), len(config.points)))
+    markdown = write_tables(selection_folder(config, grid_dir), grid, selected, record)
     return {**record, "markdown": markdown}
 
 

@@ -1,7 +1,9 @@
 """Tables of a grid search: every point's validation score per benchmark, and the selected settings.
 
 Scores are the paper's metric x100 (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, AlpacaEval win rate from
-``external_scores``); ``files`` = generated but scored outside the repository; empty = not finished.
+``external_scores``); ``files`` = generated but scored outside the repository; empty = not finished. The selected
+settings' table says how many grid points the selection saw (a partial grid only with ``--allow_missing``) and
+which points tied for the best validation score (:data:`TIE_BREAK`).
 Written as markdown, CSV and JSON into the selection folder (``llms.llm_grid_search``).
 """
 
@@ -19,6 +21,8 @@ from model_merging_methods import Recipe
 
 Table = tuple[list[str], list[list[Any]]]
 NOT_SCORED = "files"
+#: how a tie for the best validation score is broken (``common.selection.select_best``), stated in every selection
+TIE_BREAK = "the earlier point in grid order wins"
 
 
 def format_cell(value: Any) -> str:
@@ -72,8 +76,16 @@ def grid_table(
     return ["method", *(column_label(n) for n in names), "status", *datasets, "selected for"], rows
 
 
-def selection_table(selection: Mapping[str, Mapping[str, Any]], final: Mapping[str, Mapping[str, Any]]) -> Table:
-    """One row per benchmark: the selected setting, who selected it, and its scores on each part."""
+def selection_table(
+    selection: Mapping[str, Mapping[str, Any]], final: Mapping[str, Mapping[str, Any]],
+    grid_points: tuple[int, int] | None = None,
+) -> Table:
+    """One row per benchmark: the selected setting, who selected it, its scores on each part, the grid it was
+    selected from (``grid_points`` = (finished, all); ``partial grid`` when some were missing) and the points that
+    tied with it for the best validation score (:data:`TIE_BREAK`)."""
+    grid = ""
+    if grid_points is not None:
+        grid = f"{grid_points[0]} of {grid_points[1]}" + (" (partial grid)" if grid_points[0] < grid_points[1] else "")
     rows = []
     for dataset, chosen in selection.items():
         scores = []
@@ -82,16 +94,27 @@ def selection_table(selection: Mapping[str, Mapping[str, Any]], final: Mapping[s
             value = None if metrics is None else percent_score(metrics)
             scores.append(value if value is not None or metrics is None else NOT_SCORED)
         counts = [len(final[dataset][p]["ids"]) if dataset in final else None for p in ("validation", "test")]
-        rows.append([dataset, describe_point(chosen["point"]), chosen["selected_by"], *scores, *counts])
-    return ["benchmark", "setting", "selected by", "validation", "test", "full", "n validation", "n test"], rows
+        by_grid = chosen["selected_by"] == "validation grid"
+        tied = "; ".join(describe_point(p) for p in chosen.get("tied", []))
+        rows.append([dataset, describe_point(chosen["point"]), chosen["selected_by"], *scores, *counts,
+                     grid if by_grid else "", tied])
+    return ["benchmark", "setting", "selected by", "validation", "test", "full", "n validation", "n test",
+            "grid points", f"tied ({TIE_BREAK})"], rows
 
 
 def write_tables(folder: Path, grid: Table, selected: Table, record: Mapping[str, Any]) -> str:
     """``grid.md`` (both tables), ``grid.csv``, ``selection.csv``, ``selection.json``; returns the markdown."""
     missing = record.get("missing_points", [])
-    note = f"\nMissing points ({len(missing)}): {', '.join(missing)}\n" if missing else ""
+    note = ""
+    if missing:
+        note = (f"\n**Selection over a partial grid** (--allow_missing): {len(missing)} of "
+                f"{record.get('grid_points', '?')} points not finished. Missing points ({len(missing)}): "
+                f"{', '.join(missing)}\n")
     markdown = (f"## Validation grid ({record['label']})\n\n{markdown_table(grid)}{note}\n"
-                f"## Selected settings\n\n{markdown_table(selected)}")
+                f"## Selected settings\n\n{markdown_table(selected)}\n"
+                f"Ties for the best validation score: {record.get('tie_break', TIE_BREAK)} "
+                "(`common.selection.select_best`); the tied points are listed (selection.json: "
+                "`selection.<benchmark>.tied`).\n")
     atomic_write_text(folder / "grid.md", markdown)
     atomic_write_text(folder / "grid.csv", csv_text(grid))
     atomic_write_text(folder / "selection.csv", csv_text(selected))

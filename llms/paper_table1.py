@@ -4,8 +4,16 @@ Paper numbers: arXiv 2311.03099 as recovered in the project's reference notes; *
 notes of its TeX), **A#n** = the first author in MergeLM issue n; a number marked uncertain (``?`` in the table)
 has one secondary source only. Ours: single models from ``inference_llms_instruct_math_code.py`` runs with
 ``--weight_mask_rate 0.0``, merges from the selections of ``grid_search_llms_instruct_math_code.py`` (the
-full-set score of the selected setting, else its test-part score), matched to a row by the selection's
-``table1_row``. Cells: ``ours / paper (ours - paper)``, x100; ``files`` = scored outside the repository.
+selected setting's scores on the validation sample it was selected on, on the other 90 % (test) and on the full
+set, side by side), matched to a row by the selection's ``table1_row``. Cells: ``ours / paper (ours - paper)``,
+x100, the difference from the full-set score; ``files`` = scored outside the repository.
+
+A run is *full* only when it evaluated every example with the paper's generation length: its recorded
+evaluation settings (``config.json``, or ``selection.json``'s ``config``) have ``start_index`` 0, ``end_index``
+all examples and ``max_new_tokens`` None, and, for a selection, no grid point was missing (``--allow_missing``).
+Any other run is *partial* (``partial: 10 examples, 2 new tokens``; a run whose settings are not recorded too):
+its row says so and its scores are left out unless ``show_partial`` (``--show_partial``), which shows them still
+marked partial and without a difference from the paper.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from llms.llm_grid_tables import NOT_SCORED, csv_text, markdown_table, percent_s
 
 COLUMNS = {"alpaca_eval": "AlpacaEval", "gsm8k": "GSM8K", "MATH": "MATH", "human_eval": "HumanEval", "mbpp": "MBPP"}
 LM_MATH, ALL3 = "WizardLM + WizardMath", "WizardLM + WizardMath + code-alpaca"
+PARTS = {"validation": "val", "test": "test", "full": "full"}
 SINGLE_MODELS = {"WizardLM-13B-V1.2": "WizardLM-13B", "WizardMath-13B-V1.0": "WizardMath-13B",
                  "llama-2-13b-code-alpaca": "llama-2-13b-code-alpaca"}
 
@@ -60,85 +69,173 @@ def _read(path: Path) -> Any:
 
 
 def _score(metrics: Mapping[str, Any] | None) -> float | str | None:
-    if metrics is None:
+    if not isinstance(metrics, Mapping):
         return None
     score = percent_score(metrics)
     return NOT_SCORED if score is None else score
 
 
-def single_model_results(results_dir: Path) -> dict[tuple[str, str], dict[str, float | str]]:
-    """``{(model, "—" + slice note): {dataset: score}}`` from plain inference runs (drop rate 0)."""
-    found: dict[tuple[str, str], dict[str, float | str]] = {}
+def partial_evaluation(evaluation: Mapping[str, Any] | None) -> str | None:
+    """``None`` when the settings are the paper's (every example, its generation length), else what differs:
+    ``10 examples, 2 new tokens``, ``examples from #5 on``, ``evaluation settings not recorded``."""
+    if not isinstance(evaluation, Mapping):
+        return "evaluation settings not recorded"
+    start = evaluation.get("start_index") or 0
+    end = evaluation.get("end_index")
+    end = sys.maxsize if end is None else end
+    parts = []
+    if end < sys.maxsize:
+        parts.append(f"{end - start} examples" + (f" from #{start}" if start else ""))
+    elif start:
+        parts.append(f"examples from #{start} on")
+    if evaluation.get("max_new_tokens") is not None:
+        parts.append(f"{evaluation['max_new_tokens']} new tokens")
+    return ", ".join(parts) or None
+
+
+def partial_grid(record: Mapping[str, Any]) -> str | None:
+    """``selection over 1 of 2 grid points`` when the selection ran with missing points, else ``None``."""
+    missing = record.get("missing_points") or []
+    if not missing:
+        return None
+    total = record.get("grid_points")
+    if total is None and isinstance(record.get("config"), Mapping) and "points" in record["config"]:
+        total = len(record["config"]["points"])
+    if total is None:
+        return f"selection with {len(missing)} grid points missing"
+    return f"selection over {total - len(missing)} of {total} grid points"
+
+
+@dataclass(frozen=True)
+class OurRun:
+    """One source of our numbers for a Table 1 row.
+
+    Attributes:
+        source: where they come from (``inference``, ``grid <label>``).
+        partial: ``None`` for a full run, else what makes it partial (``10 examples, 2 new tokens``).
+        cells: ``{dataset: {part: score}}``; single models have the ``full`` part only (the whole test set).
+    """
+
+    source: str
+    partial: str | None
+    cells: dict[str, dict[str, float | str | None]] = field(default_factory=dict)
+
+
+def single_model_results(results_dir: Path) -> dict[tuple[str, str | None], dict[str, dict[str, float | str]]]:
+    """``{(model, partial): {dataset: {"full": score}}}`` from plain inference runs (drop rate 0)."""
+    found: dict[tuple[str, str | None], dict[str, dict[str, float | str]]] = {}
     for path in sorted(results_dir.rglob("config.json")):
         config = _read(path).get("config", {})
         if (config.get("script") != "inference_llms_instruct_math_code" or config.get("weight_mask_rate") != 0.0
                 or config.get("finetuned_model_name") not in SINGLE_MODELS
                 or not path.with_name("metrics.json").is_file()):
             continue
-        evaluation = config.get("evaluation", {})
-        partial = evaluation.get("start_index", 0) or evaluation.get("end_index", sys.maxsize) < sys.maxsize
-        source = "inference, part of the test set" if partial else "inference"
-        cells = found.setdefault((SINGLE_MODELS[config["finetuned_model_name"]], source), {})
+        partial = partial_evaluation(config.get("evaluation"))
+        cells = found.setdefault((SINGLE_MODELS[config["finetuned_model_name"]], partial), {})
         for dataset, metrics in _read(path.with_name("metrics.json")).items():
             if dataset in COLUMNS and isinstance(metrics, Mapping):
-                cells[dataset] = _score(metrics)
+                cells[dataset] = {"full": _score(metrics)}
     return found
 
 
-def grid_results(results_dir: Path) -> list[tuple[tuple[str, str], str, dict[str, float | str]]]:
-    """``(table1_row, source, {dataset: score})`` of every grid-search selection (full set, else test part)."""
+def grid_results(results_dir: Path) -> list[tuple[tuple[str, str], OurRun]]:
+    """``(table1_row, run)`` of every grid-search selection: validation, test and full scores per benchmark."""
     found = []
     for path in sorted(results_dir.rglob("selections/*/selection.json")):
         record = _read(path)
-        cells, parts = {}, set()
-        for dataset, final in record.get("final", {}).items():
-            part = "full" if final.get("full") is not None else "test"
-            cells[dataset] = _score(final.get(part))
-            parts.add(part)
+        cells = {dataset: {part: _score(final.get(part)) for part in PARTS}
+                 for dataset, final in record.get("final", {}).items() if isinstance(final, Mapping)}
+        config = record.get("config")
+        evaluation = config.get("evaluation") if isinstance(config, Mapping) else None
+        partial = "; ".join(p for p in (partial_evaluation(evaluation), partial_grid(record)) if p) or None
         row = tuple(record["table1_row"]) if record.get("table1_row") else ("(not a Table 1 row)", record["label"])
-        found.append((row, f"grid {record['label']} ({'/'.join(sorted(parts)) or 'nothing evaluated'})", cells))
+        source = f"grid {record['label']}" + ("" if cells else " (nothing evaluated)")
+        found.append((row, OurRun(source, partial, cells)))
     return found
 
 
-def _cell(ours: float | str | None, paper: PaperCell | None) -> str:
-    text = "–" if ours is None else (f"{ours:.2f}" if isinstance(ours, float) else ours)
+def _text(value: float | str | None) -> str:
+    return "–" if value is None else (f"{value:.2f}" if isinstance(value, float) else value)
+
+
+def _ours(parts: Mapping[str, float | str | None] | None) -> str:
+    """``65.00`` (a single model's full set), ``val 90.00 · test 45.00 · full 50.00`` (a grid selection), ``files``
+    (every part scored outside the repository)."""
+    if not parts:
+        return "–"
+    if set(parts) == {"full"} or all(parts.get(p) == NOT_SCORED for p in PARTS):
+        return _text(parts["full"])
+    return " · ".join(f"{label} {_text(parts.get(part))}" for part, label in PARTS.items())
+
+
+def _difference(parts: Mapping[str, Any] | None, paper: PaperCell | None, partial: bool) -> float | None:
+    full = (parts or {}).get("full")
+    return full - paper.value if isinstance(full, float) and paper is not None and not partial else None
+
+
+def _cell(parts: Mapping[str, float | str | None] | None, paper: PaperCell | None, partial: bool) -> str:
+    text = _ours(parts)
     if paper is None:
         return f"{text} / –"
     text += f" / {paper.value:.2f}{'' if paper.certain else '?'}"
-    return text + (f" ({ours - paper.value:+.2f})" if isinstance(ours, float) else "")
+    difference = _difference(parts, paper, partial)
+    return text + (f" ({difference:+.2f})" if difference is not None else "")
 
 
-def side_by_side(results_dir: str | Path) -> tuple[tuple[list[str], list[list[Any]]], tuple[list[str], list]]:
-    """Table 1 rows with our values next to the paper's: ``(wide table for markdown, long table for CSV)``."""
+def side_by_side(
+    results_dir: str | Path, show_partial: bool = False
+) -> tuple[tuple[list[str], list[list[Any]]], tuple[list[str], list]]:
+    """Table 1 rows with our values next to the paper's: ``(wide table for markdown, long table for CSV)``.
+
+    A partial run (see the module docstring) is a row marked ``[partial: ...]``; its scores are shown only with
+    ``show_partial``.
+    """
     results_dir = Path(results_dir)
-    sources: dict[tuple[str, str], list[tuple[str, dict]]] = {key: [] for key in PAPER_TABLE1}
-    for (model, source), cells in single_model_results(results_dir).items():
-        sources.setdefault((model, "—"), []).append((source, cells))
-    for row, source, cells in grid_results(results_dir):
-        sources.setdefault(row, []).append((source, cells))
+    sources: dict[tuple[str, str], list[OurRun]] = {key: [] for key in PAPER_TABLE1}
+    for (model, partial), cells in single_model_results(results_dir).items():
+        sources.setdefault((model, "—"), []).append(OurRun("inference", partial, cells))
+    for row, run in grid_results(results_dir):
+        sources.setdefault(row, []).append(run)
     wide, long = [], []
     for (models, method), found in sources.items():
         paper = PAPER_TABLE1.get((models, method), {})
-        for source, cells in found or [("not run", {})]:
-            wide.append([models, method, source, *[_cell(cells.get(d), paper.get(d)) for d in COLUMNS]])
+        for run in found or [OurRun("not run", None)]:
+            source, cells, evaluation = run.source, run.cells, "full" if run.source != "not run" else ""
+            if run.partial is not None:
+                evaluation = f"partial: {run.partial}"
+                if show_partial:
+                    source += f" [{evaluation}]"
+                else:
+                    source += f" [{evaluation}; not shown, pass --show_partial]"
+                    cells = {}
+            partial = run.partial is not None
+            wide.append([models, method, source, *[_cell(cells.get(d), paper.get(d), partial) for d in COLUMNS]])
             for dataset, label in COLUMNS.items():
-                ours, reference = cells.get(dataset), paper.get(dataset)
-                if ours is None and reference is None:
+                ours, reference = cells.get(dataset) or {}, paper.get(dataset)
+                if not ours and reference is None:
                     continue
-                difference = ours - reference.value if isinstance(ours, float) and reference else None
                 cited = f"{reference.source}{'' if reference.certain else ' ?'}" if reference else ""
-                long.append([models, method, source, label, ours, reference.value if reference else None,
-                             difference, cited])
+                long.append([models, method, source, evaluation, label, ours.get("full"), ours.get("validation"),
+                             ours.get("test"), reference.value if reference else None,
+                             _difference(ours, reference, partial), cited])
     header = ["models", "method", "ours from", *COLUMNS.values()]
-    long_header = ["models", "method", "ours from", "benchmark", "ours", "paper", "difference", "paper source"]
+    long_header = ["models", "method", "ours from", "evaluation", "benchmark", "ours", "ours validation",
+                   "ours test", "paper", "difference", "paper source"]
     return (header, wide), (long_header, long)
 
 
-def write_side_by_side(results_dir: str | Path, output_dir: str | Path) -> str:
+TITLE = ("## Table 1 side by side (ours / paper (ours - paper), x100; ? = one secondary source)\n\n"
+         "Grid selections: val · test · full = the selected setting's score on the 10 % validation sample it was "
+         "selected on, on the other 90 % (test) and on the full set (what the paper reports; the difference is the "
+         "full set's). Partial runs (fewer examples or new tokens than the paper's, or a selection over part of the "
+         "grid) are marked [partial: ...]; their scores are shown only with --show_partial, without a difference."
+         "\n\n")
+
+
+def write_side_by_side(results_dir: str | Path, output_dir: str | Path, show_partial: bool = False) -> str:
     """``table1.md`` and ``table1.csv`` in ``output_dir``; returns the markdown."""
-    wide, long = side_by_side(results_dir)
-    markdown = ("## Table 1 side by side (ours / paper (ours - paper), x100; ? = one secondary source)\n\n"
-                + markdown_table(wide))
+    wide, long = side_by_side(results_dir, show_partial=show_partial)
+    markdown = TITLE + markdown_table(wide)
     atomic_write_text(Path(output_dir) / "table1.md", markdown)
     atomic_write_text(Path(output_dir) / "table1.csv", csv_text(long))
     return markdown

@@ -15,11 +15,12 @@ import pytest
 from test_llm_merging import family  # noqa: F401  (module fixture: the tiny base + instruct/math/code family)
 
 import grid_search_llms_instruct_math_code as grid_script
+import summarize_results
 from evaluation import generation
 from llms import llm_grid_search, llm_merging, llm_pipeline
 from llms.llm_compute_estimate import describe_plan, plan_compute
 from llms.llm_grid import describe_point, expand_points, grid_methods, parse_shard, shard_points
-from llms.llm_grid_search import GridSearchConfig, point_lock, run_grid_search
+from llms.llm_grid_search import GridSearchConfig, IncompleteGridError, point_lock, run_grid_search
 from llms.llm_pipeline import EvaluationSettings
 from llms.llm_validation_split import split_positions
 from model_merging_methods import Dare, Recipe
@@ -140,7 +141,9 @@ def test_selection_uses_validation_and_never_peeks_at_test(fake_evaluation, tmp_
     assert "| task_arithmetic | 0.5 | finished | 60.00 | gsm8k |" in grid_md
     assert "| task_arithmetic | 1.0 | finished | 40.00 |  |" in grid_md
     assert (folder / "grid.csv").read_text().splitlines()[0] == "method,λ,status,gsm8k,selected for"
-    assert json.loads((folder / "selection.json").read_text())["missing_points"] == []
+    record = json.loads((folder / "selection.json").read_text())
+    assert record["missing_points"] == [] and record["allow_missing"] is False
+    assert record["selection"]["gsm8k"]["tied"] == [] and record["tie_break"] == "the earlier point in grid order wins"
 
 
 def test_a_nan_validation_score_never_wins(fake_evaluation, tmp_path, monkeypatch):
@@ -163,15 +166,87 @@ def test_generation_and_save_settings_name_the_grid_and_point_folders(tmp_path, 
     assert EvaluationSettings().naming() == {}  # the paper's backend and dtype: left out of the names
 
 
-def test_a_point_held_by_another_job_is_skipped_and_reported_missing(fake_evaluation, tmp_path):
+def test_selection_refuses_while_a_point_is_missing(fake_evaluation, tmp_path):
     config = _fake_config(tmp_path)
     held = tmp_path / "grid" / "points" / config.point_key(config.points[1])
-    with point_lock(held) as acquired:
+    with point_lock(held) as acquired:  # a concurrent --stage all job works on the second point
+        assert acquired
+        with pytest.raises(IncompleteGridError) as error:
+            run_grid_search(config, tmp_path / "grid", {})
+    message = str(error.value)
+    assert "1 of 2 grid points are not finished" in message and config.point_key(config.points[1]) in message
+    assert "--stage select" in message and "--allow_missing" in message
+    # refused before any final merge, and no selection.json for the summary to trust
+    assert fake_evaluation == [("merge 0.5", ()), ("0.5", ("validation",))]
+    assert not (tmp_path / "grid" / "selections" / "custom" / "selection.json").exists()
+
+
+def test_allow_missing_selects_among_the_finished_points_and_records_the_missing(fake_evaluation, tmp_path):
+    config = _fake_config(tmp_path, allow_missing=True)
+    missing = config.point_key(config.points[1])
+    with point_lock(tmp_path / "grid" / "points" / missing) as acquired:
         assert acquired
         result = run_grid_search(config, tmp_path / "grid", {})
-    assert result["missing_points"] == [config.point_key(config.points[1])]
-    assert "Missing points (1)" in result["markdown"]
+    assert result["missing_points"] == [missing] and result["allow_missing"] is True
     assert ("1.0", ("validation",)) not in fake_evaluation
+    record = json.loads((tmp_path / "grid" / "selections" / "custom" / "selection.json").read_text())
+    assert record["missing_points"] == [missing] and record["allow_missing"] is True
+    assert record["grid_points"] == 2 and record["finished_points"] == 1
+    assert "**Selection over a partial grid** (--allow_missing): 1 of 2 points not finished. Missing points (1)" in (
+        result["markdown"])
+    selected = "| gsm8k | Task Arithmetic, λ=0.5 | validation grid | 60.00 | 10.00 | 15.00 | 1 | 1 |"
+    assert f"{selected} 1 of 2 (partial grid) |  |" in result["markdown"]
+
+
+def test_allow_missing_flag_reaches_the_configuration():
+    argv = ["--merge_instruct", "--merge_math", "--merging_methods", TA]
+    assert not grid_script.build_config(grid_script.parse_args(argv)).allow_missing
+    config = grid_script.build_config(grid_script.parse_args([*argv, "--allow_missing"]))
+    assert config.allow_missing and config.record()["allow_missing"] is True
+
+
+def test_tied_points_are_listed_logged_and_the_rule_stated(fake_evaluation, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(FAKE_SCORES["1.0"], "validation", 0.6)  # both points score 60.00 on validation
+    config = _fake_config(tmp_path)
+    keys = [config.point_key(p) for p in config.points]
+    with caplog.at_level("WARNING", logger="llms.llm_grid_search"):
+        result = run_grid_search(config, tmp_path / "grid", {})
+    assert result["selection"]["gsm8k"]["point"] == _ta(0.5).record()  # the earlier point in grid order wins
+    record = json.loads((tmp_path / "grid" / "selections" / "custom" / "selection.json").read_text())
+    assert record["selection"]["gsm8k"]["tied"] == keys
+    assert record["tie_break"] == "the earlier point in grid order wins"
+    assert f"gsm8k: 2 points share the best validation score 60.00 ({', '.join(keys)})" in caplog.text
+    assert "| tied (the earlier point in grid order wins) |" in result["markdown"]
+    assert "| 2 of 2 | Task Arithmetic, λ=0.5; Task Arithmetic, λ=1.0 |" in result["markdown"]
+    assert "Ties for the best validation score: the earlier point in grid order wins" in result["markdown"]
+
+
+def _table1_row(tmp_path, *flags: str) -> str:
+    markdown = summarize_results.main(["--results_dir", str(tmp_path / "grid"), "--output_dir", str(tmp_path / "out"),
+                                       "--paper_table1", *flags])["markdown"]
+    return next(line for line in markdown.splitlines()
+                if line.startswith("| WizardLM + WizardMath | Task Arithmetic |"))
+
+
+def test_table1_shows_the_three_parts_and_never_calls_a_smoke_run_full(fake_evaluation, tmp_path):
+    row = ("WizardLM + WizardMath", "Task Arithmetic")
+    smoke = _fake_config(tmp_path, table1_row=row, evaluation=EvaluationSettings(backend="hf", end_index=10,
+                                                                               max_new_tokens=2))
+    run_grid_search(smoke, tmp_path / "grid", {})
+    line = _table1_row(tmp_path)
+    assert "grid custom [partial: 10 examples, 2 new tokens; not shown, pass --show_partial]" in line
+    assert "15.00" not in line and "| – / 66.34 |" in line
+    line = _table1_row(tmp_path, "--show_partial")
+    # still marked partial, and no difference from the paper's full-set number
+    assert ("grid custom [partial: 10 examples, 2 new tokens] | – / 67.04 | val 60.00 · test 10.00 · full 15.00 "
+            "/ 66.34 |") in line
+    # the same selection with the paper's evaluation settings: full, the difference is the full set's
+    full_dir = tmp_path / "grid" / "selections" / "custom" / "selection.json"
+    record = json.loads(full_dir.read_text())
+    record["config"]["evaluation"].update(end_index=llm_pipeline.EvaluationSettings().end_index, max_new_tokens=None)
+    full_dir.write_text(json.dumps(record))
+    line = _table1_row(tmp_path)
+    assert f"| grid custom | – / 67.04 | val 60.00 · test 10.00 · full 15.00 / 66.34 ({15.0 - 66.34:+.2f}) |" in line
 
 
 def test_a_benchmark_added_later_is_evaluated_alone_on_finished_points(fake_evaluation, tmp_path):

@@ -260,3 +260,10 @@ def test_dare_effect_leaves_scores_near_zero_out_of_the_relative_mean():
     # cola: -0.3 -> 12.0 (+12.3 points; a relative change of +4,100 % left out); sst2: 80 -> 83 (+3, +3.75 %)
     assert header[5:7] == ["cells with plain >= 10", "mean relative change on those (%)"]
     assert rows == [["ties_merging", 2, pytest.approx(7.65), 2, 0, 1, pytest.approx(3.75), 0.84]]
+
+
+def test_show_partial_only_goes_with_paper_table1(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        summarize_results.parse_args(["--results_dir", str(tmp_path), "--show_partial"])
+    assert "--show_partial applies to --paper_table1 only" in capsys.readouterr().err
+    assert summarize_results.parse_args(["--paper_table1", "--show_partial"]).show_partial
