@@ -34,6 +34,7 @@ from glue.glue_tables import (
     finetune_table,
     merge_table,
     plot_sweeps,
+    sweep_contrast_table,
     sweep_series,
     sweep_table,
     table_records,
@@ -127,9 +128,14 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
                              sweep_table(series)),
               "merging": ("Pairwise merging, test split (primary metric x100; +DARE: mean ± std over DARE seeds)",
                           merge_table(merges)),
-              "dare_effect": ("What DARE changes in merging, over (pair, target) cells: the change in points, and in "
-                              "% where the plain score is at least 10",
+              "dare_effect": ("What DARE changes in merging, over (pair, target) cells: the change in points with its "
+                              "95 % bootstrap interval (pairs and DARE seeds resampled), cells changed beyond 1e-9, "
+                              "the signed-rank test (Holm over methods; cells of one pair are not independent), "
+                              "and the change in % where the plain score is at least 10",
                               dare_effect_table(merges)),
+              "sweep_contrast": ("DARE against the other drop variants at p = 0.9 and 0.99, over tasks (tasks and "
+                                 "mask seeds resampled; with 5 tasks the smallest two-sided p is 0.0625)",
+                                 sweep_contrast_table(series)),
               "llm": ("LLMs (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, x100; files = outputs for the "
                       "external evaluator only)", llm_table(llm_runs)),
               "other": ("Other runs", other_table([r for rs in by_script.values() for r in rs]))}

@@ -128,15 +128,45 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
-def git_commit() -> str | None:
-    """The project's checked-out commit (``git rev-parse HEAD``), None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.SubprocessError):
+def _commit_from_files(start: Path) -> str | None:
+    """HEAD's commit read from the ``.git`` folder above ``start`` (loose ref or ``packed-refs``), without git."""
+    for folder in (start, *start.parents):
+        git = folder / ".git"
+        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            git = (folder / git.read_text(encoding="utf-8").split(":", 1)[1].strip()).resolve()
+        if not (git / "HEAD").is_file():
+            continue
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref: "):
+            return head or None
+        ref = head[5:]
+        common = Path(git / "commondir").read_text(encoding="utf-8").strip() if (git / "commondir").is_file() else ""
+        for root in (git, (git / common).resolve() if common else git):
+            if (root / ref).is_file():
+                return (root / ref).read_text(encoding="utf-8").strip() or None
+            if (root / "packed-refs").is_file():
+                for line in (root / "packed-refs").read_text(encoding="utf-8").splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split(" ", 1)[0]
         return None
-    return out.stdout.strip() or None
+    return None
+
+
+def git_commit() -> str | None:
+    """The project's checked-out commit, None outside a git checkout.
+
+    ``git rev-parse HEAD`` first; when git is missing, refuses the folder (another owner: "dubious ownership") or
+    times out on a loaded machine, the commit is read from the ``.git`` folder itself, so a run in a checkout
+    always records it.
+    """
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _commit_from_files(here)
 
 
 def environment_record() -> dict[str, Any]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glue.effect_statistics import PairedCell, holm, paired_effect
+
 MERGE_METHOD_ORDER = ("average_merging", "task_arithmetic", "fisher_merging", "fisher_merging (exact)",
                       "regmean_merging", "ties_merging")
 # Average relative change of the merged models' scores brought by DARE, encoder pairs (the paper, Section 4.3).
@@ -185,29 +187,66 @@ def merge_table(runs: Sequence[dict]) -> Table:
 RELATIVE_CHANGE_MIN_PLAIN = 10.0
 
 
+def _seed_values(value: float | Stat) -> tuple[float, ...]:
+    return value.values if isinstance(value, Stat) else (value,)
+
+
 def dare_effect_table(runs: Sequence[dict]) -> Table:
     """Per method, over the (pair, target) cells with both a plain and a DARE score (DARE: the mean over seeds):
-    the mean change in points, how many cells DARE raised / lowered, and the mean relative change
-    ``(DARE - plain) / |plain|`` in % over the cells whose plain score is at least ``RELATIVE_CHANGE_MIN_PLAIN``,
-    next to the paper's average (stated for MergeLM's Fisher estimator only)."""
+    the mean change in points with its 95 % bootstrap interval (pairs resampled, the unit that shares a merge,
+    and DARE seeds within them), how many cells DARE raised / lowered by more than ``TIE_TOLERANCE``, the
+    Wilcoxon signed-rank p-value over the cells with Holm's correction over the methods, and the mean relative
+    change ``(DARE - plain) / plain`` in % over the cells whose plain score is at least
+    ``RELATIVE_CHANGE_MIN_PLAIN``, next to the paper's average (stated for MergeLM's Fisher estimator only)."""
     cells = merge_cells(runs)
-    rows = []
+    effects, relatives = {}, {}
     for method in MERGE_METHOD_ORDER:
-        points, relative = [], []
-        for row in cells.values():
-            plain, dare = mean_of(row.get(method)), mean_of(row.get(f"{method} +DARE"))
-            if plain is None or dare is None:
+        paired, relative = [], []
+        for (pair, _), row in sorted(cells.items()):
+            plain, dare = row.get(method), row.get(f"{method} +DARE")
+            if mean_of(plain) is None or dare is None:
                 continue
-            points.append(dare - plain)
-            if abs(plain) >= RELATIVE_CHANGE_MIN_PLAIN:
-                relative.append((dare - plain) / abs(plain) * 100)
-        if points:
-            rows.append([method, len(points), statistics.fmean(points), sum(c > 0 for c in points),
-                         sum(c < 0 for c in points), len(relative), statistics.fmean(relative) if relative else None,
-                         PAPER_DARE_RELATIVE_CHANGE.get(method)])
-    return ["method", "cells", "mean change (points)", "DARE higher", "DARE lower",
-            f"cells with plain >= {RELATIVE_CHANGE_MIN_PLAIN:g}", "mean relative change on those (%)",
-            "paper (%)"], rows
+            paired.append(PairedCell(pair, mean_of(plain), _seed_values(dare)))
+            if mean_of(plain) >= RELATIVE_CHANGE_MIN_PLAIN:
+                relative.append(paired[-1].change / mean_of(plain) * 100)
+        if paired:
+            effects[method], relatives[method] = paired_effect(paired), relative
+    adjusted = holm({m: e.p_value for m, e in effects.items()})
+    rows = [[m, e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value, adjusted[m], len(relatives[m]),
+             statistics.fmean(relatives[m]) if relatives[m] else None, PAPER_DARE_RELATIVE_CHANGE.get(m)]
+            for m, e in effects.items()]
+    return ["method", "cells", "mean change (points)", "95% CI low", "95% CI high", "DARE higher", "DARE lower",
+            "Wilcoxon p", "Holm p", f"cells with plain >= {RELATIVE_CHANGE_MIN_PLAIN:g}",
+            "mean relative change on those (%)", "paper (%)"], rows
+
+
+SWEEP_CONTRAST_RATES = (0.9, 0.99)
+
+
+def sweep_contrast_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]]) -> Table:
+    """DARE against each other drop variant (DropOnly, magnitude pruning) at ``SWEEP_CONTRAST_RATES``, over the
+    tasks swept with both: the mean difference in points (DARE's mean over seeds minus the other's), its 95 %
+    bootstrap interval (tasks resampled, DARE seeds within them), the tasks where DARE is higher / lower, and the
+    Wilcoxon p-value with Holm's correction over the rows (with 5 tasks the smallest two-sided p is 0.0625)."""
+    effects = {}
+    variants = sorted({v for _, v in series if v != "DARE" and not v.startswith("DARE-")})
+    for rate in SWEEP_CONTRAST_RATES:
+        for other in variants:
+            paired = []
+            for (task, variant), points in sorted(series.items()):
+                if variant != "DARE":
+                    continue
+                dare = cell(points.get(rate, []))
+                reference = mean_of(cell(series.get((task, other), {}).get(rate, [])))
+                if dare is not None and reference is not None:
+                    paired.append(PairedCell(task, reference, _seed_values(dare)))
+            if paired:
+                effects[(rate, other)] = paired_effect(paired)
+    adjusted = holm({f"{r}/{o}": e.p_value for (r, o), e in effects.items()})
+    rows = [[rate, f"DARE - {other}", e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value,
+             adjusted[f"{rate}/{other}"]] for (rate, other), e in effects.items()]
+    return ["drop rate", "contrast", "tasks", "mean difference (points)", "95% CI low", "95% CI high",
+            "DARE higher", "DARE lower", "Wilcoxon p", "Holm p"], rows
 
 
 def plot_sweeps(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]],

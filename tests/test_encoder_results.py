@@ -17,7 +17,7 @@ def regenerated(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["summary.md", "summary.json", "dare_effect.csv", "dare_sweep.csv", "finetune.csv",
-                                  "merging.csv"])
+@pytest.mark.parametrize("name", ["summary.md", "summary.json", "dare_effect.csv", "sweep_contrast.csv",
+                                  "dare_sweep.csv", "finetune.csv", "merging.csv"])
 def test_summary_of_the_published_runs_is_the_published_table(name, regenerated):
     assert (regenerated / name).read_bytes() == (PUBLISHED / "tables" / name).read_bytes(), name

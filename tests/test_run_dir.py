@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,21 @@ def test_a_file_or_the_working_folder_is_never_cleared(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="refusing to clear"):
             prepare_run_dir(folder, overwrite=True)
     assert (work / "notes.txt").exists() and (work / "sub" / "notes.txt").exists()
+
+
+def test_git_commit_is_recorded_without_the_git_command(monkeypatch, tmp_path):
+    import subprocess
+
+    from common import run_dir
+
+    expected = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(run_dir.__file__).parent).stdout.strip()
+    assert run_dir.git_commit() == expected
+    monkeypatch.setattr(run_dir.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert run_dir.git_commit() == expected  # read from .git itself
+    git = tmp_path / "repo" / ".git"
+    git.mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "packed-refs").write_text("# pack-refs with: peeled\n" + "ab" * 20 + " refs/heads/main\n")
+    assert run_dir._commit_from_files(tmp_path / "repo" / "sub") == "ab" * 20
+    assert run_dir._commit_from_files(tmp_path) is None

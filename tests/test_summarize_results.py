@@ -57,7 +57,7 @@ def test_tables_have_paper_shape_and_values(tree):
 def test_files_written(tree):
     summary = summarize_results.summarize(tree, tree / "out")
     out = Path(summary["output_dir"])
-    assert (out / "summary.md").read_text().count("## ") == 5  # + DARE's relative change per method
+    assert (out / "summary.md").read_text().count("## ") == 6  # + DARE's effect per method, DARE vs DropOnly
     with open(out / "merging.csv") as handle:
         assert next(csv.reader(handle)) == ["pair", "target task", "task_arithmetic", "task_arithmetic +DARE"]
     assert sorted(p.name for p in out.glob("*.png")) == ["dare_sweep_DARE.png", "dare_sweep_DropOnly.png",
@@ -168,7 +168,8 @@ def test_llm_table_keeps_glue_tables_and_reads_old_records_as_other(tree, llm_tr
 
     shutil.copytree(llm_tree, tree / "llm")
     summary = summarize_results.summarize(tree, tree / "out")
-    assert list(summary["tables"]) == ["finetune", "dare_sweep", "merging", "dare_effect", "llm", "other"]
+    assert list(summary["tables"]) == ["finetune", "dare_sweep", "merging", "dare_effect", "sweep_contrast", "llm",
+                                       "other"]
     assert summary["tables"]["llm"][1] == LLM_ROWS
     # the fixture's bare merge_llms record (no merge fields) stays in "Other runs"
     assert [row[0] for row in summary["tables"]["other"][1]] == ["merge_llms_instruct_math_code"]
@@ -220,9 +221,15 @@ def test_seed_cells_are_mean_and_std_and_dare_effect_is_hand_computed(seeded_tre
     assert ta_dare.mean == pytest.approx(54.0) and ta_dare.std == pytest.approx(2 ** 0.5 * 2)
     assert "| rte+mrpc | rte | 50.00 | 54.00 ± 2.83 | 40.00 | 44.00 | 33.00 |" in summary["markdown"]
     effect = {r[0]: r for r in summary["tables"]["dare_effect"][1]}
-    # task arithmetic: (54 - 50) / 50 = +8 %; Fisher (exact): (33 - 44) / 44 = -25 %; paper's TA average +0.36 %
-    assert effect["task_arithmetic"][1:] == [1, pytest.approx(4.0), 1, 0, 1, pytest.approx(8.0), 0.36]
-    assert effect["fisher_merging (exact)"][1:] == [1, pytest.approx(-11.0), 0, 1, 1, pytest.approx(-25.0), None]
+    # task arithmetic: (54 - 50) / 50 = +8 %; Fisher (exact): (33 - 44) / 44 = -25 %; paper's TA average +0.36 %.
+    # The bootstrap resamples TA's two DARE seeds (52, 56): means 52, 54 or 56, so the interval is [+2, +6]; one
+    # non-zero change gives a signed-rank p of 1 (Holm over the two methods: 1)
+    ta = effect["task_arithmetic"]
+    assert ta[1:3] == [1, pytest.approx(4.0)] and ta[3:5] == [pytest.approx(2.0), pytest.approx(6.0)]
+    assert ta[5:] == [1, 0, pytest.approx(1.0), pytest.approx(1.0), 1, pytest.approx(8.0), 0.36]
+    assert effect["fisher_merging (exact)"][1:] == [1, pytest.approx(-11.0), pytest.approx(-11.0),
+                                                    pytest.approx(-11.0), 0, 1, pytest.approx(1.0),
+                                                    pytest.approx(1.0), 1, pytest.approx(-25.0), None]
     assert "fisher_merging" not in effect  # no DARE run of MergeLM's estimator
     out = Path(summary["output_dir"])
     with open(out / "dare_sweep.csv") as handle:
@@ -258,8 +265,40 @@ def test_dare_effect_leaves_scores_near_zero_out_of_the_relative_mean():
                                       run("mask_merging", 0, scores(0.130, 0.84)),
                                       run("mask_merging", 1, scores(0.110, 0.82))])
     # cola: -0.3 -> 12.0 (+12.3 points; a relative change of +4,100 % left out); sst2: 80 -> 83 (+3, +3.75 %)
-    assert header[5:7] == ["cells with plain >= 10", "mean relative change on those (%)"]
-    assert rows == [["ties_merging", 2, pytest.approx(7.65), 2, 0, 1, pytest.approx(3.75), 0.84]]
+    assert header[9:11] == ["cells with plain >= 10", "mean relative change on those (%)"]
+    (row,) = rows
+    assert row[:3] == ["ties_merging", 2, pytest.approx(7.65)] and row[5:7] == [2, 0]
+    assert row[9:] == [1, pytest.approx(3.75), 0.84]
+
+
+def _ties_run(name, seed, pair, scores):
+    return {"config": {"merging_method_name": name, "applied_method": "ties_merging", "seed": seed,
+                       "fisher_estimator": None, "dataset_pair": list(pair)},
+            "metrics": {t: {"test": {"accuracy": v}} for t, v in scores.items()}}
+
+
+def test_dare_effect_counts_only_changes_beyond_rounding_and_filters_on_the_plain_score():
+    from glue.glue_tables import dare_effect_table
+
+    runs = [_ties_run("ties_merging", None, ("rte", "sst2"), {"rte": 0.5, "sst2": -0.46}),
+            _ties_run("mask_merging", 0, ("rte", "sst2"), {"rte": 0.5 + 1e-16, "sst2": -0.40})]
+    _, (row,) = dare_effect_table(runs)
+    # rte differs by float rounding only: neither higher nor lower; sst2's plain score is -46 (below 10, though
+    # |-46| is not): left out of the relative mean as the column states
+    assert row[5:7] == [1, 0] and row[9:11] == [1, pytest.approx(0.0)]
+
+
+def test_sweep_contrast_compares_dare_with_each_other_variant_per_task():
+    from glue.glue_tables import sweep_contrast_table
+
+    series = {("rte", "DARE"): {0.9: [60.0, 62.0], 0.99: [55.0]}, ("rte", "DropOnly"): {0.9: [50.0, 52.0]},
+              ("sst2", "DARE"): {0.9: [80.0]}, ("sst2", "DropOnly"): {0.9: [81.0]},
+              ("sst2", "DARE-finetuned_weight"): {0.9: [50.0]}}
+    header, rows = sweep_contrast_table(series)
+    assert header[:4] == ["drop rate", "contrast", "tasks", "mean difference (points)"]
+    (row,) = rows  # 0.99 has no DropOnly run; DARE-finetuned_weight is not a contrast
+    # rte: 61 - 51 = +10; sst2: 80 - 81 = -1 -> mean +4.5; one higher, one lower
+    assert row[:4] == [0.9, "DARE - DropOnly", 2, pytest.approx(4.5)] and row[6:8] == [1, 1]
 
 
 def test_show_partial_only_goes_with_paper_table1(tmp_path, capsys):
