@@ -273,6 +273,36 @@ def point_lock(folder: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def generations_complete(config: GridSearchConfig, dataset: str, folder: Path, parts: Sequence[str]) -> bool:
+    """True when ``folder``'s generations file of ``dataset`` holds every example of ``parts``, made with this
+    search's settings (a file made otherwise is not complete: generating will name the difference)."""
+    task = get_task(dataset)
+    _, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
+    path = folder / "generations" / f"{task.name}.jsonl"
+    if not path.is_file():
+        return False
+    try:
+        done, _ = load_finished_generations(path, id_field=task.id_field,
+                                            settings=generation_record(task, config.evaluation, config.save_dtype))
+    except ValueError:
+        return False
+    return all(examples[i][task.id_field] in done for part in parts for i in part_positions(split, part))
+
+
+@contextlib.contextmanager
+def point_models(config: GridSearchConfig, point: Recipe, paths: Mapping[str, str], folder: Path,
+                 datasets: Sequence[str], parts: Sequence[str]) -> Iterator[tuple[dict, float | None]]:
+    """The point's merged folders for generating ``datasets``' ``parts``; when every generation is already in the
+    point's files (a run killed after generating), nothing is merged: yields ``({}, None)``."""
+    if all(generations_complete(config, d, folder, parts) for d in datasets):
+        logger.info("%s: the generations of %s are complete; scored without merging", config.point_key(point),
+                    ", ".join(datasets))
+        yield {}, None
+        return
+    with merged_point(config, point, paths) as merged:
+        yield merged
+
+
 @contextlib.contextmanager
 def merged_point(config: GridSearchConfig, point: Recipe, paths: Mapping[str, str]) -> Iterator[tuple[dict, float]]:
     """Merge ``point`` once (reusing a finished merge of the same recipe); yields ``({task: folder}, seconds)``."""
@@ -287,9 +317,10 @@ def merged_point(config: GridSearchConfig, point: Recipe, paths: Mapping[str, st
 
 
 def model_for(config: GridSearchConfig, views: Mapping[str, Path], dataset: str) -> str:
-    """The merged folder with the tokenizer of ``dataset``'s task (the first merged task's when not merged)."""
+    """The merged folder with the tokenizer of ``dataset``'s task (the first merged task's when not merged);
+    without merged folders (every generation done) a placeholder that nothing loads."""
     task = next((t for t in config.merge_tasks if dataset in TASK_DATASETS[t]), config.merge_tasks[0])
-    return str(views[task])
+    return str(views[task]) if views else "(not merged: every generation was already made)"
 
 
 def _missing_datasets(config: GridSearchConfig, folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
@@ -314,8 +345,9 @@ def run_point(config: GridSearchConfig, grid_dir: Path, point: Recipe, paths: Ma
         logger.info("grid point %s: %s", describe_point(point), ", ".join(missing))
         result = result or {"point": point.record(), "key": config.point_key(point), "validation": {},
                             "generation_seconds": 0.0, "generated_tokens": 0}
-        with merged_point(config, point, paths) as (views, merge_seconds):
-            result["merge_seconds"] = merge_seconds
+        with point_models(config, point, paths, folder, missing, ["validation"]) as (views, merge_seconds):
+            if merge_seconds is not None:
+                result["merge_seconds"] = merge_seconds
             for dataset in missing:
                 metrics, stats = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
                                                 ["validation"], "validation")
@@ -414,7 +446,7 @@ def run_final(
                     logger.info("%s: another job is working on this point; its final scores are skipped",
                                 config.point_key(point))
                     continue
-                with merged_point(config, point, paths) as (views, _):
+                with point_models(config, point, paths, folder, todo, PARTS) as (views, _):
                     for dataset in todo:
                         metrics, _ = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
                                                     PARTS, "final")

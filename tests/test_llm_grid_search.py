@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_llm_merging import family  # noqa: F401  (module fixture: the tiny base + instruct/math/code family)
+from test_llm_merging import _fail, family  # noqa: F401  (module fixture: the tiny base + instruct/math/code family)
 
 import grid_search_llms_instruct_math_code as grid_script
 import summarize_results
@@ -404,3 +404,22 @@ def test_tiny_grid_merges_once_per_point_and_resumes_after_a_kill(family, tmp_pa
     assert {d: [final[d][p]["num_examples"] for p in ("validation", "test", "full")] for d in final} == {
         "gsm8k": [1, 9, 10], "MATH": [1, 9, 10]}
     assert not any((tmp_path / "merged").rglob("*.safetensors"))  # merged folders are temporary
+
+
+def test_a_point_whose_generations_are_complete_is_scored_without_merging(family, tmp_path, shared_data_dir,  # noqa: F811
+                                                                          monkeypatch):
+    """Killed after generating, before result.json: the resumed point reads its generations, no 13B re-merge."""
+    overrides = [arg for name, path in family.items() for arg in ("--model_path", f"{name}={path}")]
+    argv = [*overrides, "--backend", "hf", "--data_dir", str(shared_data_dir), "--results_dir", str(tmp_path / "r"),
+            "--end_index", "10", "--max_new_tokens", "2", "--quiet", "--merge_instruct", "--merge_math",
+            "--merging_methods", TA, "--scaling_coefficients", "0.5", "--datasets", "gsm8k",
+            "--save_merge_models_dir", str(tmp_path / "merged"), "--stage", "grid"]
+    grid_script.main(argv)
+    (result_file,) = (tmp_path / "r").rglob(llm_grid_search.RESULT_FILE)
+    finished = json.loads(result_file.read_text())
+    result_file.unlink()  # as if killed between the last generation and result.json
+    monkeypatch.setattr(llm_merging, "merge_checkpoints", _fail("merge_checkpoints"))
+    monkeypatch.setattr(generation, "generate", _fail("generate"))
+    grid_script.main(argv)
+    again = json.loads(result_file.read_text())
+    assert again["validation"] == finished["validation"]
