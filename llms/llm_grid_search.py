@@ -277,10 +277,10 @@ def generations_complete(config: GridSearchConfig, dataset: str, folder: Path, p
     """True when ``folder``'s generations file of ``dataset`` holds every example of ``parts``, made with this
     search's settings (a file made otherwise is not complete: generating will name the difference)."""
     task = get_task(dataset)
-    _, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
     path = folder / "generations" / f"{task.name}.jsonl"
     if not path.is_file():
         return False
+    _, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
     try:
         done, _ = load_finished_generations(path, id_field=task.id_field,
                                             settings=generation_record(task, config.evaluation, config.save_dtype))
