@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens_per_second", type=float, default=None,
                         help="generation rate for the estimate (default: measured on finished points)")
     parser.add_argument("--merge_seconds", type=float, default=None, help="seconds per merge for the estimate")
+    parser.add_argument("--engine_start_seconds", type=float, default=None,
+                        help="seconds to load one merged model for generation, for the estimate (default: 90, "
+                             "assumed for 13B)")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
     parser.add_argument("--save_merge_models_dir", default="save_merge_models", help="merged-model folders")
     add_homology_flags(parser)
@@ -169,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "then --stage select once every shard has finished")
     grid_dir = config.grid_dir(args.results_dir)
     plan = compute_plan_text(config, grid_dir, tokens_per_second=args.tokens_per_second,
-                             merge_seconds=args.merge_seconds)
+                             merge_seconds=args.merge_seconds, stage=args.stage,
+                             engine_start_seconds=args.engine_start_seconds)
     if args.dry_run:
         sys.stdout.write(plan)
         return {"plan": plan}

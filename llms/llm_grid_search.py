@@ -464,9 +464,11 @@ def run_final(
 
 
 def compute_plan_text(
-    config: GridSearchConfig, grid_dir: Path, *, tokens_per_second: float | None, merge_seconds: float | None
+    config: GridSearchConfig, grid_dir: Path, *, tokens_per_second: float | None, merge_seconds: float | None,
+    stage: str = "all", engine_start_seconds: float | None = None,
 ) -> str:
-    """Points still to run in this shard, examples, token upper bound and time (given or measured rates)."""
+    """Points still to run in this shard, examples, token upper bound and time of ``stage`` (given or measured
+    rates; the final runs only where the stage runs them)."""
     check_datasets_available(config.datasets, config.evaluation)
     finished, _ = load_point_results(config, grid_dir)
     todo = [p for p in shard_points(config.points, config.shard) if p not in finished]
@@ -479,7 +481,7 @@ def compute_plan_text(
     fixed_points = {p for p, _ in config.fixed.values()}
     final_merges = len(fixed_points) + min(len(config.grid_datasets), len(config.points))
     plan = plan_compute(grid_points=len(todo), grid_datasets=config.grid_datasets, final_datasets=final,
-                        final_merges=final_merges, validation_sizes=sizes, max_new_tokens=max_tokens)
+                        final_merges=final_merges, validation_sizes=sizes, max_new_tokens=max_tokens, stage=stage)
     measured_tps, measured_merge = measured_rates(list(finished.values()))
     tps, tps_source = tokens_per_second, "--tokens_per_second"
     if tps is None and measured_tps is not None:
@@ -493,8 +495,10 @@ def compute_plan_text(
               f"({len(finished)} finished, {len(todo)} to run in shard {config.shard[0]}/{config.shard[1]}), "
               f"benchmarks {', '.join(config.datasets)} (stated settings: {', '.join(config.fixed) or 'none'})\n"
               f"folder: {grid_dir}\n")
+    starts = {} if engine_start_seconds is None else {"engine_start_seconds": engine_start_seconds,
+                                                      "engine_source": "--engine_start_seconds"}
     return header + describe_plan(plan, tokens_per_second=tps, tps_source=tps_source, merge_seconds=merge_seconds,
-                                  merge_source=merge_source)
+                                  merge_source=merge_source, **starts)
 
 
 def selection_folder(config: GridSearchConfig, grid_dir: Path) -> Path:

@@ -340,10 +340,25 @@ def test_estimate_counts_merges_examples_and_tokens():
                         final_merges=2, validation_sizes={"gsm8k": 2}, max_new_tokens={"gsm8k": 10, "MATH": 100})
     # 3 points x 2 validation examples + 18 test examples of gsm8k at 10 tokens; 20 MATH examples at 100 tokens
     assert plan.examples == {"gsm8k": 24, "MATH": 20} and plan.tokens_upper_bound == 24 * 10 + 20 * 100
-    text = describe_plan(plan, tokens_per_second=56.0, tps_source="given", merge_seconds=10.0, merge_source="given")
+    # model loads: 3 points x gsm8k, then one final run per benchmark (gsm8k, MATH) = 5
+    assert plan.engine_starts == 5
+    text = describe_plan(plan, tokens_per_second=56.0, tps_source="given", merge_seconds=10.0, merge_source="given",
+                         engine_start_seconds=2.0, engine_source="given")
     assert "merges: 3 grid points + up to 2 selected" in text
     assert "generation: at most 40 s at 56 tokens/s" in text and "merging: 50 s" in text
-    assert "total: at most 90 s" in text
+    assert "model loads: 5 x 2 s = 10 s" in text and "total: at most 100 s" in text
+    assert "not counted: code execution, AlpacaEval judging" in text
+
+
+def test_estimate_of_a_grid_shard_counts_no_final_stage():
+    kwargs = dict(grid_points=3, grid_datasets=["gsm8k"], final_datasets={"gsm8k": 18, "MATH": 20}, final_merges=2,
+                  validation_sizes={"gsm8k": 2}, max_new_tokens={"gsm8k": 10, "MATH": 100})
+    grid, select = plan_compute(**kwargs, stage="grid"), plan_compute(**kwargs, stage="select")
+    assert (grid.grid_merges, grid.final_merges, grid.examples, grid.engine_starts) == (3, 0, {"gsm8k": 6}, 3)
+    assert (select.grid_merges, select.final_merges, select.engine_starts) == (0, 2, 2)
+    assert select.examples == {"gsm8k": 18, "MATH": 20}
+    everything = plan_compute(**kwargs)
+    assert everything.tokens_upper_bound == grid.tokens_upper_bound + select.tokens_upper_bound
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, shared_data_dir, capsys, monkeypatch):
@@ -355,6 +370,12 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, shared_data_dir, cap
     # 54 points x 132 validation examples + 1187 test examples, 1024 tokens each
     assert "examples to generate: gsm8k 8315" in out and f"{8315 * 1024:,}" in out
     assert not any(tmp_path.iterdir())
+    grid_script.main(["--merge_instruct", "--merge_math", "--merging_methods", "mask_merging+task_arithmetic",
+                      "--datasets", "gsm8k", "--tokens_per_second", "1000", "--dry_run", "--data_dir",
+                      str(shared_data_dir), "--results_dir", str(tmp_path), "--stage", "grid", "--shard", "0/8"])
+    out = capsys.readouterr().out
+    # shard 0 of 8: points 0, 8, ..., 48 (7 points) x 132 validation examples; no final run in a grid shard
+    assert "stage grid: merges: 7 grid points + up to 0 selected" in out and "gsm8k 924" in out
 
 
 # --- end to end on the tiny family: one merge per point, kill and resume ------------------------------------------
