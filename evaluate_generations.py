@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 
 from common.run_dir import atomic_write_text
-from evaluation.code_execution import DEFAULT_TIMEOUT_S
+from evaluation.code_execution import DEFAULT_TIMEOUT_S, execution_user
 from evaluation.data import load_records
 from evaluation.generations_file import read_generations
 from evaluation.scoring import score_completions
@@ -43,6 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "then math_code_data/)")
     parser.add_argument("--allow_code_execution", action="store_true",
                         help="required for human_eval/mbpp: runs model-generated code (use a container)")
+    parser.add_argument("--allow_root_code_execution", action="store_true",
+                        help="as root, run the code as root where switching to the user nobody is impossible")
     parser.add_argument("--num_workers", type=int, default=4, help="parallel code-execution processes")
     parser.add_argument("--timeout_s", type=float, default=DEFAULT_TIMEOUT_S, help="per-program time limit")
     parser.add_argument("--completion_format", choices=COMPLETION_FORMATS, default="paper",
@@ -59,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if task.unsafe_code and not args.allow_code_execution:
         raise ValueError(f"allow_code_execution must be set to score {task.name}, got False; pass "
                          "--allow_code_execution (it runs model-generated code; prefer a container)")
+    if task.unsafe_code:
+        execution_user(allow_root_code_execution=args.allow_root_code_execution)  # as root: fail before any work
     if args.completion_format == "human_eval" and task.name != "human_eval":
         raise ValueError(f"--completion_format human_eval applies to --dataset_name human_eval only, got "
                          f"{task.name}; drop the flag (the default 'paper' format is used)")
@@ -66,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ids, records, completions = read_generations(task, args.generations, records)
     metrics, predictions = score_completions(
         task, records, completions, ids=ids, allow_code_execution=args.allow_code_execution,
-        num_workers=args.num_workers, timeout_s=args.timeout_s, show_progress=not args.quiet,
+        allow_root_code_execution=args.allow_root_code_execution, num_workers=args.num_workers,
+        timeout_s=args.timeout_s, show_progress=not args.quiet,
         apply_postprocessing=args.completion_format == "paper",
     )
     if args.output:

@@ -165,6 +165,7 @@ def score_completions(
     *,
     ids: Sequence[Any] | None = None,
     allow_code_execution: bool = False,
+    allow_root_code_execution: bool = False,
     num_workers: int = 4,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     show_progress: bool = True,
@@ -178,6 +179,8 @@ def score_completions(
         completions: raw model text for each record (prompt not included), same length as ``records``.
         ids: example ids for the prediction records (default: position in ``records``).
         allow_code_execution: required for human_eval / mbpp (runs model-generated code).
+        allow_root_code_execution: as root, run the programs as root where switching to ``nobody`` is impossible
+            (see ``evaluation.code_execution.execution_user``).
         num_workers: parallel processes for code execution.
         timeout_s: per-program wall-clock limit for code execution.
         show_progress: tqdm bars on stderr.
@@ -197,7 +200,7 @@ def score_completions(
         raise ValueError(f"dataset_name {task.name!r} has no in-repo metric; write its outputs with "
                          "evaluation.output_formats and score them with the external tool")
     if task.unsafe_code:
-        kwargs = dict(allow_code_execution=allow_code_execution, num_workers=num_workers, timeout_s=timeout_s,
-                      show_progress=show_progress)
+        kwargs = dict(allow_code_execution=allow_code_execution, allow_root_code_execution=allow_root_code_execution,
+                      num_workers=num_workers, timeout_s=timeout_s, show_progress=show_progress)
         return _score_code(task, records, completions, ids, kwargs, apply_postprocessing)
     return _score_answers(task, records, completions, ids, show_progress)

