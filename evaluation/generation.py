@@ -4,15 +4,19 @@ Decoding follows MergeLM (specification section 5): greedy at ``temperature=0``,
 prompt, a ``max_tokens`` budget, and stop strings that end generation and are cut from the returned text (which
 never contains the prompt).
 
-* ``backend="vllm"``: one ``vllm.LLM`` engine per process, cached by model path; all prompts of a benchmark go
-  to ONE ``LLM.generate`` call. Asking for a second model in the same process is an error: MergeLM built one
-  engine per task in one process, which needs ``num_models x tensor_parallel_size`` GPUs and fails with vLLM's
-  "data parallel group is already initialized". Evaluate each model in its own process instead
+* ``backend="vllm"``: one ``vllm.LLM`` engine per process, cached by model path; the prompts of a benchmark go
+  to ``LLM.generate`` in chunks of ``vllm_chunk_size`` (default 512), and each chunk's results are handed to
+  ``on_result`` as soon as it finishes, so a killed run loses at most one chunk. Asking for a second model in
+  the same process is an error: MergeLM built one engine per task in one process, which needs
+  ``num_models x tensor_parallel_size`` GPUs and fails with vLLM's "data parallel group is already
+  initialized". Evaluate each model in its own process instead
   (``evaluation.generation_subprocess.run_in_subprocess``, or
-  ``python -m evaluation.generation_subprocess --request request.json``).
+  ``python -m evaluation.generation_subprocess --request request.json``). Where vLLM is not installed or no
+  CUDA device is visible, ``vllm`` is an error (:func:`require_vllm`), never a silent fallback.
 * ``backend="hf"``: ``model.generate`` in left-padded batches sorted by prompt length, stop strings checked on
   the decoded tail of every row; runs on CPU.
-* ``backend="auto"``: vLLM when it is importable and CUDA is available, else Hugging Face.
+* ``backend="auto"``: vLLM when it is importable and CUDA is available, else Hugging Face;
+  :func:`backend_choice` says which and why, :func:`log_backend_choice` logs it.
 
 Incremental saving and resume of a generations file: ``evaluation.generations_file.generate_to_jsonl``.
 """
@@ -30,26 +34,86 @@ logger = logging.getLogger(__name__)
 Backend = Literal["vllm", "hf", "auto"]
 ResultCallback = Callable[[int, str], None]
 
+# Prompts per vLLM ``LLM.generate`` call: large enough for vLLM to fill its batches, small enough that an
+# interrupted run loses little (each finished chunk is handed to ``on_result`` and so written to disk).
+DEFAULT_VLLM_CHUNK_SIZE = 512
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default
+
 # One vLLM engine per process: (key, engine). Never replaced once set (see the module docstring).
 _VLLM_ENGINE: tuple[tuple[Any, ...], Any] | None = None
 # The last Hugging Face model used by generate(): (key, model, tokenizer), so GSM8K then MATH reuse it.
 _HF_MODEL: tuple[tuple[Any, ...], Any, Any] | None = None
 
 
-def vllm_available() -> bool:
-    """True when vLLM is importable and a CUDA device is visible (checked without importing vLLM)."""
+def _vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _cuda_available() -> bool:
     import torch
 
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    return torch.cuda.is_available()
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why the vLLM backend cannot run here (``"vLLM is not installed"``, ``"no CUDA device is visible"``, or
+    both), or None when it can. Checked without importing vLLM (which initialises CUDA on import)."""
+    missing = []
+    if not _vllm_installed():
+        missing.append("vLLM is not installed")
+    if not _cuda_available():
+        missing.append("no CUDA device is visible")
+    return " and ".join(missing) or None
+
+
+def vllm_available() -> bool:
+    """True when vLLM is importable and a CUDA device is visible (checked without importing vLLM)."""
+    return vllm_unavailable_reason() is None
+
+
+def require_vllm() -> None:
+    """Raise when the vLLM backend cannot run here: what is missing, and how to fix it.
+
+    Raises:
+        ValueError: vLLM is not installed or no CUDA device is visible.
+    """
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise ValueError(
+            f"backend 'vllm' cannot run here: {reason}; install it on a CUDA machine with "
+            "`pip install -r requirements-gpu.txt` (and check that torch.cuda.is_available() is True), or pass "
+            "--backend hf (Hugging Face transformers, CPU or GPU, several times slower) or --backend auto"
+        )
+
+
+def backend_choice(backend: str) -> tuple[Literal["vllm", "hf"], str]:
+    """``(backend that runs, why)``: ``auto`` resolved on this machine, with the reason (``"vLLM is not
+    installed"``, ``"no CUDA device is visible"``, ...); other names are checked and returned as requested."""
+    if backend not in ("vllm", "hf", "auto"):
+        raise ValueError(f"backend must be one of vllm, hf, auto, got {backend!r}")
+    if backend != "auto":
+        return backend, f"--backend {backend} requested"  # type: ignore[return-value]
+    reason = vllm_unavailable_reason()
+    if reason is None:
+        return "vllm", "--backend auto: vLLM is installed and a CUDA device is visible"
+    return "hf", f"--backend auto: {reason}, so Hugging Face transformers (several times slower than vLLM)"
 
 
 def resolve_backend(backend: str) -> Literal["vllm", "hf"]:
     """``auto`` -> ``vllm`` when :func:`vllm_available`, else ``hf``; other names are checked and returned."""
-    if backend not in ("vllm", "hf", "auto"):
-        raise ValueError(f"backend must be one of vllm, hf, auto, got {backend!r}")
-    if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
-    return backend  # type: ignore[return-value]
+    return backend_choice(backend)[0]
+
+
+def log_backend_choice(backend: str, log: logging.Logger = logger) -> tuple[Literal["vllm", "hf"], str]:
+    """Log which backend ``backend`` resolves to and why (a warning when ``auto`` falls back to Hugging Face on
+    a machine with CUDA, where vLLM was most likely meant to be installed); returns :func:`backend_choice`."""
+    chosen, reason = backend_choice(backend)
+    if backend == "auto" and chosen == "hf" and _cuda_available():
+        log.warning("generation backend: hf (%s); pip install -r requirements-gpu.txt for vLLM, or pass "
+                    "--backend vllm to make it a requirement", reason)
+    else:
+        log.info("generation backend: %s (%s)", chosen, reason)
+    return chosen, reason
 
 
 def _check_decoding_args(max_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
@@ -77,6 +141,10 @@ def generate(
     dtype: str = "auto",
     device: str | None = None,
     gguf_file: str | None = None,
+    vllm_chunk_size: int = DEFAULT_VLLM_CHUNK_SIZE,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = None,
+    enforce_eager: bool = False,
     on_result: ResultCallback | None = None,
     progress: bool = True,
 ) -> list[str]:
@@ -90,26 +158,40 @@ def generate(
         stop: stop strings; generation of a prompt ends at the first one, which is cut from the text.
         temperature: 0 = greedy (MergeLM); > 0 samples.
         top_p: nucleus sampling mass (MergeLM: 1); used only when sampling.
-        batch_size: prompts per ``model.generate`` call (``hf`` only; vLLM schedules all prompts itself).
+        batch_size: prompts per ``model.generate`` call (``hf`` only; vLLM schedules the prompts of a chunk itself).
         tensor_parallel_size: GPUs per vLLM engine (``vllm`` only).
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``; ``auto`` keeps the checkpoint's dtype on GPU
             (vLLM runs float32 checkpoints in half precision) and uses float32 on CPU.
         device: torch device for ``hf`` (default ``cuda`` when available, else ``cpu``).
         gguf_file: GGUF file name inside ``model_path`` (alternative to a ``.gguf`` ``model_path``).
+        vllm_chunk_size: prompts per ``LLM.generate`` call (``vllm`` only); each chunk's results reach
+            ``on_result`` as soon as the chunk finishes, so an interrupted run loses at most one chunk.
+        gpu_memory_utilization: fraction of GPU memory the vLLM engine may use (vLLM's default 0.9).
+        max_model_len: vLLM context length (None = the model's); lower it when the KV cache does not fit.
+        enforce_eager: vLLM without CUDA graphs (less memory, slower).
         on_result: called as ``on_result(index, text)`` as each prompt finishes (``index`` into ``prompts``).
         progress: show a tqdm bar.
     Returns:
         The generated texts, in the order of ``prompts``, without the prompt and without stop strings.
+
+    Raises:
+        ValueError: ``backend="vllm"`` where vLLM is not installed or no CUDA device is visible
+            (:func:`require_vllm`); ``auto`` falls back to ``hf`` there instead.
     """
     _check_decoding_args(max_tokens, temperature, top_p, batch_size)
+    if vllm_chunk_size < 1:
+        raise ValueError(f"vllm_chunk_size must be >= 1, got {vllm_chunk_size}")
     if not prompts:
         return []
     kwargs = dict(max_tokens=max_tokens, stop=stop, temperature=temperature, top_p=top_p, on_result=on_result)
     if resolve_backend(backend) == "vllm":
+        if backend == "vllm":
+            require_vllm()
         engine = get_vllm_engine(
-            model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, gguf_file=gguf_file
+            model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, gguf_file=gguf_file,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, enforce_eager=enforce_eager,
         )
-        return generate_vllm(engine, prompts, progress=progress, **kwargs)
+        return generate_vllm(engine, prompts, chunk_size=vllm_chunk_size, progress=progress, **kwargs)
     model, tokenizer = _get_hf_model(model_path, gguf_file=gguf_file, dtype=dtype, device=device)
     return generate_hf(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **kwargs)
 
@@ -259,9 +341,19 @@ def _hf_generation_kwargs(
 
 
 def get_vllm_engine(
-    model_path: str, *, tensor_parallel_size: int = 1, dtype: str = "auto", gguf_file: str | None = None
+    model_path: str,
+    *,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = None,
+    enforce_eager: bool = False,
 ) -> Any:
     """The process's single ``vllm.LLM`` engine, created on first use.
+
+    ``gpu_memory_utilization``, ``max_model_len`` and ``enforce_eager`` go to ``vllm.LLM`` as they are (memory
+    and speed knobs; greedy texts do not depend on them).
 
     Raises:
         ValueError: an engine for a different model (or settings) already exists in this process; vLLM cannot
@@ -271,8 +363,15 @@ def get_vllm_engine(
     global _VLLM_ENGINE
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_model_len is not None and max_model_len < 1:
+        raise ValueError(f"max_model_len must be >= 1 or None (the model's), got {max_model_len}")
     model = os.path.join(model_path, gguf_file) if gguf_file else model_path
-    key = (model, tensor_parallel_size, dtype)
+    engine_kwargs = dict(tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                         enforce_eager=enforce_eager)
+    key = (model, *engine_kwargs.values())
     if _VLLM_ENGINE is not None:
         if _VLLM_ENGINE[0] != key:
             raise ValueError(
@@ -284,10 +383,8 @@ def get_vllm_engine(
         return _VLLM_ENGINE[1]
     from vllm import LLM  # imported lazily: vLLM initialises CUDA on import
 
-    logger.info(
-        "creating the vLLM engine for %s (tensor_parallel_size=%d, dtype=%s)", model, tensor_parallel_size, dtype
-    )
-    engine = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=0)
+    logger.info("creating the vLLM engine for %s (%s)", model, ", ".join(f"{k}={v}" for k, v in engine_kwargs.items()))
+    engine = LLM(model=model, seed=0, **engine_kwargs)
     _VLLM_ENGINE = (key, engine)
     return engine
 
@@ -300,16 +397,34 @@ def generate_vllm(
     stop: Sequence[str] = (),
     temperature: float = 0.0,
     top_p: float = 1.0,
+    chunk_size: int = DEFAULT_VLLM_CHUNK_SIZE,
     on_result: ResultCallback | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """All prompts in ONE ``engine.generate`` call (vLLM batches internally); texts in prompt order."""
+    """``engine.generate`` on consecutive chunks of ``chunk_size`` prompts; texts in prompt order.
+
+    vLLM batches the prompts of a chunk itself. After each chunk its texts go to ``on_result`` (in prompt order)
+    before the next chunk starts, so a generations file grows chunk by chunk and a run killed mid-way loses at
+    most the running chunk. Greedy texts are those of one call with every prompt: each request is decoded on
+    its own (up to vLLM's usual batch-composition numerics, which one big call has too).
+    """
     from vllm import SamplingParams
 
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=list(stop) or None)
-    outputs = engine.generate(list(prompts), params, use_tqdm=progress)
-    texts = [output.outputs[0].text for output in outputs]
-    if on_result is not None:
-        for index, text in enumerate(texts):
-            on_result(index, text)
+    texts: list[str] = []
+    starts = range(0, len(prompts), chunk_size)
+    for number, start in enumerate(starts, start=1):
+        chunk = list(prompts[start : start + chunk_size])
+        outputs = engine.generate(chunk, params, use_tqdm=progress)
+        if len(outputs) != len(chunk):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for a chunk of {len(chunk)} prompts")
+        chunk_texts = [output.outputs[0].text for output in outputs]
+        if on_result is not None:
+            for offset, text in enumerate(chunk_texts):
+                on_result(start + offset, text)
+        texts.extend(chunk_texts)
+        if len(starts) > 1:
+            logger.info("vLLM chunk %d/%d done (%d/%d prompts)", number, len(starts), len(texts), len(prompts))
     return texts

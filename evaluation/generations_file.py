@@ -5,8 +5,10 @@ Format: one JSON object per line with ``completion`` (raw model text, prompt exc
 (``"HumanEval/0"``) and mbpp (``11``..``510``). A subset of the test set may be given; each id at most once.
 
 * Writing: :func:`generate_to_jsonl` appends one line per finished example (the example's keys plus
-  ``completion``, and ``settings``: how the generations are made, when the caller states it) and, with
-  ``resume=True``, skips examples whose id already has a line.
+  ``completion``, and ``settings``: how the generations are made, when the caller states it), flushed as soon
+  as the example is handed over (per batch with Hugging Face, per chunk of ``vllm_chunk_size`` prompts with
+  vLLM, so a kill loses at most the running batch or chunk) and, with ``resume=True``, skips examples whose id
+  already has a line.
 * Reading while writing: :func:`load_finished_generations` tolerates a truncated last line (a killed run) and
   reports where the valid part ends, so a resumed run can cut the file there; given ``settings``, it refuses
   lines made with other settings, so a resumed file never mixes generations made differently.
@@ -199,7 +201,7 @@ def generate_to_jsonl(
         settings: how the generations are made (backend, dtype, ...: whatever changes them), written into every
             line; with ``resume``, lines made with other settings are a ValueError (:func:`load_finished_generations`).
         **generate_kwargs: passed to ``evaluation.generation.generate`` (``model_path``, ``backend``,
-            ``max_tokens``, ``stop``, ...).
+            ``max_tokens``, ``stop``, ``vllm_chunk_size``, ...).
     Returns:
         One record per example, in the order of ``examples``.
     """

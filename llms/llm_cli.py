@@ -13,6 +13,7 @@ from cli.recipe_flags import add_hyperparameter_flags, add_method_flags, recipe_
 from common.logging_setup import setup_logging
 from common.run_dir import prepare_run_dir, write_config
 from common.seeding import set_random_seed
+from evaluation.generation import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_VLLM_CHUNK_SIZE, log_backend_choice
 from llms.llm_configs import SAVE_DTYPES, LlmMergeConfig, llm_merge_methods
 from llms.llm_pipeline import EvaluationSettings
 from llms.model_resolution import parse_model_path_overrides
@@ -47,7 +48,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_path", action="append", default=[], metavar="NAME=PATH",
                         help="local folder (or .gguf file) for a model short name; repeatable")
     parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
-                        help="auto = vLLM when installed with CUDA, else Hugging Face transformers")
+                        help="auto = vLLM when installed with CUDA, else Hugging Face transformers (the choice and "
+                             "its reason are logged at start-up); vllm = required, an error up front when vLLM "
+                             "or CUDA is missing")
+    parser.add_argument("--vllm_chunk_size", type=int, default=DEFAULT_VLLM_CHUNK_SIZE,
+                        help="prompts per vLLM generate call; each finished chunk is appended to the generations "
+                             "file, so a killed run loses at most one chunk")
+    parser.add_argument("--gpu_memory_utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                        help="fraction of GPU memory the vLLM engine may use (vLLM's default 0.9)")
+    parser.add_argument("--max_model_len", type=int, default=None,
+                        help="vLLM context length (default: the model's); lower it when the KV cache does not fit")
+    parser.add_argument("--enforce_eager", action="store_true",
+                        help="vLLM without CUDA graphs: less GPU memory, slower")
     parser.add_argument("--data_dir", default=None, help="test files folder (else $MERGELM_DATA_DIR, math_code_data/)")
     parser.add_argument("--results_dir", default="results")
     parser.add_argument("--allow_code_execution", action="store_true",
@@ -76,7 +88,9 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     if args.resume and args.overwrite:
         raise ValueError("resume and overwrite exclude each other, got both; pass one of --resume, --overwrite")
     return EvaluationSettings(
-        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
+        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, vllm_chunk_size=args.vllm_chunk_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, data_dir=args.data_dir, start_index=args.start_index,
         end_index=args.end_index, allow_code_execution=args.allow_code_execution,
         allow_root_code_execution=args.allow_root_code_execution, resume=args.resume,
@@ -107,10 +121,16 @@ def merge_config_from_args(args: argparse.Namespace, settings: EvaluationSetting
 
 
 def start_run(run_dir: Path, args: argparse.Namespace, record: Mapping[str, Any], argv: list[str]) -> Path:
-    """Create the run folder (overwrite/resume rule), attach ``run.log``, seed, and write ``config.json``."""
+    """Create the run folder (overwrite/resume rule), attach ``run.log``, seed, and write ``config.json``.
+
+    Also logs the generation backend ``--backend`` resolves to and why, and records it in ``config.json`` under
+    ``generation_backend`` (``requested``, ``resolved``, ``reason``).
+    """
     run_dir = prepare_run_dir(run_dir, overwrite=args.overwrite, resume=args.resume)
     setup_logging(run_dir / "run.log")
     logger.info("argv: %s", " ".join(argv))
+    resolved, reason = log_backend_choice(args.backend, logger)
+    record = {**record, "generation_backend": {"requested": args.backend, "resolved": resolved, "reason": reason}}
     logger.info("config: %s", dict(record))
     set_random_seed(args.seed)
     write_config(run_dir, record, argv)

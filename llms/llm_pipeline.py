@@ -27,7 +27,13 @@ from typing import Any
 from common.run_dir import atomic_write_text
 from evaluation.code_execution import execution_user
 from evaluation.data import find_data_file, load_records
-from evaluation.generation import resolve_backend
+from evaluation.generation import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_VLLM_CHUNK_SIZE,
+    backend_choice,
+    require_vllm,
+    resolve_backend,
+)
 from evaluation.generation_subprocess import run_in_subprocess
 from evaluation.generations_file import generate_to_jsonl, load_finished_generations
 from evaluation.output_formats import write_alpaca_eval_outputs, write_human_eval_samples, write_mbpp_generations
@@ -56,8 +62,14 @@ class EvaluationSettings:
     """How benchmarks are generated and scored (identical for every model of a run).
 
     Attributes:
-        backend: ``auto`` (vLLM when importable with CUDA, else Hugging Face), ``vllm`` or ``hf``.
+        backend: ``auto`` (vLLM when importable with CUDA, else Hugging Face; the scripts log which and why),
+            ``vllm`` (a requirement: an error here, before any model is touched, when vLLM or CUDA is missing) or
+            ``hf``.
         tensor_parallel_size: GPUs per vLLM engine (MergeLM flag).
+        vllm_chunk_size: prompts per vLLM ``generate`` call; each finished chunk is appended to the generations
+            file, so a killed run loses at most one chunk.
+        gpu_memory_utilization, max_model_len, enforce_eager: passed to ``vllm.LLM`` (memory and speed only:
+            not part of :func:`generation_record` or of the run folder names).
         batch_size: prompts per ``model.generate`` call of the Hugging Face backend.
         max_new_tokens: overrides every dataset's ``max_tokens`` (None = the paper's: 1024 GSM8K, else 2048).
         dtype: generation dtype (``auto`` keeps the checkpoint's on GPU, float32 on CPU).
@@ -74,6 +86,10 @@ class EvaluationSettings:
 
     backend: str = "auto"
     tensor_parallel_size: int = 1
+    vllm_chunk_size: int = DEFAULT_VLLM_CHUNK_SIZE
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    max_model_len: int | None = None
+    enforce_eager: bool = False
     batch_size: int = 16
     max_new_tokens: int | None = None
     dtype: str = "auto"
@@ -90,12 +106,15 @@ class EvaluationSettings:
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "vllm", "hf"):
             raise ValueError(f"backend must be one of auto, vllm, hf, got {self.backend!r}")
-        if self.backend == "vllm" and resolve_backend("auto") != "vllm":
-            raise ValueError("backend 'vllm' needs the vllm package and a CUDA device, got neither usable here; "
-                             "install requirements-gpu.txt on a GPU machine or pass --backend hf")
-        for name in ("tensor_parallel_size", "batch_size", "num_workers"):
+        if self.backend == "vllm":
+            require_vllm()  # a requirement, checked when the settings are made: before any model is touched
+        for name in ("tensor_parallel_size", "vllm_chunk_size", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}; omit it for the model's")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}; omit it for the paper's")
         if self.dtype not in _DTYPES:
@@ -180,17 +199,24 @@ def generation_record(task: TaskSpec, settings: EvaluationSettings, save_dtype: 
     Recorded in every line of the generations file; a resumed file made otherwise is refused
     (``evaluation.generations_file.load_finished_generations``), so one file never mixes generations.
     """
+    # Deliberately left out: vllm_chunk_size, gpu_memory_utilization, max_model_len, enforce_eager (and
+    # batch_size, tensor_parallel_size). They change memory use and speed, not the greedy texts, so a run killed
+    # with one value may resume with another (e.g. a lower gpu_memory_utilization after an out-of-memory error).
     record = {"backend": resolve_backend(settings.backend), "dtype": settings.dtype,
               "max_tokens": settings.max_new_tokens or task.sampling.max_tokens}
     return {**record, "save_dtype": save_dtype} if save_dtype is not None else record
 
 
 def _generation_kwargs(task: TaskSpec, model_path: str, settings: EvaluationSettings) -> dict[str, Any]:
+    # the backend as resolved here (and recorded by generation_record), so a generation subprocess never
+    # resolves "auto" on its own
     return {
-        "model_path": model_path, "backend": settings.backend,
+        "model_path": model_path, "backend": resolve_backend(settings.backend),
         "max_tokens": settings.max_new_tokens or task.sampling.max_tokens, "stop": list(task.sampling.stop),
         "temperature": task.sampling.temperature, "top_p": task.sampling.top_p, "batch_size": settings.batch_size,
         "tensor_parallel_size": settings.tensor_parallel_size, "dtype": settings.dtype,
+        "vllm_chunk_size": settings.vllm_chunk_size, "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "max_model_len": settings.max_model_len, "enforce_eager": settings.enforce_eager,
         "progress": settings.progress,
     }
 
@@ -205,6 +231,8 @@ def generate_examples(
     :func:`generation_record`.
     """
     made_with = generation_record(task, settings, save_dtype)
+    logger.info("%s: generating with backend %s (%s)", task.name, made_with["backend"],
+                backend_choice(settings.backend)[1])
     kwargs = {**_generation_kwargs(task, model_path, settings), "resume": settings.resume, "id_field": task.id_field,
               "settings": made_with}
     if not settings.isolate_generation():

@@ -1,16 +1,30 @@
-"""Generation backends: HF batching/padding/stop strings on a tiny Llama, SmolLM2 (GGUF), resume, subprocess."""
+"""Generation backends: HF batching/padding/stop strings on a tiny Llama, SmolLM2 (GGUF), resume, subprocess; the
+backend choice, and the vLLM paths (chunks, engine arguments) with a fake ``vllm`` module."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_llama_config
 
 from evaluation import generation
-from evaluation.generation import cut_at_stop, generate, get_vllm_engine, resolve_backend, vllm_available
+from evaluation.generation import (
+    backend_choice,
+    cut_at_stop,
+    generate,
+    get_vllm_engine,
+    log_backend_choice,
+    require_vllm,
+    resolve_backend,
+    vllm_available,
+)
 from evaluation.generation_subprocess import run_in_subprocess
 from evaluation.generations_file import generate_to_jsonl, load_finished_generations
 from evaluation.model_loading import smollm2_gguf_path
@@ -132,12 +146,175 @@ def test_decoding_arguments_are_checked():
         assert resolve_backend("auto") == "hf"
 
 
-def test_a_second_vllm_engine_in_one_process_is_refused(monkeypatch):
-    sentinel = object()
-    monkeypatch.setattr(generation, "_VLLM_ENGINE", (("model-a", 1, "auto"), sentinel))
-    assert get_vllm_engine("model-a") is sentinel
+def test_a_second_vllm_engine_in_one_process_is_refused(fake_vllm):
+    engine = get_vllm_engine("model-a")
+    assert get_vllm_engine("model-a") is engine and len(fake_vllm.engines) == 1
     with pytest.raises(ValueError, match="run_in_subprocess"):
         get_vllm_engine("model-b")
+    with pytest.raises(ValueError, match="run_in_subprocess"):  # other engine settings: another engine too
+        get_vllm_engine("model-a", gpu_memory_utilization=0.5)
+
+
+# --- backend choice: auto says what it chose and why, vllm is a requirement --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("installed", "cuda", "chosen", "reason"),
+    [
+        (True, True, "vllm", "vLLM is installed and a CUDA device is visible"),
+        (False, True, "hf", "vLLM is not installed"),
+        (True, False, "hf", "no CUDA device is visible"),
+        (False, False, "hf", "vLLM is not installed and no CUDA device is visible"),
+    ],
+)
+def test_auto_backend_choice_names_its_reason(monkeypatch, installed, cuda, chosen, reason):
+    monkeypatch.setattr(generation, "_vllm_installed", lambda: installed)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: cuda)
+    resolved, why = backend_choice("auto")
+    assert resolved == chosen == resolve_backend("auto") and reason in why and why.startswith("--backend auto")
+    assert backend_choice("hf") == ("hf", "--backend hf requested")
+    assert vllm_available() is (chosen == "vllm")
+    if chosen == "vllm":
+        require_vllm()
+    else:
+        with pytest.raises(ValueError, match=f"{reason}; install it .*requirements-gpu.txt.*--backend hf"):
+            require_vllm()
+
+
+def test_auto_falling_back_on_a_cuda_machine_is_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(generation, "_vllm_installed", lambda: False)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)
+    with caplog.at_level("INFO", logger="evaluation.generation"):
+        assert log_backend_choice("auto") == ("hf", "--backend auto: vLLM is not installed, so Hugging Face "
+                                                     "transformers (several times slower than vLLM)")
+        log_backend_choice("hf")
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    assert "generation backend: hf (--backend auto: vLLM is not installed" in caplog.records[0].getMessage()
+    assert "requirements-gpu.txt" in caplog.records[0].getMessage()
+    assert caplog.records[1].getMessage() == "generation backend: hf (--backend hf requested)"
+
+
+def test_vllm_backend_without_vllm_fails_before_loading_anything(monkeypatch):
+    monkeypatch.setattr(generation, "_vllm_installed", lambda: False)
+    monkeypatch.setattr(generation, "get_vllm_engine", lambda *a, **k: pytest.fail("no engine may be built"))
+    monkeypatch.setattr(generation, "_get_hf_model", lambda *a, **k: pytest.fail("no silent fallback to hf"))
+    with pytest.raises(ValueError, match="vLLM is not installed"):
+        generate(["x"], model_path="unused", backend="vllm", max_tokens=4)
+
+
+# --- vLLM with a fake engine: chunks, incremental writing, engine arguments ------------------------------------
+
+
+class _FakeLLM:
+    """Stands in for ``vllm.LLM``: records its constructor arguments and every ``generate`` call."""
+
+    def __init__(self, owner, **kwargs):
+        self.owner, self.kwargs, self.calls = owner, kwargs, []
+        owner.engines.append(self)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append(list(prompts))
+        if self.owner.before_call is not None:
+            self.owner.before_call(len(self.calls))
+        if len(self.calls) == self.owner.fail_on_call:
+            raise RuntimeError(f"fake vLLM failure in call {len(self.calls)}")
+        assert params.kwargs["temperature"] == 0 and params.kwargs["n"] == 1
+        stop = params.kwargs["stop"] or []
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=cut_at_stop(f"gen:{p}|end", stop))]) for p in prompts]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A fake ``vllm`` module in ``sys.modules`` and CUDA reported available: the vLLM code paths run without a GPU."""
+    state = SimpleNamespace(engines=[], fail_on_call=None, before_call=None)
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # what importlib.util.find_spec returns
+    module.LLM = lambda **kwargs: _FakeLLM(state, **kwargs)
+    module.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(generation, "_VLLM_ENGINE", None)
+    return state
+
+
+def _vllm(prompts, **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    return generate(prompts, model_path="fake-model", backend="vllm", progress=False, **kwargs)
+
+
+def test_fake_vllm_is_what_auto_chooses(fake_vllm):
+    assert vllm_available() and backend_choice("auto")[0] == "vllm"
+
+
+def test_vllm_generates_in_chunks_with_the_output_of_one_call(fake_vllm):
+    prompts = [f"prompt {i}" for i in range(7)]
+    seen: list[tuple[int, str]] = []
+    texts = _vllm(prompts, vllm_chunk_size=3, stop=["|"], on_result=lambda i, t: seen.append((i, t)))
+    engine = fake_vllm.engines[0]
+    assert engine.calls == [prompts[0:3], prompts[3:6], prompts[6:7]]  # one engine, one call per chunk
+    assert texts == [f"gen:{p}" for p in prompts] and seen == list(enumerate(texts))  # prompt order
+    generation._VLLM_ENGINE = None
+    assert _vllm(prompts, vllm_chunk_size=100, stop=["|"]) == texts  # one big call: the same texts
+    assert fake_vllm.engines[1].calls == [prompts]
+    assert _vllm(prompts, stop=["|"]) == texts and fake_vllm.engines[1].calls[-1] == prompts  # default: 512
+    with pytest.raises(ValueError, match="vllm_chunk_size must be >= 1"):
+        _vllm(prompts, vllm_chunk_size=0)
+
+
+def test_vllm_engine_receives_the_memory_flags(fake_vllm):
+    _vllm(["p"], tensor_parallel_size=2, dtype="float16", gpu_memory_utilization=0.75, max_model_len=4096,
+          enforce_eager=True)
+    assert fake_vllm.engines[0].kwargs == {"model": "fake-model", "seed": 0, "tensor_parallel_size": 2,
+                                           "dtype": "float16", "gpu_memory_utilization": 0.75,
+                                           "max_model_len": 4096, "enforce_eager": True}
+    generation._VLLM_ENGINE = None
+    _vllm(["p"])
+    assert fake_vllm.engines[1].kwargs == {"model": "fake-model", "seed": 0, "tensor_parallel_size": 1,
+                                           "dtype": "auto", "gpu_memory_utilization": 0.9, "max_model_len": None,
+                                           "enforce_eager": False}
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        get_vllm_engine("other", gpu_memory_utilization=1.5)
+
+
+def test_the_scripts_settings_reach_the_vllm_engine(fake_vllm):
+    from evaluation.tasks import get_task
+    from llms.llm_pipeline import EvaluationSettings, _generation_kwargs
+
+    settings = EvaluationSettings(backend="vllm", vllm_chunk_size=2, gpu_memory_utilization=0.6,
+                                  max_model_len=2048, enforce_eager=True, progress=False)
+    kwargs = _generation_kwargs(get_task("gsm8k"), "fake-model", settings)
+    generate(["a", "b", "c"], **kwargs)
+    engine = fake_vllm.engines[0]
+    assert engine.calls == [["a", "b"], ["c"]]
+    assert {k: engine.kwargs[k] for k in ("gpu_memory_utilization", "max_model_len", "enforce_eager")} == {
+        "gpu_memory_utilization": 0.6, "max_model_len": 2048, "enforce_eager": True}
+
+
+def test_vllm_generations_file_grows_chunk_by_chunk_and_resumes_after_a_crash(fake_vllm, tmp_path):
+    path = tmp_path / "generations" / "MATH.jsonl"
+    examples = [{"idx": i, "prompt": f"prompt {i}"} for i in range(10)]
+    kwargs = dict(id_field="idx", model_path="fake-model", backend="vllm", max_tokens=8, vllm_chunk_size=3,
+                  progress=False, stop=["|"])
+    lines_before_call: list[int] = []
+
+    def count_lines(call: int) -> None:
+        lines_before_call.append(len(load_finished_generations(path, id_field="idx")[0]))
+
+    fake_vllm.before_call = count_lines
+    fake_vllm.fail_on_call = 3
+    with pytest.raises(RuntimeError, match="fake vLLM failure in call 3"):
+        generate_to_jsonl(examples, path, **kwargs)
+    assert lines_before_call == [0, 3, 6]  # each chunk was on disk before the next one started
+    kept = load_finished_generations(path, id_field="idx")[0]
+    assert sorted(kept) == list(range(6))  # chunks 1 and 2 survive the failure in chunk 3
+    assert all(record["completion"] == f"gen:prompt {i}" for i, record in kept.items())
+
+    generation._VLLM_ENGINE = None  # the resumed run is a new process
+    fake_vllm.fail_on_call, fake_vllm.before_call = None, None
+    records = generate_to_jsonl(examples, path, resume=True, **kwargs)
+    assert fake_vllm.engines[1].calls == [["prompt 6", "prompt 7", "prompt 8"], ["prompt 9"]]  # only the rest
+    assert [r["completion"] for r in records] == [f"gen:prompt {i}" for i in range(10)]
+    assert [json.loads(line)["idx"] for line in path.read_text(encoding="utf-8").splitlines()] == list(range(10))
 
 
 # --- generations files and resume ------------------------------------------------------------------------------

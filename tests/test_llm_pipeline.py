@@ -101,3 +101,87 @@ def test_human_eval_with_code_execution_writes_harness_samples(smollm2):
     assert all(isinstance(s["completion"], str) for s in samples)
     predictions = _lines(run_dir / "predictions" / "human_eval.jsonl")
     assert all(p["result"] == "passed" or p["result"].startswith(("failed", "timed out")) for p in predictions)
+
+
+# --- backend choice and the vLLM engine flags (no model needed) -------------------------------------------------
+
+
+def _common_args(argv: list[str]):
+    import argparse
+
+    from llms.llm_cli import add_common_args
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_vllm_engine_flags_reach_the_settings_but_not_the_generation_record(monkeypatch):
+    from evaluation.tasks import get_task
+    from llms.llm_cli import settings_from_args
+    from llms.llm_pipeline import EvaluationSettings, _generation_kwargs, generation_record
+
+    default = settings_from_args(_common_args(["--backend", "hf"]))
+    assert (default.vllm_chunk_size, default.gpu_memory_utilization, default.max_model_len,
+            default.enforce_eager) == (512, 0.9, None, False)
+    tuned = settings_from_args(_common_args(["--backend", "hf", "--vllm_chunk_size", "256",
+                                             "--gpu_memory_utilization", "0.8", "--max_model_len", "4096",
+                                             "--enforce_eager"]))
+    assert (tuned.vllm_chunk_size, tuned.gpu_memory_utilization, tuned.max_model_len, tuned.enforce_eager) == (
+        256, 0.8, 4096, True)
+    task = get_task("MATH")
+    # memory and speed knobs: a run killed with one value resumes with another, in the same run folder
+    assert generation_record(task, tuned, "bfloat16") == generation_record(task, default, "bfloat16")
+    assert tuned.naming() == default.naming() == {"backend": "hf"}
+    kwargs = _generation_kwargs(task, "model", tuned)
+    assert {k: kwargs[k] for k in ("vllm_chunk_size", "gpu_memory_utilization", "max_model_len",
+                                   "enforce_eager")} == {"vllm_chunk_size": 256, "gpu_memory_utilization": 0.8,
+                                                         "max_model_len": 4096, "enforce_eager": True}
+    monkeypatch.setattr(generation, "_vllm_installed", lambda: False)
+    assert _generation_kwargs(task, "model", EvaluationSettings())["backend"] == "hf"  # auto, resolved once here
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("vllm_chunk_size", 0, "vllm_chunk_size must be >= 1"),
+     ("gpu_memory_utilization", 0.0, r"gpu_memory_utilization must be in \(0, 1\]"),
+     ("gpu_memory_utilization", 1.2, r"gpu_memory_utilization must be in \(0, 1\]"),
+     ("max_model_len", 0, "max_model_len must be >= 1")],
+)
+def test_vllm_engine_settings_are_checked(field, value, match):
+    from llms.llm_pipeline import EvaluationSettings
+
+    with pytest.raises(ValueError, match=match):
+        EvaluationSettings(backend="hf", **{field: value})
+
+
+@pytest.mark.parametrize(("installed", "cuda", "reason"), [(False, True, "vLLM is not installed"),
+                                                           (True, False, "no CUDA device is visible")])
+def test_backend_vllm_is_a_requirement_checked_with_the_flags(monkeypatch, installed, cuda, reason):
+    from llms.llm_cli import settings_from_args
+
+    monkeypatch.setattr(generation, "_vllm_installed", lambda: installed)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: cuda)
+    with pytest.raises(ValueError, match=f"backend 'vllm' cannot run here: {reason}; .*requirements-gpu.txt"):
+        settings_from_args(_common_args(["--backend", "vllm"]))
+    assert settings_from_args(_common_args([])).backend == "auto"  # auto falls back, with its reason logged
+
+
+def test_start_run_logs_and_records_the_backend_auto_chose(monkeypatch, tmp_path):
+    from common.logging_setup import setup_logging
+    from llms.llm_cli import start_run
+
+    monkeypatch.setattr(generation, "_vllm_installed", lambda: False)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: False)
+    args = _common_args([])
+    try:
+        run_dir = start_run(tmp_path / "run", args, {"script": "test"}, [])
+    finally:
+        setup_logging()  # detach run.log
+    log = (run_dir / "run.log").read_text(encoding="utf-8")
+    assert ("INFO - generation backend: hf (--backend auto: vLLM is not installed and no CUDA device is visible, "
+            "so Hugging Face transformers") in log
+    recorded = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]["generation_backend"]
+    assert recorded == {"requested": "auto", "resolved": "hf", "reason": "--backend auto: vLLM is not installed "
+                        "and no CUDA device is visible, so Hugging Face transformers (several times slower than "
+                        "vLLM)"}
