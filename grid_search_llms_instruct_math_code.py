@@ -26,6 +26,13 @@ the end of ``--stage all``) refuses to run while a grid point is not finished, n
 for a benchmark's best validation score are listed in ``selection.json`` and the tables; the earlier point in
 grid order wins. ``--list_presets`` shows the Table 1 presets and their sources. Folders and files: see
 ``llms/llm_grid_search.py``.
+
+AlpacaEval is judged outside the repository, so a grid with it runs in four steps: ``--stage grid`` (every shard);
+``python evaluate_generations.py --pending_alpaca_eval <results_dir>`` prints an ``alpaca_eval`` call and an
+ingestion command for each point's validation outputs: run them; ``--stage select`` (it refuses while a finished
+point has no AlpacaEval validation score, naming the points, unless ``--allow_missing``); the same helper again for
+the selected point's final parts (validation, test, full), which Table 1 (``summarize_results.py --paper_table1``)
+then shows.
 """
 
 from __future__ import annotations

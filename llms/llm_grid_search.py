@@ -11,7 +11,11 @@ skip the grid and are evaluated with that setting.
 The selection needs every grid point: with a point not finished (a shard still running, a job killed, a point
 held by a concurrent job) it raises :class:`IncompleteGridError` before any final merge, naming the missing
 points, unless ``GridSearchConfig.allow_missing`` (``--allow_missing``); then it selects among the finished points
-and ``selection.json`` records ``"missing_points"`` and ``"allow_missing": true``. Ties are never silent: every
+and ``selection.json`` records ``"missing_points"`` and ``"allow_missing": true``. Likewise a finished point
+without a validation score for a grid benchmark (AlpacaEval before its win rates are ingested, code without
+``--allow_code_execution`` or external scores) stops the selection with :class:`UnscoredPointsError`, naming the
+points and the commands (``evaluate_generations.py --pending_alpaca_eval``), unless ``allow_missing`` (then
+``"unscored_points"`` is recorded and the selection is made among the scored points). Ties are never silent: every
 point sharing a benchmark's best validation score is listed under ``selection.<benchmark>.tied`` (the rule,
 :data:`TIE_BREAK`, is in ``selection.json`` and the tables) and logged.
 
@@ -24,8 +28,9 @@ generation settings: ``EvaluationSettings.naming()``, e.g. ``backend=hf``, ``dty
   ``result.json`` (written atomically: the point is finished exactly when it exists, and is never redone),
   ``final/<dataset>.json`` (test / full scores once selected), ``.lock`` (held while a job works on the point, so
   overlapping shards skip it; released by the OS when a job dies);
-* ``external_scores/<dataset>.json``: ``{"<method>/<settings>": percent}`` for benchmarks scored outside
-  the repository (AlpacaEval, or code without ``--allow_code_execution``), read by the selection;
+* ``external_scores/<dataset>.json``: ``{"<method>/<settings>": percent}`` (or ``{"win_rate": percent, ...}``,
+  what ``evaluate_generations.py --dataset_name alpaca_eval`` writes) for benchmarks scored outside the repository
+  (AlpacaEval, or code without ``--allow_code_execution``), read by the selection;
 * ``selections/<label>/``: ``grid.md`` / ``grid.csv`` (every point's validation score per benchmark),
   ``selection.csv``, ``selection.json`` (everything: the missing points and ``allow_missing``, the tied points
   per benchmark and the tie rule ``tie_break``, the evaluation settings in ``config``), ``config.json``, logs.
@@ -48,6 +53,7 @@ from typing import Any
 
 from common.run_dir import atomic_write_json, atomic_write_text, hyperparameter_dirname, read_json, run_dir_for
 from common.selection import select_best
+from evaluation.alpaca_eval import pending as pending_alpaca_eval
 from evaluation.generation import release_hf_model
 from evaluation.generations_file import load_finished_generations
 from evaluation.tasks import get_task
@@ -83,6 +89,11 @@ PARTS = ("validation", "test", "full")
 
 class IncompleteGridError(RuntimeError):
     """The selection was asked for while grid points are not finished (and ``allow_missing`` is off)."""
+
+
+class UnscoredPointsError(IncompleteGridError):
+    """The selection was asked for while finished grid points have no validation score for a grid benchmark
+    (AlpacaEval not ingested yet, code not executed), and ``allow_missing`` is off."""
 
 
 @dataclass(frozen=True)
@@ -375,9 +386,17 @@ def load_point_results(config: GridSearchConfig, grid_dir: Path) -> tuple[dict[R
 
 
 def external_scores(grid_dir: Path, dataset: str) -> dict[str, float]:
-    """``external_scores/<dataset>.json``: ``{point key: percent}`` (e.g. AlpacaEval win rates)."""
+    """``external_scores/<dataset>.json``: ``{point key: percent}``, a value either a number or a record with
+    ``win_rate`` (percent; what ``evaluate_generations.py --dataset_name alpaca_eval`` writes for AlpacaEval)."""
     path = grid_dir / "external_scores" / f"{dataset}.json"
-    return {str(k): float(v) for k, v in read_json(path).items()} if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    scores = {}
+    for key, value in read_json(path).items():
+        score = value.get("win_rate") if isinstance(value, Mapping) else value
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            scores[str(key)] = float(score)
+    return scores
 
 
 def validation_scores(
@@ -416,8 +435,8 @@ def select_settings(
             continue
         best = select_best(scores[dataset].items())  # first highest; a missing or NaN score never wins
         if best is None:
-            logger.warning("%s: no finished point has a validation score; write external_scores/%s.json (point key "
-                           "-> percent) or pass --allow_code_execution", dataset, dataset)
+            logger.warning("%s: no finished point has a validation score, so it has no selection (--allow_missing); "
+                           "%s", dataset, how_to_score(dataset))
             continue
         tied = tied_points(scores[dataset], best[1])
         if len(tied) > 1:
@@ -514,6 +533,41 @@ def run_grid(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str])
     return done
 
 
+def how_to_score(dataset: str, grid_dir: Path | None = None) -> str:
+    """What gives ``dataset``'s grid points their validation scores."""
+    if dataset == "alpaca_eval":
+        where = "<grid folder>" if grid_dir is None else str(grid_dir)
+        return (f"AlpacaEval is judged outside the repository: `python evaluate_generations.py --pending_alpaca_eval "
+                f"{where}` prints the alpaca_eval call and the ingestion command for each point's validation outputs")
+    note = ""
+    if get_task(dataset).unsafe_code:
+        note = (" (e.g. from evaluate_generations.py --allow_code_execution on each point's generations file; a "
+                "finished point is not scored again by rerunning the grid with --allow_code_execution)")
+    return f"write external_scores/{dataset}.json ({{point key: percent}}) in the grid folder{note}"
+
+
+def unscored_points(scores: Mapping[str, Mapping[Recipe, float | None]]) -> dict[str, list[Recipe]]:
+    """``{dataset: finished points without a validation score}`` (grid order; a NaN is a score)."""
+    found = {d: [p for p, s in by_point.items() if s is None] for d, by_point in scores.items()}
+    return {d: points for d, points in found.items() if points}
+
+
+def check_scored(config: GridSearchConfig, grid_dir: Path, unscored: Mapping[str, Sequence[Recipe]],
+                 finished: int) -> None:
+    """Refuse a selection while finished points lack a benchmark's validation score, unless ``allow_missing``."""
+    if not unscored:
+        return
+    lines = [f"{d}: {len(points)} of {finished} finished points have no validation score "
+             f"({', '.join(config.point_key(p) for p in points)}); {how_to_score(d, grid_dir)}"
+             for d, points in unscored.items()]
+    if not config.allow_missing:
+        raise UnscoredPointsError(
+            "no selection yet: " + "; ".join(lines) + ". Then run --stage select (nothing is regenerated); or pass "
+            "--allow_missing to select among the scored points (selection.json and the tables then record the "
+            "unscored ones)")
+    logger.warning("--allow_missing: selecting among the scored points. %s", "; ".join(lines))
+
+
 def check_complete(config: GridSearchConfig, missing: Sequence[Recipe]) -> None:
     """Refuse a selection over part of the grid unless ``allow_missing`` (then the missing points are logged)."""
     if not missing:
@@ -538,11 +592,14 @@ def select_and_evaluate(config: GridSearchConfig, grid_dir: Path, paths: Mapping
     finished, missing = load_point_results(config, grid_dir)
     check_complete(config, missing)
     scores = validation_scores(config, grid_dir, finished)
+    unscored = unscored_points(scores)
+    check_scored(config, grid_dir, unscored, len(finished))
     selection = select_settings(config, scores)
     final = run_final(config, grid_dir, selection, paths)
     record = {"label": config.label, "config": config.record(), "table1_row": config.table1_row,
               "missing_points": [config.point_key(p) for p in missing], "allow_missing": config.allow_missing,
               "finished_points": len(finished), "grid_points": len(config.points), "tie_break": TIE_BREAK,
+              "unscored_points": {d: [config.point_key(p) for p in points] for d, points in unscored.items()},
               "validation_scores": {d: {config.point_key(p): s for p, s in by_point.items()}
                                     for d, by_point in scores.items()},
               "selection": {d: {**s, "point": s["point"].record(), "key": config.point_key(s["point"]),
@@ -553,7 +610,18 @@ def select_and_evaluate(config: GridSearchConfig, grid_dir: Path, paths: Mapping
     grid = grid_table(config.points, config.grid_datasets, scores, finished, selection)
     selected = selection_table(selection, final, grid_points=(len(finished), len(config.points)))
     markdown = write_tables(selection_folder(config, grid_dir), grid, selected, record)
+    if "alpaca_eval" in final:
+        log_pending_alpaca_eval(grid_dir, "the selected settings' AlpacaEval parts (validation, test, full)")
     return {**record, "markdown": markdown}
+
+
+def log_pending_alpaca_eval(grid_dir: Path, what: str) -> None:
+    """Say how many AlpacaEval outputs of the grid folder still wait for their judge, and the command."""
+    waiting = [item for item in pending_alpaca_eval(grid_dir) if item["not_ready"] is None]
+    if waiting:
+        logger.warning("AlpacaEval: %d model outputs files without a score (%s); `python evaluate_generations.py "
+                       "--pending_alpaca_eval %s` prints the alpaca_eval calls and the ingestion commands",
+                       len(waiting), what, grid_dir)
 
 
 def run_grid_search(
@@ -563,6 +631,8 @@ def run_grid_search(
     if stage not in ("all", "grid", "select"):
         raise ValueError(f"stage must be one of all, grid, select, got {stage!r}")
     done = run_grid(config, grid_dir, paths) if stage in ("all", "grid") else []
+    if "alpaca_eval" in config.grid_datasets and stage in ("all", "grid"):
+        log_pending_alpaca_eval(grid_dir, "the grid points' validation outputs, needed before --stage select")
     if stage == "grid":
         return {"finished_points": [config.point_key(p) for p in done]}
     return select_and_evaluate(config, grid_dir, paths)

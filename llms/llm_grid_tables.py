@@ -1,7 +1,9 @@
 """Tables of a grid search: every point's validation score per benchmark, and the selected settings.
 
-Scores are the paper's metric x100 (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, AlpacaEval win rate from
-``external_scores``); ``files`` = generated but scored outside the repository; empty = not finished. The selected
+Scores are the paper's metric x100 (GSM8K / MATH accuracy, HumanEval / MBPP pass@1; the AlpacaEval win rate in
+percent, ingested by ``evaluate_generations.py --dataset_name alpaca_eval``: validation from ``external_scores``,
+the selected point's parts from its ``final/alpaca_eval.json``); ``files`` = generated but not scored yet (judged
+outside the repository); empty = not finished. The selected
 settings' table says how many grid points the selection saw (a partial grid only with ``--allow_missing``) and
 which points tied for the best validation score (:data:`TIE_BREAK`).
 Written as markdown, CSV and JSON into the selection folder (``llms.llm_grid_search``).
@@ -47,10 +49,13 @@ def csv_text(table: Table) -> str:
 
 
 def percent_score(metrics: Mapping[str, Any]) -> float | None:
-    """An LLM benchmark's metric x100 (GSM8K / MATH accuracy, code pass@1), ``None`` when scored externally."""
+    """An LLM benchmark's metric in percent: GSM8K / MATH accuracy and code pass@1 x100, an ingested AlpacaEval
+    ``win_rate`` as it is (already percent, ``evaluation.alpaca_eval``); ``None`` while not scored."""
     for key in ("accuracy", "pass@1"):
-        if isinstance(metrics.get(key), (int, float)):
+        if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool):
             return float(metrics[key]) * 100
+    if isinstance(metrics.get("win_rate"), (int, float)) and not isinstance(metrics["win_rate"], bool):
+        return float(metrics["win_rate"])
     return None
 
 

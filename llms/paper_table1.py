@@ -6,11 +6,16 @@ has one secondary source only. Ours: single models from ``inference_llms_instruc
 ``--weight_mask_rate 0.0``, merges from the selections of ``grid_search_llms_instruct_math_code.py`` (the
 selected setting's scores on the validation sample it was selected on, on the other 90 % (test) and on the full
 set, side by side), matched to a row by the selection's ``table1_row``. Cells: ``ours / paper (ours - paper)``,
-x100, the difference from the full-set score; ``files`` = scored outside the repository.
+x100, the difference from the full-set score; ``files`` = generated but not scored yet (AlpacaEval until its win
+rate is ingested with ``evaluate_generations.py --dataset_name alpaca_eval``; code without execution). AlpacaEval
+cells are the ingested win rates (percent): a single model's from its run's ``metrics.json``, a selection's parts
+from the selected point's ``final/alpaca_eval.json`` (read here, so scores ingested after the selection show
+without running it again).
 
 A run is *full* only when it evaluated every example with the paper's generation length: its recorded
 evaluation settings (``config.json``, or ``selection.json``'s ``config``) have ``start_index`` 0, ``end_index``
-all examples and ``max_new_tokens`` None, and, for a selection, no grid point was missing (``--allow_missing``).
+all examples and ``max_new_tokens`` None, and, for a selection, no grid point was missing or unscored
+(``--allow_missing``).
 Any other run is *partial* (``partial: 10 examples, 2 new tokens``; a run whose settings are not recorded too):
 its row says so and its scores are left out unless ``show_partial`` (``--show_partial``), which shows them still
 marked partial and without a difference from the paper.
@@ -94,16 +99,20 @@ def partial_evaluation(evaluation: Mapping[str, Any] | None) -> str | None:
 
 
 def partial_grid(record: Mapping[str, Any]) -> str | None:
-    """``selection over 1 of 2 grid points`` when the selection ran with missing points, else ``None``."""
+    """``selection over 1 of 2 grid points`` when the selection ran with missing points, ``alpaca_eval selected
+    without 2 unscored points`` when finished points had no validation score (both only with ``--allow_missing``),
+    else ``None``."""
+    parts = []
     missing = record.get("missing_points") or []
-    if not missing:
-        return None
-    total = record.get("grid_points")
-    if total is None and isinstance(record.get("config"), Mapping) and "points" in record["config"]:
-        total = len(record["config"]["points"])
-    if total is None:
-        return f"selection with {len(missing)} grid points missing"
-    return f"selection over {total - len(missing)} of {total} grid points"
+    if missing:
+        total = record.get("grid_points")
+        if total is None and isinstance(record.get("config"), Mapping) and "points" in record["config"]:
+            total = len(record["config"]["points"])
+        parts.append(f"selection with {len(missing)} grid points missing" if total is None
+                     else f"selection over {total - len(missing)} of {total} grid points")
+    unscored = record.get("unscored_points") or {}
+    parts += [f"{dataset} selected without {len(keys)} unscored points" for dataset, keys in unscored.items() if keys]
+    return "; ".join(parts) or None
 
 
 @dataclass(frozen=True)
@@ -138,13 +147,30 @@ def single_model_results(results_dir: Path) -> dict[tuple[str, str | None], dict
     return found
 
 
+def current_final(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The selection's ``final`` with each part scored since (an AlpacaEval win rate ingested into the selected
+    point's ``final/<dataset>.json`` after ``selection.json`` was written) taken from that file."""
+    final = {d: dict(parts) for d, parts in (record.get("final") or {}).items() if isinstance(parts, Mapping)}
+    grid_dir = path.parents[2]  # <grid>/selections/<label>/selection.json
+    for dataset, chosen in (record.get("selection") or {}).items():
+        key = chosen.get("key") if isinstance(chosen, Mapping) else None
+        file = grid_dir / "points" / key / "final" / f"{dataset}.json" if key else None
+        if dataset not in final or file is None or not file.is_file():
+            continue
+        current = _read(file)
+        for part in PARTS:
+            if isinstance(current.get(part), Mapping) and percent_score(current[part]) is not None:
+                final[dataset][part] = current[part]
+    return final
+
+
 def grid_results(results_dir: Path) -> list[tuple[tuple[str, str], OurRun]]:
     """``(table1_row, run)`` of every grid-search selection: validation, test and full scores per benchmark."""
     found = []
     for path in sorted(results_dir.rglob("selections/*/selection.json")):
         record = _read(path)
         cells = {dataset: {part: _score(final.get(part)) for part in PARTS}
-                 for dataset, final in record.get("final", {}).items() if isinstance(final, Mapping)}
+                 for dataset, final in current_final(path, record).items()}
         config = record.get("config")
         evaluation = config.get("evaluation") if isinstance(config, Mapping) else None
         partial = "; ".join(p for p in (partial_evaluation(evaluation), partial_grid(record)) if p) or None

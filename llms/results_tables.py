@@ -4,8 +4,10 @@ One row per evaluated model: a fine-tuned LLM with or without DARE (``inference_
 one run folder per dataset) or a merge (``merge_llms_instruct_math_code.py`` and
 ``direct_inference_merged_llms_instruct_math_code.py``); one column per benchmark (AlpacaEval, GSM8K, MATH,
 HumanEval, MBPP). Runs of the same model on different datasets are combined into one row. Cells: GSM8K / MATH
-``accuracy`` and HumanEval / MBPP ``pass@1``, x100; ``files`` where the run only wrote the generations for the
-external evaluator (AlpacaEval always, code without ``--allow_code_execution``); empty where not run. Runs on
+``accuracy`` and HumanEval / MBPP ``pass@1``, x100, the AlpacaEval ``win_rate`` (percent) once ingested
+(``evaluate_generations.py --dataset_name alpaca_eval``); ``files`` where the run only wrote the generations for
+the external evaluator (AlpacaEval until its score is ingested, code without ``--allow_code_execution``); empty
+where not run. Runs on
 part of a test set (``--start_index`` / ``--end_index``) or with ``--max_new_tokens`` get their own rows.
 """
 
@@ -34,6 +36,7 @@ LLM_REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 LLM_COLUMNS: dict[str, str] = {"alpaca_eval": "AlpacaEval", "gsm8k": "GSM8K", "MATH": "MATH",
                                "human_eval": "HumanEval", "mbpp": "MBPP"}
 HEADLINE_METRICS = ("accuracy", "pass@1")
+WIN_RATE = "win_rate"  # AlpacaEval, percent (evaluate_generations.py --dataset_name alpaca_eval)
 NOT_SCORED = "files"
 MERGE_TASK_ORDER = ("instruct", "math", "code")
 LLM_METHOD_ORDER = ("average_merging", "task_arithmetic", "ties_merging")
@@ -55,6 +58,9 @@ def _cell(result: Mapping[str, Any]) -> float | str:
         value = result.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value) * 100
+    value = result.get(WIN_RATE)  # ingested AlpacaEval win rate: already percent
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     return NOT_SCORED
 
 

@@ -171,3 +171,135 @@ def test_human_eval_format_is_refused_for_other_datasets(tmp_path):
     with pytest.raises(ValueError, match="--completion_format human_eval applies to --dataset_name human_eval only"):
         evaluate_generations.main(["--dataset_name", "mbpp", "--generations", str(tmp_path / "g.jsonl"),
                                    "--allow_code_execution", "--completion_format", "human_eval"])
+
+
+# --- AlpacaEval: the alpaca_eval CLI's output ingested into a run, checked against the run's outputs -------------
+
+INSTRUCTIONS = ["Name three primary colors.", "What is 2 + 2?", "Write a haiku about rain."]
+OUTPUTS = ["Red, yellow and blue.", "4", "Rain on the roof / ..."]
+
+
+def _alpaca_eval_run(root, model="WizardLM-13B-V1.2"):
+    """A finished inference run of ``model`` on 3 AlpacaEval instructions (what the script writes, by hand)."""
+    import sys
+
+    from evaluation.output_formats import write_alpaca_eval_outputs
+
+    run = root / "inference_llms_instruct_math_code" / model / "alpaca_eval" / "weight_mask_rate=0.0"
+    run.mkdir(parents=True)
+    evaluation = {"start_index": 0, "end_index": sys.maxsize, "max_new_tokens": None}  # the paper's settings
+    (run / "config.json").write_text(json.dumps({"config": {
+        "script": "inference_llms_instruct_math_code", "finetuned_model_name": model, "weight_mask_rate": 0.0,
+        "dataset_name": "alpaca_eval", "evaluation": evaluation}}))
+    (run / "metrics.json").write_text(json.dumps({"alpaca_eval": {"num_examples": 3, "version": 1}}))
+    records = [{"instruction": i, "dataset": "helpful_base"} for i in INSTRUCTIONS]
+    write_alpaca_eval_outputs(run / "external" / "alpaca_eval_model_outputs.json", records, OUTPUTS, model)
+    return run
+
+
+def _annotations(preferences, outputs=OUTPUTS, instructions=INSTRUCTIONS):
+    """alpaca_eval's annotations.json records: output_1 = the reference's, output_2 = the model's."""
+    return [{"instruction": i, "output_1": f"reference answer {n}", "generator_1": "text_davinci_003",
+             "output_2": o, "generator_2": "WizardLM-13B-V1.2", "annotator": "chatgpt_fn", "preference": p,
+             "price_per_example": 0.0, "time_per_example": 0.1}
+            for n, (i, o, p) in enumerate(zip(instructions, outputs, preferences, strict=True))]
+
+
+def test_win_rate_from_preferences_is_alpaca_evals():
+    from evaluation.alpaca_eval import win_rate_from_preferences
+
+    # 2 = the model wins, 1 = the reference, 1.5 and 0 = draws, None = no answer (dropped)
+    counts = win_rate_from_preferences([2, 1, 1.5, 2, 0, None])
+    assert counts["win_rate"] == pytest.approx(60.0)  # mean of 1, 0, .5, 1, .5
+    assert counts["standard_error"] == pytest.approx(100 * (0.70 / 4 / 5) ** 0.5)  # sem, ddof 1
+    assert (counts["n_wins"], counts["n_wins_base"], counts["n_draws"], counts["n_total"], counts["n_missing"]) == (
+        2, 1, 2, 5, 1)
+    assert win_rate_from_preferences([2])["standard_error"] is None
+    with pytest.raises(ValueError, match="no preference in \\[1, 2\\]"):
+        win_rate_from_preferences([None, float("nan"), 3])
+
+
+def test_alpaca_eval_run_pending_ingest_and_table1(tmp_path, capsys):
+    import shlex
+
+    import summarize_results
+
+    root = tmp_path / "results"
+    run = _alpaca_eval_run(root)
+    evaluate_generations.main(["--pending_alpaca_eval", str(root)])
+    out = capsys.readouterr().out
+    outputs_file = run / "external" / "alpaca_eval_model_outputs.json"
+    call = next(line for line in out.splitlines() if line.startswith("IS_ALPACA_EVAL_2=False alpaca_eval "))
+    assert f"--model_outputs {outputs_file}" in call and "--annotators_config chatgpt_fn" in call
+    assert f"--output_path {run / 'external' / 'alpaca_eval'}" in call and "--precomputed_leaderboard None" in call
+    ingest = next(line for line in out.splitlines() if line.startswith("python evaluate_generations.py"))
+    assert ingest == (f"python evaluate_generations.py --dataset_name alpaca_eval --run_dir {run} "
+                      f"--alpaca_eval_annotations {run / 'external' / 'alpaca_eval'}")
+    # what alpaca_eval >= 0.5 writes: <output_path>/<annotators_config>/annotations.json
+    written = run / "external" / "alpaca_eval" / "chatgpt_fn" / "annotations.json"
+    written.parent.mkdir(parents=True)
+    written.write_text(json.dumps(_annotations([2, 1, 2])))
+    metrics = evaluate_generations.main(shlex.split(ingest)[2:])
+    assert last_json_line(capsys) == metrics
+    assert metrics["win_rate"] == pytest.approx(200 / 3) and metrics["n_total"] == 3
+    assert metrics["standard_error"] == pytest.approx(100 * (1 / 3 / 3) ** 0.5)
+    assert metrics["annotators"] == ["chatgpt_fn"] and metrics["reference"] == ["text_davinci_003"]
+    stored = json.loads((run / "metrics.json").read_text())["alpaca_eval"]
+    assert stored["num_examples"] == 3 and stored["win_rate"] == metrics["win_rate"]  # the run's fields are kept
+    evaluate_generations.main(["--pending_alpaca_eval", str(root)])
+    assert "no AlpacaEval model outputs without a score" in capsys.readouterr().out
+    markdown = summarize_results.main(["--results_dir", str(root), "--paper_table1"])["markdown"]
+    row = next(line for line in markdown.splitlines() if line.startswith("| WizardLM-13B |"))
+    assert row.split(" | ")[3] == f"66.67 / 67.20 ({200 / 3 - 67.2:+.2f})"  # no longer 'files'
+    summary = summarize_results.main(["--results_dir", str(root)])["markdown"]
+    assert "| WizardLM-13B-V1.2 | fine-tuned | 66.67 |" in summary  # the LLM runs' table too
+
+
+def test_alpaca_eval_annotations_of_other_outputs_are_refused(tmp_path, capsys):
+    from evaluation.alpaca_eval import AlpacaEvalMismatchError
+
+    run = _alpaca_eval_run(tmp_path / "results")
+    before = (run / "metrics.json").read_text()
+    base = ["--dataset_name", "alpaca_eval", "--run_dir", str(run), "--alpaca_eval_annotations"]
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(_annotations([2, 2], OUTPUTS[:2], INSTRUCTIONS[:2])))
+    with pytest.raises(AlpacaEvalMismatchError, match="2 annotations for 3 outputs; 1 of our instructions not "
+                                                       "annotated"):
+        evaluate_generations.main([*base, str(fewer)])
+    other = tmp_path / "other_model.json"  # same instructions, another model's outputs (another grid point)
+    other.write_text(json.dumps(_annotations([2, 2, 2], ["Blue.", "5", "Sun"])))
+    with pytest.raises(AlpacaEvalMismatchError, match="differ from .* for 3 of 3 instructions"):
+        evaluate_generations.main([*base, str(other)])
+    board = tmp_path / "board" / "leaderboard.csv"
+    board.parent.mkdir()
+    board.write_text(",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,mode,avg_length\n"
+                     "WizardLM-13B-V1.2,80.0,4.0,4,1,0,5,community,900\n")
+    with pytest.raises(AlpacaEvalMismatchError, match="n_total 5 judged examples, but .* has 3 outputs"):
+        evaluate_generations.main([*base, str(board.parent)])
+    assert (run / "metrics.json").read_text() == before  # nothing was written
+    with pytest.raises(ValueError, match="pass --run_dir DIR and --alpaca_eval_annotations"):
+        evaluate_generations.main(["--dataset_name", "alpaca_eval", "--generations", "g.jsonl"])
+
+
+def test_alpaca_eval_leaderboard_csv_and_a_second_score(tmp_path, capsys):
+    run = _alpaca_eval_run(tmp_path / "results")
+    board = tmp_path / "leaderboard.csv"
+    # alpaca_eval's leaderboard.csv (pandas index = the model's name); AlpacaEval 2 adds the length-controlled rate
+    board.write_text(",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,discrete_win_rate,mode,avg_length,"
+                     "length_controlled_winrate,lc_standard_error\n"
+                     "my-model,66.66666666666667,33.333333333333336,2,1,0,3,66.67,community,12,55.5,1.2\n")
+    base = ["--dataset_name", "alpaca_eval", "--run_dir", str(run), "--alpaca_eval_annotations"]
+    metrics = evaluate_generations.main([*base, str(board)])
+    assert metrics["win_rate"] == pytest.approx(200 / 3) and metrics["standard_error"] == pytest.approx(100 / 3)
+    assert metrics["n_total"] == 3 and metrics["length_controlled_winrate"] == 55.5
+    assert metrics["leaderboard_name"] == "my-model" and metrics["n_wins"] == 2
+    again = tmp_path / "again.json"  # the same outputs judged again, with another result
+    again.write_text(json.dumps(_annotations([1, 1, 2])))
+    with pytest.raises(ValueError, match="a different AlpacaEval score is already ingested .* pass --overwrite"):
+        evaluate_generations.main([*base, str(again)])
+    assert evaluate_generations.main([*base, str(again), "--overwrite"])["win_rate"] == pytest.approx(100 / 3)
+    two = tmp_path / "two.csv"
+    two.write_text(",win_rate,standard_error,n_total\na,50.0,1.0,3\nb,60.0,1.0,3\n")
+    with pytest.raises(ValueError, match="2 models in the leaderboard and no --alpaca_eval_name"):
+        evaluate_generations.main([*base, str(two), "--overwrite"])
+    assert evaluate_generations.main([*base, str(two), "--overwrite", "--alpaca_eval_name", "b"])["win_rate"] == 60.0

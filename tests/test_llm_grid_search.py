@@ -17,10 +17,18 @@ from test_llm_merging import _fail, family  # noqa: F401  (module fixture: the t
 import grid_search_llms_instruct_math_code as grid_script
 import summarize_results
 from evaluation import generation
+from evaluation.alpaca_eval import pending
+from evaluation.tasks import get_task
 from llms import llm_grid_search, llm_merging, llm_pipeline
 from llms.llm_compute_estimate import describe_plan, plan_compute
 from llms.llm_grid import describe_point, expand_points, grid_methods, parse_shard, shard_points
-from llms.llm_grid_search import GridSearchConfig, IncompleteGridError, point_lock, run_grid_search
+from llms.llm_grid_search import (
+    GridSearchConfig,
+    IncompleteGridError,
+    UnscoredPointsError,
+    point_lock,
+    run_grid_search,
+)
 from llms.llm_pipeline import EvaluationSettings
 from llms.llm_validation_split import split_positions
 from model_merging_methods import Dare, Recipe
@@ -108,6 +116,14 @@ def _fake_config(tmp_path, **overrides) -> GridSearchConfig:
     return GridSearchConfig(**{**kwargs, **overrides})
 
 
+FAKE_INSTRUCTIONS = ["Name three primary colors.", "What is 2 + 2?", "Write a haiku about rain."]
+FAKE_ALPACA_PARTS = {"validation": (0,), "test": (1, 2), "full": (0, 1, 2)}
+
+
+def _fake_output(value: str, i: int) -> str:
+    return f"answer {i} of the merge with lambda={value}"
+
+
 @pytest.fixture
 def fake_evaluation(monkeypatch):
     calls: list[tuple[str, tuple[str, ...]]] = []
@@ -120,6 +136,16 @@ def fake_evaluation(monkeypatch):
     def evaluate_parts(config, dataset, model_path, folder, parts, out):
         value = folder.name.split("scaling_coefficient=")[1].split(",")[0]
         calls.append((value, tuple(parts)))
+        if dataset == "alpaca_eval":  # judged outside: only the model outputs file for alpaca_eval is written
+            metrics = {}
+            for part in parts:
+                ids = FAKE_ALPACA_PARTS[part]
+                records = [{"instruction": FAKE_INSTRUCTIONS[i], "dataset": "helpful_base"} for i in ids]
+                predictions = [{"id": i, "completion": _fake_output(value, i)} for i in ids]
+                llm_pipeline.write_external_file(get_task("alpaca_eval"), folder / out / part, records, predictions,
+                                                 str(folder))
+                metrics[part] = {"num_examples": len(ids), "version": 1, "ids": list(ids)}
+            return metrics, {"generation_seconds": 1.0, "generated_tokens": 10}
         metrics = {part: {"accuracy": FAKE_SCORES[value][part], "num_examples": 1, "ids": [0]} for part in parts}
         return metrics, {"generation_seconds": 1.0, "generated_tokens": 10}
 
@@ -247,6 +273,82 @@ def test_table1_shows_the_three_parts_and_never_calls_a_smoke_run_full(fake_eval
     full_dir.write_text(json.dumps(record))
     line = _table1_row(tmp_path)
     assert f"| grid custom | – / 67.04 | val 60.00 · test 10.00 · full 15.00 / 66.34 ({15.0 - 66.34:+.2f}) |" in line
+
+
+def _judge(target, preferences: dict[int, float], folder: Path) -> Path:
+    """A hand-made alpaca_eval annotations.json for the target's model outputs: ``{example: preference}``."""
+    outputs = json.loads(target.model_outputs.read_text())
+    ids = [FAKE_INSTRUCTIONS.index(o["instruction"]) for o in outputs]
+    records = [{"instruction": o["instruction"], "output_1": "reference", "generator_1": "text_davinci_003",
+                "output_2": o["output"], "generator_2": o["generator"], "annotator": "chatgpt_fn",
+                "preference": preferences[i]} for o, i in zip(outputs, ids, strict=True)]
+    path = folder / "annotations.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_alpaca_eval_grid_ingest_select_final_and_table1(fake_evaluation, tmp_path, capsys):
+    import evaluate_generations
+
+    row = ("WizardLM + WizardMath", "Task Arithmetic")
+    config = _fake_config(tmp_path, datasets=("alpaca_eval", "gsm8k"), table1_row=row)
+    grid = tmp_path / "grid"
+    run_grid_search(config, grid, {}, stage="grid")
+    # the selection needs the AlpacaEval validation scores: refused, naming the points and the command
+    with pytest.raises(UnscoredPointsError) as error:
+        run_grid_search(config, grid, {}, stage="select")
+    message = str(error.value)
+    keys = [config.point_key(p) for p in config.points]
+    assert f"alpaca_eval: 2 of 2 finished points have no validation score ({', '.join(keys)})" in message
+    assert f"--pending_alpaca_eval {grid}" in message and "--allow_missing" in message
+    assert not (grid / "selections" / "custom" / "selection.json").exists()
+    waiting = pending(grid)
+    assert [(t["target"].kind, t["target"].point_key) for t in waiting] == [("grid validation", k) for k in keys]
+    # the judge prefers lambda=1.0 on validation (gsm8k's validation favours 0.5)
+    for item, preference in zip(waiting, (1, 2), strict=True):
+        annotations = _judge(item["target"], {0: preference}, tmp_path / "judged" / str(preference))
+        evaluate_generations.main(["--dataset_name", "alpaca_eval", "--run_dir", str(item["target"].folder),
+                                   "--alpaca_eval_annotations", str(annotations)])
+    stored = json.loads((grid / "external_scores" / "alpaca_eval.json").read_text())
+    assert {k: v["win_rate"] for k, v in stored.items()} == {keys[0]: 0.0, keys[1]: 100.0}
+    fake_evaluation.clear()
+    result = run_grid_search(config, grid, {}, stage="select")
+    assert result["selection"]["alpaca_eval"]["key"] == keys[1] and result["selection"]["gsm8k"]["key"] == keys[0]
+    assert result["selection"]["alpaca_eval"]["validation_score"] == 100.0 and result["unscored_points"] == {}
+    assert ("1.0", ("validation", "test", "full")) in fake_evaluation
+    assert "| task_arithmetic | 1.0 | finished | 100.00 | 40.00 | alpaca_eval |" in result["markdown"]
+    # the selected point's final parts wait for their judge; Table 1 says 'files' until then
+    line = _table1_row(tmp_path)
+    assert "| grid custom | files / 67.04 |" in line
+    waiting = pending(grid)
+    assert [(t["target"].kind, t["target"].part) for t in waiting] == [
+        ("grid final", "full"), ("grid final", "test"), ("grid final", "validation")]
+    judged = {0: 2, 1: 2, 2: 1}
+    for item in waiting:
+        annotations = _judge(item["target"], judged, tmp_path / "final" / item["target"].part)
+        evaluate_generations.main(["--dataset_name", "alpaca_eval", "--run_dir", str(item["target"].folder),
+                                   "--alpaca_eval_annotations", str(annotations)])
+    assert pending(grid) == []
+    line = _table1_row(tmp_path)  # read from the point's final/alpaca_eval.json, no new selection needed
+    assert f"| grid custom | val 100.00 · test 50.00 · full 66.67 / 67.04 ({200 / 3 - 67.04:+.2f}) |" in line
+    again = run_grid_search(config, grid, {}, stage="select")  # refreshes the selection's own tables, no generation
+    assert "| alpaca_eval | Task Arithmetic, λ=1.0 | validation grid | 100.00 | 50.00 | 66.67 | 1 | 2 |" in (
+        again["markdown"])
+
+
+def test_allow_missing_selects_among_the_scored_points_and_marks_table1_partial(fake_evaluation, tmp_path):
+    row = ("WizardLM + WizardMath", "Task Arithmetic")
+    config = _fake_config(tmp_path, datasets=("alpaca_eval", "gsm8k"), table1_row=row, allow_missing=True)
+    key = config.point_key(config.points[1])
+    scores = tmp_path / "grid" / "external_scores" / "alpaca_eval.json"
+    scores.parent.mkdir(parents=True)
+    scores.write_text(json.dumps({key: 55.0}))  # the plain {point key: percent} format is still read
+    result = run_grid_search(config, tmp_path / "grid", {})
+    assert result["selection"]["alpaca_eval"]["key"] == key
+    assert result["unscored_points"] == {"alpaca_eval": [config.point_key(config.points[0])]}
+    line = _table1_row(tmp_path)
+    assert "[partial: alpaca_eval selected without 1 unscored points; not shown, pass --show_partial]" in line
 
 
 def test_a_benchmark_added_later_is_evaluated_alone_on_finished_points(fake_evaluation, tmp_path):
