@@ -27,7 +27,7 @@ from common.run_dir import prepare_run_dir, read_json, write_config, write_metri
 from glue.encoder_models import device_for, load_tokenizer
 from glue.glue_data import GLUE_TASK_NAMES
 from glue.glue_finetune import add_checkpoint_args, add_rerun_flags, resolve_checkpoints
-from glue.glue_inference import SCRIPT_NAME, InferenceConfig, sweep_drop_rates
+from glue.glue_inference import RESCALE_SEARCHES, SCRIPT_NAME, InferenceConfig, sweep_drop_rates
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
     # DARE's declared flags; --weight_mask_rate takes a sweep (one run per rate, 0 = the fine-tuned model)
     add_hyperparameter_flags(parser, methods=(), several=("weight_mask_rate",))
+    parser.add_argument("--rescale_search", choices=RESCALE_SEARCHES, default=None,
+                        help="last_layer: per point, the rescale factor of the kept deltas that keeps the model's "
+                             "last-layer outputs closest to the fine-tuned model's on 32 unlabelled training "
+                             "examples (DAREx-q, arXiv 2410.09344), instead of 1/(1-p); needs --use_weight_rescale")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several mask seeds (one run folder each; summarize_results.py reports mean +- std); "
                              "overrides --seed")
@@ -58,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[float, int],
         weight_mask_rates=tuple(args.weight_mask_rate),
         dare=dare_from_args(args, values={"weight_mask_rate": args.weight_mask_rate[0]}),
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, max_eval_samples=args.max_eval_samples,
-        glue_dir=args.glue_dir, device=device_for(args.gpu), seeds=tuple(args.seeds or ()))
+        glue_dir=args.glue_dir, device=device_for(args.gpu), seeds=tuple(args.seeds or ()),
+        rescale_search=args.rescale_search)
     checkpoints = resolve_checkpoints(args, config.dataset_names)
     setup_logging()
     tokenizer = load_tokenizer(args.language_model_name)

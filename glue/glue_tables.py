@@ -110,9 +110,14 @@ def finetune_table(runs: Sequence[dict]) -> Table:
 
 
 def sweep_variant(config: Mapping[str, Any]) -> str:
-    """``DARE``, ``DropOnly``, ``DropOnly-magnitude``, ``DARE-finetuned_weight``, ... (+ ``-n<cap>``)."""
+    """``DARE``, ``DropOnly``, ``DropOnly-magnitude``, ``DARE-finetuned_weight``, ``DAREx-last_layer``,
+    ``DARE-rescale_20``, ... (+ ``-n<cap>``)."""
     dare = config.get("dare", {})
     name = "DARE" if dare.get("use_weight_rescale") else "DropOnly"
+    if config.get("rescale_search"):
+        name = f"DAREx-{config['rescale_search']}"  # a rescale chosen per point (search_rescale_factor)
+    elif dare.get("rescale_factor") is not None:
+        name += f"-rescale_{dare['rescale_factor']:g}"
     if dare.get("mask_strategy") == "magnitude":
         name += "-magnitude"
     if dare.get("weight_format") == "finetuned_weight":

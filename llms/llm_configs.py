@@ -73,6 +73,8 @@ def _plain_fields(config: Any, *skip: str) -> dict[str, Any]:
 def _dare_suffix(dare: Dare) -> str:
     """MergeLM's DARE settings in a model-folder name: ``_rescale_{bool}[_strategy_magnitude]...``."""
     name = f"_rescale_{dare.use_weight_rescale}"
+    if dare.rescale_factor is not None:  # not MergeLM's: a factor other than 1/(1-p) (DAREx)
+        name += f"_factor_{format_value(dare.rescale_factor)}"
     if dare.mask_strategy == "magnitude":
         name += "_strategy_magnitude"
     if dare.weight_format == "finetuned_weight":

@@ -137,6 +137,7 @@ def drop_and_rescale(
     *,
     drop_rate: float,
     use_weight_rescale: bool = True,
+    rescale_factor: float | None = None,
 ) -> Tensor:
     """DARE on one tensor: ``delta * keep / (1 - p)`` (or without the division for DropOnly), in place.
 
@@ -145,23 +146,31 @@ def drop_and_rescale(
         keep_mask: boolean mask of ``delta.numel()`` elements (True = keep), e.g. from ``random_keep_mask``.
         drop_rate: p in [0, 1); MergeLM flag ``--weight_mask_rate``.
         use_weight_rescale: divide the survivors by ``1 - p`` (DARE); False gives DropOnly.
+        rescale_factor: multiply the survivors by this instead of ``1 / (1 - p)`` (DAREx's ``1 / q``; divided by
+            ``float32(1 / rescale_factor)``, so ``1 / (1 - p)`` gives exactly DARE).
     """
     delta.mul_(keep_mask.to(delta.device).view(delta.shape))
-    if use_weight_rescale and drop_rate != 0.0:
-        _divide_by_keep_rate_(delta, drop_rate)
+    if use_weight_rescale and (drop_rate != 0.0 or rescale_factor is not None):
+        _divide_by_keep_rate_(delta, keep_rate(drop_rate, rescale_factor))
     return delta
 
 
-def _divide_by_keep_rate_(delta: Tensor, drop_rate: float) -> None:
-    """``delta /= (1 - p)`` as a true division by the tensor-dtype value of ``1 - p``, on every device.
+def keep_rate(drop_rate: float, rescale_factor: float | None = None) -> float:
+    """The divisor ``q`` of the survivors: ``1 - p`` (DARE), or ``1 / rescale_factor`` (DAREx's ``q``)."""
+    return 1.0 - drop_rate if rescale_factor is None else 1.0 / rescale_factor
+
+
+def _divide_by_keep_rate_(delta: Tensor, q: float) -> None:
+    """``delta /= q`` as a true division by the tensor-dtype value of ``q``, on every device.
 
     CUDA turns a Python-number divisor into a multiplication by its reciprocal (1 ulp off for some values); a
     0-dim tensor divisor keeps the CPU's and the GPU's results identical.
     """
-    delta.div_(torch.tensor(1.0 - drop_rate, dtype=delta.dtype, device=delta.device))
+    delta.div_(torch.tensor(q, dtype=delta.dtype, device=delta.device))
 
 
-def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool = False) -> Tensor:
+def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool = False,
+                   rescale_factor: float | None = None) -> Tensor:
     """Magnitude pruning of one tensor, in place: drop every entry with ``|x| <= `` the k-th smallest ``|x|``.
 
     ``k = int(numel * p)`` as in MergeLM (ties at the threshold are dropped too, so at least k entries go).
@@ -175,20 +184,20 @@ def magnitude_drop(delta: Tensor, *, drop_rate: float, use_weight_rescale: bool 
     kth_value = magnitudes.kthvalue(k).values
     delta.mul_((magnitudes > kth_value).view(delta.shape))
     if use_weight_rescale:
-        _divide_by_keep_rate_(delta, drop_rate)
+        _divide_by_keep_rate_(delta, keep_rate(drop_rate, rescale_factor))
     return delta
 
 
 def _apply_dare_blocks(out: np.ndarray, drop_rate: float, use_weight_rescale: bool, seed: int, model_index: int,
                        name: str, element_offset: int, finetuned: np.ndarray | None = None,
-                       base: np.ndarray | None = None) -> None:
+                       base: np.ndarray | None = None, rescale_factor: float | None = None) -> None:
     """Random DARE on the CPU, one compiled pass per mask block (see ``dare_kernels``).
 
     ``out[i] = DARE(out[i])`` in place, or ``DARE(float32(finetuned[i]) - base[i])`` when ``finetuned`` (bfloat16
     as uint16 bits) and ``base`` (float32) are given; all flat arrays of ``out.size`` elements.
     """
     dare_kernels = _kernels()
-    q, threshold_top = np.float32(1.0 - drop_rate), np.uint8(drop_threshold(drop_rate) >> 24)
+    q, threshold_top = np.float32(keep_rate(drop_rate, rescale_factor)), np.uint8(drop_threshold(drop_rate) >> 24)
     for lo, hi, top, fix in _mask_blocks(out.size, drop_rate, seed, model_index, name, element_offset):
         if finetuned is None:
             dare_kernels.dare_in_place(out[lo:hi], top, threshold_top, fix, q, use_weight_rescale)
@@ -207,6 +216,7 @@ def dare_delta(
     model_index: int,
     name: str,
     element_offset: int = 0,
+    rescale_factor: float | None = None,
 ) -> Tensor:
     """``DARE(float32(finetuned) - base)`` with the random strategy, as a new float32 tensor.
 
@@ -219,11 +229,12 @@ def dare_delta(
     if not fused or drop_threshold(drop_rate) == 0:
         return mask_tensor(torch.sub(finetuned, base).float(), drop_rate=drop_rate,
                            use_weight_rescale=use_weight_rescale, mask_strategy="random", seed=seed,
-                           model_index=model_index, name=name, element_offset=element_offset)
+                           model_index=model_index, name=name, element_offset=element_offset,
+                           rescale_factor=rescale_factor)
     out = torch.empty(base.shape, dtype=torch.float32)
     flat_ft = finetuned.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)  # bf16 bits; values only
     _apply_dare_blocks(out.view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name, element_offset,
-                       finetuned=flat_ft, base=base.detach().reshape(-1).numpy())
+                       finetuned=flat_ft, base=base.detach().reshape(-1).numpy(), rescale_factor=rescale_factor)
     return out
 
 
@@ -237,22 +248,25 @@ def mask_tensor(
     model_index: int,
     name: str,
     element_offset: int = 0,
+    rescale_factor: float | None = None,
 ) -> Tensor:
     """Apply the chosen DARE variant to one float32 tensor (delta or fine-tuned weight), in place.
 
     ``element_offset`` locates a row chunk inside its full tensor (random strategy only; magnitude pruning
     needs the whole tensor).
     """
-    if drop_rate == 0.0:
+    if drop_rate == 0.0 and rescale_factor is None:
         return tensor
     if mask_strategy == "magnitude":
         if element_offset:
             raise RuntimeError("magnitude masking needs the whole tensor, not a chunk")
-        return magnitude_drop(tensor, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
+        return magnitude_drop(tensor, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale,
+                              rescale_factor=rescale_factor)
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != torch.float32:
         keep = random_keep_mask(tensor.numel(), drop_rate, seed=seed, model_index=model_index, name=name,
                                 element_offset=element_offset)
-        return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale)
+        return drop_and_rescale(tensor, keep, drop_rate=drop_rate, use_weight_rescale=use_weight_rescale,
+                                rescale_factor=rescale_factor)
     _apply_dare_blocks(tensor.detach().view(-1).numpy(), drop_rate, use_weight_rescale, seed, model_index, name,
-                       element_offset)
+                       element_offset, rescale_factor=rescale_factor)
     return tensor

@@ -196,6 +196,13 @@ DARE_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
         why="DARE is drop and rescale; DropOnly is the ablation",
     ),
     Hyperparameter(
+        "rescale_factor", "number", None, optional=True, minimum=0.0,
+        help="multiply the kept values by this instead of 1/(1-p) (DAREx's 1/q; needs --use_weight_rescale); "
+             "unset: 1/(1-p), the paper's",
+        why="the paper's rescale 1/(1-p) keeps each delta's expectation; DAREx (arXiv 2410.09344) shows a "
+            "smaller factor recovers accuracy at p >= 0.99",
+    ),
+    Hyperparameter(
         "mask_strategy", "choice", "random", choices=("random", "magnitude"),
         help="random: DARE's Bernoulli drop; magnitude: drop each tensor's smallest |values|",
         why="DARE's drop is random",

@@ -104,7 +104,8 @@ class MergePlan:
             if not masked_weight and self.dare.mask_strategy == "random":
                 out.append(dare_delta(
                     ft, base32, drop_rate=self.dare_rates[i],
-                    use_weight_rescale=self.dare.use_weight_rescale, seed=self.seed,
+                    use_weight_rescale=self.dare.use_weight_rescale, rescale_factor=self.dare.rescale_factor,
+                    seed=self.seed,
                     model_index=self.model_indices[i], name=name, element_offset=element_offset,
                 ))
                 continue
@@ -113,6 +114,7 @@ class MergePlan:
                 tensor,
                 drop_rate=self.dare_rates[i],
                 use_weight_rescale=self.dare.use_weight_rescale,
+                rescale_factor=self.dare.rescale_factor,
                 mask_strategy=self.dare.mask_strategy,
                 seed=self.seed,
                 model_index=self.model_indices[i],

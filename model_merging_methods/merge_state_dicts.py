@@ -146,13 +146,14 @@ def apply_dare(
     seed: int = 0,
     model_index: int = 0,
     exclude_param_names_regex: Sequence[str] = (),
+    rescale_factor: float | None = None,
 ) -> dict[str, Tensor]:
     """DARE on one fine-tuned model (MergeLM ``mask_model_weights``): ``pretrained + DARE(finetuned - pretrained)``.
 
     The mask is keyed by ``(seed, model_index, name)``, so ``apply_dare(..., model_index=i)`` equals model i's
     pre-processing inside ``mask_merging``. Excluded names (e.g. a classifier head) keep the fine-tuned values.
     """
-    dare = Dare(weight_mask_rate, use_weight_rescale, mask_strategy, weight_format, seed)
+    dare = Dare(weight_mask_rate, use_weight_rescale, mask_strategy, weight_format, seed, rescale_factor)
     plan = replace(build_merge_plan(Recipe("average_merging", dare=dare), 1), model_indices=(model_index,))
     return _merge_with_plan(plan, pretrained, [finetuned], exclude_param_names_regex, None, copy_from=finetuned)
 

@@ -63,10 +63,18 @@ class Dare:
     mask_strategy: str = DARE_SPECS["mask_strategy"].default
     weight_format: str = DARE_SPECS["weight_format"].default
     seed: int = DARE_SPECS["seed"].default
+    rescale_factor: float | None = DARE_SPECS["rescale_factor"].default
 
     def __post_init__(self) -> None:
         for name in DARE_NAMES:
             object.__setattr__(self, name, DARE_SPECS[name].check(getattr(self, name), where="DARE's "))
+        if self.rescale_factor is not None:
+            if self.rescale_factor <= 0:
+                raise ValueError(f"DARE's rescale_factor must be > 0, got {self.rescale_factor}; leave it unset for "
+                                 "the paper's 1/(1-p)")
+            if not self.use_weight_rescale:
+                raise ValueError(f"DARE's rescale_factor {self.rescale_factor} replaces the rescale, got it without "
+                                 "use_weight_rescale; pass --use_weight_rescale (use_weight_rescale=True)")
 
     def rates(self, num_models: int) -> tuple[float, ...]:
         """One drop rate per model (a per-model list of the wrong length is a ValueError)."""
@@ -74,13 +82,16 @@ class Dare:
         return rates if isinstance(rates, tuple) else (rates,) * num_models
 
     def settings(self) -> dict[str, Any]:
-        """``{MergeLM name: value}`` of every DARE setting."""
-        return {name: getattr(self, name) for name in DARE_NAMES}
+        """``{MergeLM name: value}`` of every DARE setting; ``rescale_factor`` only when set (so runs of the paper's
+        rescale keep the names and records they had before the setting existed)."""
+        return {name: getattr(self, name) for name in DARE_NAMES
+                if not (name == "rescale_factor" and self.rescale_factor is None)}
 
     @property
     def variant(self) -> str:
         """``DARE``, ``DropOnly`` or ``magnitude`` (+ ``-finetuned_weight`` when fine-tuned weights are dropped)."""
         name = "magnitude" if self.mask_strategy == "magnitude" else "DARE" if self.use_weight_rescale else "DropOnly"
+        name += f"-rescale_{self.rescale_factor:g}" if self.rescale_factor is not None else ""
         return name + ("-finetuned_weight" if self.weight_format == "finetuned_weight" else "")
 
 

@@ -315,3 +315,39 @@ def test_missing_numba_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now fails as if it were not installed
     with pytest.raises(ModuleNotFoundError, match="pip install -r requirements.txt"):
         random_keep_mask(10, 0.5, seed=0, model_index=0, name="w")
+
+
+# --- the rescale factor (DAREx's 1/q) --------------------------------------------------------------------------
+
+
+def test_rescale_factor_of_one_over_keep_rate_is_dare_bit_for_bit():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(5000), "v": torch.randn(40, 30)}
+    finetuned = {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}
+    for p in (0.5, 0.9, 0.99):
+        dare = apply_dare(base, finetuned, weight_mask_rate=p, seed=3)
+        same = apply_dare(base, finetuned, weight_mask_rate=p, seed=3, rescale_factor=1 / (1 - p))
+        assert all(torch.equal(dare[k], same[k]) for k in base), p
+
+
+@pytest.mark.parametrize("strategy", ["random", "magnitude"])
+def test_rescale_factor_scales_the_kept_deltas(strategy):
+    torch.manual_seed(1)
+    base = {"w": torch.randn(4000)}
+    finetuned = {"w": base["w"] + 0.01 * torch.randn(4000)}
+    drop_only = apply_dare(base, finetuned, weight_mask_rate=0.9, use_weight_rescale=False, mask_strategy=strategy)
+    scaled = apply_dare(base, finetuned, weight_mask_rate=0.9, mask_strategy=strategy, rescale_factor=4.0)
+    kept, scaled_delta = drop_only["w"] - base["w"], scaled["w"] - base["w"]
+    assert torch.equal(kept == 0, scaled_delta == 0)  # the same mask
+    torch.testing.assert_close(scaled_delta, 4.0 * kept, rtol=1e-5, atol=1e-7)
+
+
+def test_rescale_factor_is_checked():
+    from model_merging_methods import Dare
+
+    with pytest.raises(ValueError, match="rescale_factor .* without use_weight_rescale"):
+        Dare(0.9, use_weight_rescale=False, rescale_factor=5.0)
+    with pytest.raises(ValueError, match="rescale_factor must be > 0"):
+        Dare(0.9, rescale_factor=0.0)
+    assert "rescale_factor" not in Dare(0.9).settings()  # unset: the paper's rescale, names as before
+    assert Dare(0.9, rescale_factor=5.0).settings()["rescale_factor"] == 5.0

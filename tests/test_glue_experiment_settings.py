@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import merge_plms_glue
@@ -311,3 +312,34 @@ def test_grid_json_lists_the_evaluations_served_from_the_cache(monkeypatch):
     assert again == first and len(first) == 2 * 2 + 2  # 2 settings x 2 tasks on validation, + test of the best
     assert {(e["task"], e["split"]) for e in first} == {(t, s) for t in ("rte", "mrpc") for s in ("validation",
                                                                                                    "test")}
+
+
+def test_rescale_search_picks_the_candidate_with_the_smallest_output_change():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from glue.glue_inference import search_rescale_factor
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                        vocab_size=99, num_labels=2)
+    model = BertForSequenceClassification(config).eval()
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    finetuned = {k: v + 0.002 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+                 for k, v in pretrained.items()}
+    batches = [{"input_ids": torch.randint(0, 99, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long),
+                "labels": torch.zeros(8, dtype=torch.long), "dataset_ids": torch.zeros(8, dtype=torch.long)}]
+    factor, trace = search_rescale_factor(model, pretrained, finetuned, Dare(0.5, seed=0), batches)
+    assert factor == trace["candidates"][int(np.argmin(trace["errors"]))]
+    assert 2.0 in trace["candidates"] and trace["dare_error"] == trace["errors"][trace["candidates"].index(2.0)]
+    assert min(trace["errors"]) <= trace["dare_error"]
+    # independent random deltas: to first order the kept part's output change is (1 - p) of the full one in
+    # expectation, with as much variance again, so the least-squares factor is about 1, not 1 / (1 - p) = 2
+    # (fine-tuning deltas act together, which moves the optimum towards 1 / (1 - p))
+    assert factor < 2.0
+
+
+def test_rescale_search_needs_the_dare_rescale():
+    with pytest.raises(ValueError, match="rescale_search chooses DARE's rescale factor"):
+        InferenceConfig(dataset_names=("rte",), weight_mask_rates=(0.9,), rescale_search="last_layer",
+                        dare=Dare(0.9, use_weight_rescale=False))

@@ -220,3 +220,22 @@ def test_a_dare_run_takes_the_plain_selection_from_the_finished_plain_run(worksp
         chosen = dare["rte+mrpc"]["mask_merging/task_arithmetic/seed=3"][task]["hyperparameters"]
         assert chosen["scaling_coefficient"] == plain["rte+mrpc"]["task_arithmetic"][task]["hyperparameters"][
             "scaling_coefficient"]
+
+
+def test_inference_with_a_searched_or_given_rescale_factor(workspace):
+    import inference_plms_glue
+    import summarize_results
+    from glue.glue_tables import sweep_series
+
+    common = [*workspace["common"], "--dataset_names", "rte", "--use_weight_rescale", "--weight_mask_rate", "0.9"]
+    searched = inference_plms_glue.main([*common, "--rescale_search", "last_layer"])["rte"][(0.9, 0)]
+    assert searched["rescale_factor"] in searched["rescale_search"]["candidates"]
+    given = inference_plms_glue.main([*common, "--rescale_factor", "3"])["rte"][(0.9, 0)]
+    assert "rescale_factor" not in given  # a given factor is a setting, not a result
+    root = workspace["root"] / "results" / "inference_plms_glue" / "rte" / "tiny-bert"
+    names = {p.name for p in root.glob("*/*")}
+    assert any("rescale_search=last_layer" in n for n in names) and any("rescale_factor=3.0" in n for n in names)
+    runs = [r for r in summarize_results.load_runs(workspace["root"] / "results")
+            if r["config"].get("script") == "inference_plms_glue"]
+    variants = {variant for _, variant in sweep_series(runs)}
+    assert {"DAREx-last_layer", "DARE-rescale_3"} <= variants

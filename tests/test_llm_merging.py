@@ -394,3 +394,15 @@ def test_help_lists_the_flags(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--help"])
     assert exit_info.value.code == 0 and "--tensor_parallel_size" in capsys.readouterr().out
+
+
+def test_a_rescale_factor_names_its_own_model_folder():
+    from llms.llm_configs import LlmInferenceConfig
+    from model_merging_methods import Dare
+
+    dare = LlmInferenceConfig(finetuned_model_name="WizardMath-7B-V1.0", dataset_name="gsm8k", dare=Dare(0.9))
+    darex = LlmInferenceConfig(finetuned_model_name="WizardMath-7B-V1.0", dataset_name="gsm8k",
+                               dare=Dare(0.9, rescale_factor=5.0))
+    assert dare.save_model_name == "WizardMath-7B-V1.0_inference_mask_0.9_rescale_True"  # MergeLM's name
+    assert darex.save_model_name == "WizardMath-7B-V1.0_inference_mask_0.9_rescale_True_factor_5.0"
+    assert darex.run_dir("r") != dare.run_dir("r")
