@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the paper's encoder findings at small scale: fine-tune five GLUE tasks, analyse their deltas, sweep
-# DARE / DropOnly / magnitude pruning / masking fine-tuned weights over drop rates with 3 mask seeds, merge all 10
+# DARE / DropOnly / magnitude pruning / masking fine-tuned weights over drop rates with 3 mask seeds, compare DARE,
+# DAREx-q (a rescale chosen on unlabelled examples) and DropOnly at p = 0.99-0.999, merge all 10
 # pairs with the five methods without and with DARE (3 DARE seeds, both Fisher estimators), then write the tables
 # and figures.
 #
@@ -21,7 +22,7 @@ GLUE_DIR=${MERGELM_GLUE_DIR:-../shared/data/glue}
 GPU=-1
 SMOKE=0
 JOBS=""
-STEPS="train deltas sweep merge summary"
+STEPS="train deltas sweep darex merge summary"
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -38,6 +39,7 @@ done
 TASKS="cola sst2 mrpc stsb rte"
 LR=3e-5                     # one learning rate for every task (MiniLM learns all five with it)
 RATES="0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 0.99"
+EXTREME_RATES="0.99 0.995 0.999"   # the darex step: where 1/(1-p) stops being the best rescale (DAREx)
 SEEDS="0 1 2"
 GRID=reduced                # a subset of the paper's grid (each method's glue_reduced values, model_merging_methods/registry.py)
 # task, epochs, extra training flags (SST-2 capped at 8,000 of its 60,614 train examples); longest first
@@ -45,7 +47,7 @@ TRAIN_SPECS=("rte 5" "mrpc 3" "sst2 3 --max_train_samples 8000" "stsb 3" "cola 3
 EVAL_CAPS=()                                 # test = the full GLUE dev set
 MERGE_CAPS=(--max_validation_samples 500)    # merge selection on at most 500 validation examples per task
 if [ "$SMOKE" = 1 ]; then
-  TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; SEEDS="0 1"; GRID=quick
+  TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; EXTREME_RATES="0.99"; SEEDS="0 1"; GRID=quick
   TRAIN_SPECS=("rte 1 --max_train_samples 32" "mrpc 1 --max_train_samples 32")
   EVAL_CAPS=(--max_eval_samples 16); MERGE_CAPS=(--max_eval_samples 16)
 fi
@@ -91,6 +93,17 @@ if wants sweep; then
                  "--mask_strategy magnitude"; do   # longest first: DropOnly, DARE, fine-tuned weights, magnitude
     calls+=("$(cmd python inference_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS \
       --weight_mask_rate $RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume)")
+  done
+  run_jobs "${calls[@]}"
+fi
+
+if wants darex; then
+  step "extreme drop rates: DARE, DAREx-q (the rescale chosen on unlabelled training examples), DropOnly"
+  calls=()
+  # shellcheck disable=SC2086
+  for variant in "--use_weight_rescale --rescale_search last_layer" "--use_weight_rescale" ""; do
+    calls+=("$(cmd python inference_plms_glue.py "${COMMON[@]}" --learning_rate $LR --dataset_names $TASKS \
+      --weight_mask_rate $EXTREME_RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume)")
   done
   run_jobs "${calls[@]}"
 fi

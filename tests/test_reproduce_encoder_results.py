@@ -44,14 +44,16 @@ def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_di
             "--output_dir", str(tmp_path / "out"))
     log = _run_script(*args)
     for step in ("fine-tune rte, mrpc, 2 at a time", "delta analysis", "drop-rate sweeps: DARE, DropOnly",
-                 "pairwise merges without DARE", "pairwise merges with DARE", "done"):
+                 "extreme drop rates: DARE, DAREx-q", "pairwise merges without DARE", "pairwise merges with DARE",
+                 "done"):
         assert step in log
     deltas = json.loads((tmp_path / "out" / "delta_analysis" / "analysis.json").read_text())
     assert len(deltas["models"]) == 2 and all(m["verdict"]["code"] for m in deltas["models"])
     summary = json.loads((tmp_path / "out" / "summary" / "summary.json").read_text())
     variants = {(row["task"], row["variant"]) for row in summary["dare_sweep"]}
     assert variants == {(t, v) for t in ("rte", "mrpc") for v in
-                        ("DARE-n16", "DropOnly-n16", "DropOnly-magnitude-n16", "DARE-finetuned_weight-n16")}
+                        ("DARE-n16", "DropOnly-n16", "DropOnly-magnitude-n16", "DARE-finetuned_weight-n16",
+                         "DAREx-last_layer-n16")}
     dare_row = next(r for r in summary["dare_sweep"] if r["variant"] == "DARE-n16")
     assert len(dare_row["p=0.5"]["values"]) == 2  # two mask seeds
     merging = summary["merging"]
