@@ -95,8 +95,10 @@ def test_the_python_api_has_the_declared_defaults():
     recipe = Recipe("ties_merging", dare=Dare(0.5))
     ties = MERGE_METHODS["ties_merging"].specs
     assert dict(recipe.hyperparameters) == {name: spec.default for name, spec in ties.items()}
+    # an unset optional setting (rescale_factor: the paper's 1/(1-p)) is left out of the settings and names
     assert recipe.dare.settings() == {"weight_mask_rate": 0.5, **{n: s.default for n, s in DARE_SPECS.items()
-                                                                   if not s.required}}
+                                                                   if not s.required and s.default is not None}}
+    assert recipe.dare.rescale_factor is None
     assert Dare(0.5).use_weight_rescale is True  # DARE rescales; the command lines keep MergeLM's store_true flag
     for method in MERGE_METHODS.values():
         for spec in method.hyperparameters:
