@@ -133,8 +133,9 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
                               "the signed-rank test (Holm over methods; cells of one pair are not independent), "
                               "and the change in % where the plain score is at least 10",
                               dare_effect_table(merges)),
-              "sweep_contrast": ("DARE against the other drop variants at p = 0.9 and 0.99, over tasks (tasks and "
-                                 "mask seeds resampled; with 5 tasks the smallest two-sided p is 0.0625)",
+              "sweep_contrast": ("DARE against the other drop variants at p = 0.9, 0.99, 0.995 and 0.999, over the "
+                                 "tasks swept with both (tasks and mask seeds resampled; with 5 tasks the smallest "
+                                 "two-sided p is 0.0625)",
                                  sweep_contrast_table(series)),
               "llm": ("LLMs (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, x100; files = outputs for the "
                       "external evaluator only)", llm_table(llm_runs)),

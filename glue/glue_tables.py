@@ -225,7 +225,7 @@ def dare_effect_table(runs: Sequence[dict]) -> Table:
             "mean relative change on those (%)", "paper (%)"], rows
 
 
-SWEEP_CONTRAST_RATES = (0.9, 0.99)
+SWEEP_CONTRAST_RATES = (0.9, 0.99, 0.995, 0.999)
 
 
 def sweep_contrast_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]]) -> Table:
@@ -248,7 +248,7 @@ def sweep_contrast_table(series: Mapping[tuple[str, str], Mapping[float, Sequenc
             if paired:
                 effects[(rate, other)] = paired_effect(paired)
     adjusted = holm({f"{r}/{o}": e.p_value for (r, o), e in effects.items()})
-    rows = [[rate, f"DARE - {other}", e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value,
+    rows = [[f"{rate:g}", f"DARE - {other}", e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value,
              adjusted[f"{rate}/{other}"]] for (rate, other), e in effects.items()]
     return ["drop rate", "contrast", "tasks", "mean difference (points)", "95% CI low", "95% CI high",
             "DARE higher", "DARE lower", "Wilcoxon p", "Holm p"], rows

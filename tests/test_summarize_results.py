@@ -298,7 +298,7 @@ def test_sweep_contrast_compares_dare_with_each_other_variant_per_task():
     assert header[:4] == ["drop rate", "contrast", "tasks", "mean difference (points)"]
     (row,) = rows  # 0.99 has no DropOnly run; DARE-finetuned_weight is not a contrast
     # rte: 61 - 51 = +10; sst2: 80 - 81 = -1 -> mean +4.5; one higher, one lower
-    assert row[:4] == [0.9, "DARE - DropOnly", 2, pytest.approx(4.5)] and row[6:8] == [1, 1]
+    assert row[:4] == ["0.9", "DARE - DropOnly", 2, pytest.approx(4.5)] and row[6:8] == [1, 1]
 
 
 def test_show_partial_only_goes_with_paper_table1(tmp_path, capsys):
