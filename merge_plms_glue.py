@@ -144,8 +144,9 @@ def searches(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
                 else:
                     fixed[spec.name] = _fixed(args, spec, args.grid)
             rates = _searched(args, parser, DARE_SPECS["weight_mask_rate"], args.grid) if dare else ()
-            dare_fixed = {n: _fixed(args, DARE_SPECS[n], args.grid) for n in ("use_weight_rescale", "mask_strategy",
-                                                                              "weight_format")}
+            # DARE's settings other than the searched rate and the per-run seed take their flags' values
+            dare_fixed = {n: _fixed(args, spec, args.grid) for n, spec in DARE_SPECS.items()
+                          if n not in ("weight_mask_rate", "seed")}
             for values in itertools.product(*per_run.values()):
                 settings = {**fixed, **dict(zip(per_run, values, strict=True)), **{k: v[0] for k, v in grid.items()}}
                 for seed in seeds if dare else [None]:

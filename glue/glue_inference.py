@@ -118,18 +118,16 @@ def search_rescale_factor(model: torch.nn.Module, pretrained: Mapping[str, torch
     ``loader``'s unlabelled training examples, against the fine-tuned model.
 
     The candidates are ``candidates`` values spaced geometrically from 1 (DropOnly) to 1.5 / (1 - p) (beyond
-    DARE's 1 / (1 - p), which is always a candidate); the mask is ``dare``'s (same seed, model and names), so the
-    chosen factor's model is ``dare`` with ``rescale_factor = s``. Returns ``(s, {"candidates", "errors", "dare"})``.
+    DARE's 1 / (1 - p), which is always a candidate); each candidate's model is built by the library
+    (``dare`` with ``rescale_factor = s``: same mask, same arithmetic), so the chosen factor's model is exactly the
+    one scored. Returns ``(s, {"candidates", "errors", "dare_error"})``.
     """
     reference = _logits(model, finetuned, loader, device)
-    kept = dare_state_dict(pretrained, finetuned, replace(dare, use_weight_rescale=False))  # base + mask * delta
-    deltas = {k: kept[k].float() - pretrained[k].float() for k in kept if k in pretrained and "classifier" not in k
-              and kept[k].is_floating_point()}
     paper = 1.0 / (1.0 - dare.weight_mask_rate)
     grid = sorted({*np.geomspace(1.0, 1.5 * paper, candidates).tolist(), paper})
     errors = []
     for factor in grid:
-        state = {**kept, **{k: (pretrained[k].float() + factor * d).to(kept[k].dtype) for k, d in deltas.items()}}
+        state = dare_state_dict(pretrained, finetuned, replace(dare, rescale_factor=factor))
         errors.append(float(np.mean((_logits(model, state, loader, device) - reference) ** 2)))
     best = int(np.argmin(errors))
     return grid[best], {"candidates": grid, "errors": errors, "dare_error": errors[grid.index(paper)]}

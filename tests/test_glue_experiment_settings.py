@@ -343,3 +343,10 @@ def test_rescale_search_needs_the_dare_rescale():
     with pytest.raises(ValueError, match="rescale_search chooses DARE's rescale factor"):
         InferenceConfig(dataset_names=("rte",), weight_mask_rates=(0.9,), rescale_search="last_layer",
                         dare=Dare(0.9, use_weight_rescale=False))
+
+
+def test_every_dare_flag_reaches_the_glue_merge_recipe():
+    (dare,) = _searches(["--merging_method_name", "mask_merging", "--use_weight_rescale", "--rescale_factor", "5",
+                         "--mask_strategy", "magnitude", "--weight_format", "finetuned_weight"])
+    assert (dare.recipe.dare.rescale_factor, dare.recipe.dare.mask_strategy, dare.recipe.dare.weight_format) == (
+        5.0, "magnitude", "finetuned_weight")
