@@ -44,6 +44,7 @@ from glue.glue_data import GLUE_TASK_NAMES
 from glue.glue_finetune import add_checkpoint_args, add_rerun_flags, checkpoints_tag, resolve_checkpoints
 from glue.glue_merging import (
     DEFAULT_MAX_STATISTICS_EXAMPLES,
+    DEFAULT_STATISTICS_SEED,
     GRID_PROTOCOLS,
     PairMerger,
     Search,
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_statistics_examples", type=int, default=DEFAULT_MAX_STATISTICS_EXAMPLES,
                         help="training examples loaded per task for the Fisher / Gram statistics; a requested count "
                              f"above it is an error (default: {DEFAULT_MAX_STATISTICS_EXAMPLES})")
+    parser.add_argument("--statistics_seed", type=int, default=DEFAULT_STATISTICS_SEED,
+                        help="seed of the fixed order of each task's statistics examples: a statistic over n examples "
+                             "uses the first n, with and without DARE, whatever ran before (positions recorded in "
+                             f"config.json; default: {DEFAULT_STATISTICS_SEED})")
     add_rerun_flags(parser)
     return parser
 
@@ -196,8 +201,11 @@ def run_dir_of(args: argparse.Namespace, pair: Sequence[str], search: Search, ch
     for cap in ("max_eval_samples", "max_validation_samples"):
         if getattr(args, cap) is not None:
             hyper[cap] = getattr(args, cap)
-    if search.recipe.spec.statistics and args.max_statistics_examples != DEFAULT_MAX_STATISTICS_EXAMPLES:
-        hyper["max_statistics_examples"] = args.max_statistics_examples
+    if search.recipe.spec.statistics:
+        # runs before the fixed subsets drew their examples from a shuffled loader: never resume those
+        hyper["statistics_seed"] = args.statistics_seed
+        if args.max_statistics_examples != DEFAULT_MAX_STATISTICS_EXAMPLES:
+            hyper["max_statistics_examples"] = args.max_statistics_examples
     return run_dir_for(args.output_dir, SCRIPT_NAME, "+".join(pair), model_short_name(args.language_model_name),
                        *search.recipe.method_path, hyperparameter_dirname(hyper))
 
@@ -230,7 +238,8 @@ def _config_record(args: argparse.Namespace, search: Search, pair: Sequence[str]
             "fisher_estimator": recipe.settings().get("fisher_estimator"), "recipe": recipe.record(),
             "dataset_pair": list(pair), "grid_values": dict(search.grid),
             "dare_rates": list(search.dare_rates) or None,
-            "checkpoints": {t: str(p) for t, p in merger.checkpoints.items()}}
+            "checkpoints": {t: str(p) for t, p in merger.checkpoints.items()},
+            "statistics_subset": merger.statistics_subset(search.candidates())}
 
 
 def run_search(args: argparse.Namespace, merger: PairMerger, pair: Sequence[str], search: Search,
@@ -294,7 +303,8 @@ def run_pairs(args: argparse.Namespace, pairs: Sequence[tuple[str, str]], runs: 
         data_options={"glue_dir": args.glue_dir, "max_seq_length": args.max_seq_length,
                       "max_eval_samples": args.max_eval_samples,
                       "max_validation_samples": args.max_validation_samples},
-        batch_size=args.batch_size, device=device_for(args.gpu), max_statistics_examples=args.max_statistics_examples)
+        batch_size=args.batch_size, device=device_for(args.gpu), max_statistics_examples=args.max_statistics_examples,
+        statistics_seed=args.statistics_seed)
     mergers = {pair: pool.pair(pair) for pair in pairs if todo[pair]}
     seeds = list(dict.fromkeys(_dare_seed(s) for pair_todo in todo.values() for s in pair_todo))
     for seed in sorted(seeds, key=lambda s: (s is not None, s or 0)):  # plain runs (seed None) first

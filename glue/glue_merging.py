@@ -34,6 +34,19 @@ logger = logging.getLogger(__name__)
 GRID_PROTOCOLS = {"paper": "glue_paper", "reduced": "glue_reduced", "quick": "glue_quick"}
 #: training examples loaded per task for the Fisher / Gram statistics (the largest count of MergeLM's grid)
 DEFAULT_MAX_STATISTICS_EXAMPLES = 2048
+#: seed of the permutation that fixes each task's statistics examples (``--statistics_seed``)
+DEFAULT_STATISTICS_SEED = 0
+
+
+def statistics_order(count: int, seed: int = DEFAULT_STATISTICS_SEED) -> list[int]:
+    """Positions, in the loaded train part, of a task's statistics examples in the order they are used.
+
+    A seeded permutation of the ``count`` loaded examples; a statistic over n examples uses its first n, the
+    same ones whatever the process computed before and whether the model was DARE'd or not (MergeLM draws them
+    from a shuffled loader that moves on with every statistic, which confounds a method's change with new
+    examples). The positions are recorded in each run's ``config.json``.
+    """
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class TaskModel:
     model: torch.nn.Module
     finetuned: dict[str, torch.Tensor]
     loaders: dict[str, Any]
+    statistics_order: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +124,7 @@ class TaskPool:
     pretrained: dict[str, torch.Tensor]
     tasks: dict[str, TaskModel]
     device: str = "cpu"
+    statistics_seed: int = DEFAULT_STATISTICS_SEED
     statistics: dict[tuple, dict] = field(default_factory=dict)
     dared: dict[tuple, dict] = field(default_factory=dict)
 
@@ -123,8 +138,9 @@ class TaskPool:
         members = [self.tasks[t] for t in tasks]
         return PairMerger(list(tasks), [m.finetuned for m in members], self.pretrained, [m.model for m in members],
                           {m.task: m.loaders for m in members}, device=self.device,
-                          checkpoints={m.task: m.checkpoint for m in members}, _stats=self.statistics,
-                          _dared_cache=self.dared)
+                          checkpoints={m.task: m.checkpoint for m in members},
+                          statistics_orders={m.task: m.statistics_order for m in members},
+                          statistics_seed=self.statistics_seed, _stats=self.statistics, _dared_cache=self.dared)
 
 
 def dare_mask_index(task: str) -> int:
@@ -148,6 +164,8 @@ class PairMerger:
     loaders: dict[str, dict[str, Any]]
     device: str = "cpu"
     checkpoints: dict[str, Any] = field(default_factory=dict)
+    statistics_orders: dict[str, list[int]] = field(default_factory=dict)
+    statistics_seed: int = DEFAULT_STATISTICS_SEED
     _stats: dict[tuple, dict] = field(default_factory=dict)
     _dared_cache: dict[tuple, dict] = field(default_factory=dict)
     _scores: dict[tuple, dict] = field(default_factory=dict)
@@ -178,7 +196,20 @@ class PairMerger:
         counts = [v for k, v in recipe.statistics_settings().items() if specs[k].statistics == "num_examples"]
         if not counts:
             return {}
-        return {task: min(*counts, len(self.loaders[task]["train"].dataset)) for task in self.tasks}
+        return {task: min(*counts, len(self.loaders[task]["statistics"].dataset)) for task in self.tasks}
+
+    def statistics_subset(self, recipes: Sequence[Recipe]) -> dict[str, Any] | None:
+        """``{"seed", "positions": {task: [...]}}``: the training examples (positions in the loaded train part, in
+        the order used) that ``recipes``' statistics draw from; a statistic over n examples uses the first n.
+        ``None`` when no recipe computes statistics."""
+        counts: dict[str, int] = {}
+        for recipe in recipes:
+            for task, n in self.statistics_examples(recipe).items():
+                counts[task] = max(counts.get(task, 0), n)
+        if not counts:
+            return None
+        return {"seed": self.statistics_seed,
+                "positions": {task: self.statistics_orders[task][:n] for task, n in counts.items()}}
 
     def _statistics(self, index: int, recipe: Recipe, state: dict) -> dict:
         task, settings = self.tasks[index], recipe.statistics_settings()
@@ -186,7 +217,8 @@ class PairMerger:
         if key not in self._stats:
             model = self.models[index]
             model.load_state_dict(state)
-            loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in self.loaders[task]["train"])
+            # the statistics loader is not shuffled: every pass starts at the same seeded subset
+            loader = ({k: v for k, v in b.items() if k != "dataset_ids"} for b in self.loaders[task]["statistics"])
             self._stats[key] = compute_statistics(recipe.spec, settings, model, loader, device=self.device)
         return self._stats[key]
 
@@ -219,23 +251,25 @@ class PairMerger:
 def load_task_pool(
     tasks: Sequence[str], checkpoints: Mapping[str, Any], tokenizer: Any, *, language_model_name: str,
     data_options: Mapping[str, Any], batch_size: int = 16, device: str = "cpu",
-    max_statistics_examples: int = DEFAULT_MAX_STATISTICS_EXAMPLES,
+    max_statistics_examples: int = DEFAULT_MAX_STATISTICS_EXAMPLES, statistics_seed: int = DEFAULT_STATISTICS_SEED,
 ) -> TaskPool:
-    """Load each task's fine-tuned model and train/validation/test loaders once, and the pretrained encoder.
+    """Load each task's fine-tuned model and statistics/validation/test loaders once, and the pretrained encoder.
 
-    The train loader holds the first ``max_statistics_examples`` training examples (the statistics' source).
+    The statistics loader holds the first ``max_statistics_examples`` training examples in the fixed order of
+    :func:`statistics_order` (``statistics_seed``), unshuffled, so every statistic over n examples uses the same n.
     """
     loaded = {}
     for task in tasks:
         model = load_finetuned_classifier(checkpoints[task]).to(device)
         data = load_glue_task(task, tokenizer, max_train_samples=max_statistics_examples, **data_options)
-        loaders = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size,
-                                          shuffle=split == "train", seed=0, sort_by_length=split != "train")
-                   for split in ("train", "validation", "test")}
+        order = statistics_order(len(data.train), statistics_seed)
+        loaders = {split: make_dataloader(getattr(data, split), tokenizer, batch_size=batch_size, sort_by_length=True)
+                   for split in ("validation", "test")}
+        loaders["statistics"] = make_dataloader([data.train[i] for i in order], tokenizer, batch_size=batch_size)
         finetuned = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        loaded[task] = TaskModel(task, checkpoints[task], model, finetuned, loaders)
+        loaded[task] = TaskModel(task, checkpoints[task], model, finetuned, loaders, order)
     pretrained = load_pretrained_classifier(language_model_name, GLUE_TASKS[tasks[0]].num_labels).state_dict()
-    return TaskPool(pretrained, loaded, device=device)
+    return TaskPool(pretrained, loaded, device=device, statistics_seed=statistics_seed)
 
 
 class Evaluations:

@@ -239,3 +239,53 @@ def test_inference_with_a_searched_or_given_rescale_factor(workspace):
             if r["config"].get("script") == "inference_plms_glue"]
     variants = {variant for _, variant in sweep_series(runs)}
     assert {"DAREx-last_layer", "DARE-rescale_3"} <= variants
+
+
+def test_statistics_examples_are_a_fixed_seeded_subset_whatever_ran_before(workspace, monkeypatch):
+    """Every Fisher and RegMean pass of a task sees the same examples in the same order: with and without DARE,
+    with either estimator, first or last in the process (MergeLM's shuffled loader moved on with every
+    statistic); config.json records them, and another --statistics_seed is another run folder and subset."""
+    import merge_plms_glue
+    import model_merging_methods
+    from glue.glue_merging import statistics_order
+
+    seen: list[tuple[int, list]] = []  # (number of labels of the model: rte and mrpc both 2, so by order, batches)
+
+    def recording(kind):
+        real = model_merging_methods.registry.STATISTICS_FUNCTIONS[kind]
+
+        def wrapped(model, batches, **kwargs):
+            batches = list(batches)
+            seen.append((kind, [b["input_ids"].tolist() for b in batches]))
+            return real(model, iter(batches), **kwargs)
+        return wrapped
+
+    for kind in ("fisher", "gram"):
+        monkeypatch.setitem(model_merging_methods.registry.STATISTICS_FUNCTIONS, kind, recording(kind))
+    common = [*workspace["common"], "--dataset_names", *TASKS, "--grid", "none", "--nums_fisher_examples", "16",
+              "--nums_regmean_examples", "16", "--overwrite"]
+    dare = ["--use_weight_rescale", "--weight_mask_rate", "0.5", "--seeds", "0"]
+    # one process: Fisher with both estimators, RegMean, then both DARE'd (5 statistics per task)
+    merge_plms_glue.main([*common, "--merging_method_name", "fisher_merging", "regmean_merging", "mask_merging",
+                          "--mask_apply_method", "fisher_merging", "regmean_merging", "--fisher_estimator",
+                          "mergelm", "exact", *dare])
+    together = list(seen)
+    assert len(together) == 2 * 6  # 2 tasks x (2 Fisher + RegMean) x (plain, DARE)
+    first_task = [batches for i, (_, batches) in enumerate(together) if i % 2 == 0]
+    second_task = [batches for i, (_, batches) in enumerate(together) if i % 2 == 1]
+    assert all(b == first_task[0] for b in first_task) and all(b == second_task[0] for b in second_task)
+    assert first_task[0] != second_task[0]
+    # alone in its process, the DARE'd RegMean sees what it saw after five other statistics
+    seen.clear()
+    merge_plms_glue.main([*common, "--merging_method_name", "mask_merging", "--mask_apply_method",
+                          "regmean_merging", *dare])
+    assert [batches for _, batches in seen] == [first_task[0], second_task[0]]
+    run = workspace["root"] / "results" / "merge_plms_glue" / "rte+mrpc" / "tiny-bert" / "fisher_merging"
+    config = json.loads(next(run.glob("*estimator=exact*num_fisher_examples=16*statistics_seed=0*/config.json"))
+                        .read_text())
+    subset = config["config"]["statistics_subset"]
+    assert subset["seed"] == 0 and subset["positions"]["rte"] == statistics_order(ROWS["train"] * 9 // 10)[:16]
+    seen.clear()
+    merge_plms_glue.main([*common, "--merging_method_name", "regmean_merging", "--statistics_seed", "1"])
+    assert seen[0][1] != first_task[0]
+    assert len(list((run.parent / "regmean_merging").glob("*statistics_seed=1*"))) == 1
