@@ -9,6 +9,9 @@ Example (DARE p=0.9 + task arithmetic of two fine-tunes):
 
 Single-model DARE: one fine-tuned model with ``--merging_method_name mask_merging --mask_apply_method
 average_merging`` gives ``base + DARE(finetuned - base)``. See the README section "Streaming checkpoint merger".
+
+A mergekit configuration, with mergekit's meaning (``docs/mergekit.md``):
+    python merge_checkpoints.py --config merge.yml --output_dir OUT [--random-seed 0] [--dare_rescale l1]
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ from common.cli_command import command_from_args  # noqa: E402
 from common.logging_setup import setup_logging  # noqa: E402
 from delta_analysis import check_homology  # noqa: E402
 from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
+from merge_engine.mergekit_config import RESCALE_MODES  # noqa: E402
 from merge_engine.tensor_plan import DTYPES  # noqa: E402
 from model_merging_methods import Recipe  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_NOT_RECORDED_FLAGS = ("overwrite", "resume", "quiet", "log_file", "skip_homology_check")
+_NOT_RECORDED_FLAGS = ("overwrite", "resume", "quiet", "log_file", "skip_homology_check", "config", "random_seed",
+                       "dare_rescale", "dry_run")
 
 
 def parse_size(text: str) -> int:
@@ -55,13 +60,28 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model", required=True, help="base model folder or hub id")
-    p.add_argument("--finetuned_models", nargs="+", required=True, help="fine-tuned model folders or hub ids")
+    p.add_argument("--config", help="a mergekit YAML configuration (merge_method, base_model, models or slices, "
+                   "parameters, dtype, ...), merged with mergekit's meaning; replaces --pretrained_model, "
+                   "--finetuned_models and the method flags")
+    p.add_argument("--random-seed", "--random_seed", dest="random_seed", type=int, default=None,
+                   help="with --config: seed of the random sparsifiers (DARE, DELLA); default 0, recorded")
+    p.add_argument("--dare_rescale", choices=RESCALE_MODES, default="l1",
+                   help="with --config: how DARE-family methods with rescale: true rescale the kept deltas: l1 "
+                        "(mergekit: match each tensor's L1 norm; the default, so a file means what it means in "
+                        "mergekit) or inverse_keep (the paper: divide by the keep rate 1 - p = density)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="with --config: validate the file and the models' headers, print the plan, merge nothing")
+    p.add_argument("--pretrained_model", help="base model folder or hub id (required without --config)")
+    p.add_argument("--finetuned_models", nargs="+", help="fine-tuned model folders or hub ids (required without "
+                   "--config)")
     p.add_argument("--output_dir", required=True)
     # library_defaults: an unset flag leaves the method's own declared default (MergeLM's merging_models), e.g.
     # normalize_fisher_weight on and the global TIES trim, and stays out of the recorded command; the statistics
     # settings are not flags here: the statistics come from --statistics_files
     add_method_flags(p, library_defaults=True)
+    for action in p._actions:  # required without --config (main checks it)
+        if action.dest == "merging_method_name":
+            action.required = False
     add_hyperparameter_flags(p, statistics=False, library_defaults=True)
     p.add_argument("--statistics_files", nargs="+", help="Fisher/RegMean statistics, one file per fine-tuned model")
     p.add_argument("--exclude_param_names_regex", nargs="*", default=[])
@@ -107,12 +127,69 @@ def recipe_of(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
     return recipe
 
 
+_CONFIG_FLAGS = ("config", "random_seed", "dare_rescale", "dry_run")
+#: flags that keep their meaning with --config (the output folder, how the merge runs, logging)
+_WITH_CONFIG = ("output_dir", "num_threads", "max_shard_size", "overwrite", "resume", "quiet", "log_file", "device")
+
+
+def config_command(args: argparse.Namespace) -> str:
+    """The command that rebuilds a ``--config`` merge from its output folder's ``mergekit_config.yml``."""
+    words = ["python", "merge_checkpoints.py", "--config", "mergekit_config.yml", "--output_dir", "OUT",
+             "--random-seed", str(0 if args.random_seed is None else args.random_seed)]
+    if args.dare_rescale != "l1":
+        words += ["--dare_rescale", args.dare_rescale]
+    return " ".join(words)
+
+
+def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """``--config``: a mergekit YAML file; every other merge flag is refused (the file says it all)."""
+    from merge_engine.mergekit_merge import describe_plan, merge_from_config, prepare_config
+
+    given = [a.dest for a in parser._actions if a.dest not in (*_CONFIG_FLAGS, *_WITH_CONFIG, "help")
+             and getattr(args, a.dest, None) not in (None, a.default)]
+    if given:
+        raise ValueError(f"--config holds the whole merge; got also --{', --'.join(given)}: put those settings in "
+                         "the YAML file or drop --config")
+    path = os.path.expanduser(args.config)
+    if not os.path.isfile(path):
+        raise ValueError(f"--config must be a YAML file, got {args.config!r} (not found)")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if args.dry_run:
+        prepared = prepare_config(text, args.output_dir, seed=args.random_seed, dare_rescale=args.dare_rescale,
+                                  where=args.config)
+        import json
+
+        print(json.dumps(describe_plan(prepared), indent=1, default=str))
+        return {"dry_run": True, "tensors": len(prepared.tensors)}
+    summary = merge_from_config(text, args.output_dir, seed=args.random_seed, dare_rescale=args.dare_rescale,
+                                overwrite=args.overwrite, resume=args.resume, max_shard_bytes=args.max_shard_size,
+                                num_threads=args.num_threads, progress=not args.quiet, command=config_command(args),
+                                where=args.config, device=args.device)
+    if summary.get("already_complete"):
+        print(f"--resume: {summary['output_dir']} already holds this merge; nothing to do")
+    else:
+        print(f"merged {summary['tensors']} tensors, {summary['bytes'] / 1e9:.3f} GB in {summary['seconds']:.1f} s, "
+              f"peak RSS {summary['peak_rss_bytes'] / 1e9:.2f} GB -> {summary['output_dir']}")
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_malloc_for_merging()
     setup_logging(args.log_file)
     logger.info("config: %s", vars(args))
+    if args.config is not None:
+        return run_config(parser, args)
+    missing = [f"--{name}" for name in ("pretrained_model", "finetuned_models", "merging_method_name")
+               if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} required (or --config with a mergekit YAML file)")
+    unused = [f"--{name}" for name in _CONFIG_FLAGS if name != "config" and getattr(args, name) not in (None, False,
+                                                                                                        "l1")]
+    if unused:
+        parser.error(f"{', '.join(unused)} only apply with --config")
     recipe = recipe_of(args, parser)
     logger.info("recipe: %s", recipe.describe())
     if not args.skip_homology_check:

@@ -141,10 +141,8 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {m.name: m for m in (
                    max_inputs=1),
 )}
 
-#: what this project adds under ``parameters:``: which rescale DARE-family methods use (see ``docs/mergekit.md``)
-PROJECT_PARAMETERS = {
-    "rescale_mode": MergekitParameter("rescale_mode", str, "shared", "l1"),
-}
+#: DARE-family rescale: ``l1`` (mergekit: each tensor's L1 norm matched after dropping) or ``inverse_keep`` (the
+#: paper: survivors divided by the keep rate, 1 - p = density); ``merge_checkpoints.py --dare_rescale``
 RESCALE_MODES = ("l1", "inverse_keep")
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
@@ -215,10 +213,6 @@ class MergekitConfig:
         """The models merged, base excluded (the model card's list)."""
         return [m for m in self.referenced_models() if m != self.base_model]
 
-    @property
-    def rescale_mode(self) -> str:
-        return self.parameters.get("rescale_mode", PROJECT_PARAMETERS["rescale_mode"].default)
-
 
 def _dtype(value: Any, key: str) -> str | None:
     if value is None:
@@ -246,15 +240,12 @@ def _check_parameters(parameters: Any, method: MergekitMethod, where: str) -> di
         return {}
     if not isinstance(parameters, Mapping):
         raise ValueError(f"{where}.parameters must be a mapping of parameter names to values, got {parameters!r}")
-    known = {**method.specs, **PROJECT_PARAMETERS}
+    known = method.specs
     for name, setting in parameters.items():
         if name not in known:
             raise ValueError(f"{where}.parameters: unknown parameter {name!r} for merge_method {method.name}"
                              f"{nearest(name, list(known))}; {method.name} takes: {', '.join(method.specs)}")
         _check_setting(setting, known[name], f"{where}.parameters.{name}")
-    if parameters.get("rescale_mode", "l1") not in RESCALE_MODES:
-        raise ValueError(f"{where}.parameters.rescale_mode must be one of {RESCALE_MODES}, got "
-                         f"{parameters['rescale_mode']!r}")
     return dict(parameters)
 
 
@@ -297,9 +288,13 @@ def load_config(text: str, *, where: str = "config") -> MergekitConfig:
         ValueError: naming the key, the constraint and the value (and the nearest valid name for unknown names).
     """
     try:
-        raw = yaml.safe_load(text)
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as error:
         raise ValueError(f"{where} is not valid YAML: {error}") from error
+    if len(documents) > 1:
+        raise ValueError(f"{where} holds {len(documents)} YAML documents (a mergekit-mega file); run each document as "
+                         "its own --config, the later ones naming the earlier outputs as models")
+    raw = documents[0] if documents else None
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where} must be a YAML mapping with merge_method and models or slices, got {raw!r}")
     _unknown_keys(raw, _TOP_KEYS, where)
@@ -524,7 +519,7 @@ def resolve_tensor_parameters(config: MergekitConfig, plan: TensorPlan
     base gets only ``input``-scope parameters."""
     out = config.slices[plan.slice_index]
     method = config.method
-    known = {**method.specs, **PROJECT_PARAMETERS}
+    known = method.specs
     shared_scopes = (out.parameters, config.parameters)
     shared = {spec.name: resolve_parameter(spec, shared_scopes, tensor_name=plan.name, t=plan.t)
               for spec in known.values() if spec.scope == "shared"}

@@ -1,0 +1,354 @@
+"""Run a mergekit YAML configuration with the streaming engine: ``merge_from_config``.
+
+Order of work, as for ``merge_checkpoints``: parse and validate the YAML (``mergekit_config``), index every
+model (headers only), plan every output tensor and resolve its parameters (so a bad value fails before any
+tensor is read), then read -> merge -> write tensor by tensor in worker threads, into a work folder renamed to
+``output_dir`` at the end. The maths is ``model_merging_methods.mergekit_methods``; random sparsifiers (DARE,
+DELLA) draw this project's masks, keyed by (seed, model, output tensor name), so a merge does not depend on
+thread count or order and agrees with mergekit's in distribution, not mask for mask.
+
+The folder is laid out as mergekit lays it out: safetensors shards and index, the base's ``config.json`` (or the
+first model's) with ``torch_dtype`` and the layer count updated, tokenizer files, ``mergekit_config.yml`` (the
+input, verbatim) and a model card, plus ``merge_config.json`` with the command that rebuilds the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from common.run_dir import atomic_write_json, atomic_write_text
+from merge_engine.merge_record import versions
+from merge_engine.mergekit_config import (
+    RESCALE_MODES,
+    MergekitConfig,
+    TensorPlan,
+    check_della_bounds,
+    load_config,
+    num_layers,
+    plan_tensors,
+    resolve_tensor_parameters,
+)
+from merge_engine.model_source import resolve_model_dir
+from merge_engine.output_folder import (
+    CONFIG_FILES,
+    TOKENIZER_FILES,
+    check_output_location,
+    finished_merge_matches,
+    prepare_work_dir,
+    publish,
+)
+from merge_engine.pipeline import ordered_map
+from merge_engine.shard_index import CheckpointIndex, index_checkpoint
+from merge_engine.tensor_plan import read_config
+from merge_engine.tensor_reader import TensorReader
+from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
+from model_merging_methods import mergekit_methods
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_SEED = 0
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor with its resolved parameters, shape and output dtype."""
+
+    plan: TensorPlan
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    floating: bool
+
+
+@dataclass(frozen=True)
+class PreparedConfig:
+    """A validated configuration with its models indexed and every tensor planned; nothing read yet."""
+
+    config: MergekitConfig
+    dirs: dict[str, Path]
+    indexes: dict[str, CheckpointIndex]
+    configs: dict[str, dict]
+    tensors: list[PlannedTensor]
+    out_layers: int
+    model_indices: dict[str, int]
+    seed: int
+    dare_rescale: str
+    record: dict[str, Any]
+    output: Path
+
+
+def _describe(model: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:
+    files = {str(f.relative_to(folder)) if f.is_relative_to(folder) else str(f): f.stat().st_size
+             for f in index.files}
+    return {"name": model, "path": str(folder), "format": index.format, "num_tensors": len(index.tensors),
+            "files": files}
+
+
+def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None = None,
+                   dare_rescale: str = "l1", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   command: str | None = None, where: str = "config") -> PreparedConfig:
+    """Parse ``text``, index the models and plan every output tensor; every error is raised here.
+
+    Raises:
+        ValueError: a bad key, value, method, slice range, layer count, missing tensor or shape mismatch.
+    """
+    config = load_config(text, where=where)
+    if dare_rescale not in RESCALE_MODES:
+        raise ValueError(f"dare_rescale must be one of {RESCALE_MODES}, got {dare_rescale!r}")
+    seed = DEFAULT_SEED if seed is None else seed
+    models = config.referenced_models()
+    dirs = {m: resolve_model_dir(m) for m in models}
+    output = Path(output_dir).expanduser().resolve()
+    check_output_location(output, list(dirs.values()))
+    indexes = {m: index_checkpoint(d) for m, d in dirs.items()}
+    configs = {m: read_config(d) for m, d in dirs.items()}
+    layer_counts = {m: num_layers(configs[m], m) for m in models}
+    plans, out_layers = plan_tensors(config, {m: list(i.tensors) for m, i in indexes.items()}, layer_counts)
+    compute = _TORCH_DTYPES.get(config.dtype) if config.dtype else None
+    out = _TORCH_DTYPES.get(config.out_dtype) if config.out_dtype else None
+    tensors = []
+    for plan in plans:
+        infos = [indexes[s.model].tensors[s.name] for s in plan.sources]
+        shapes = {tuple(i.shape) for i in infos}
+        if len(shapes) > 1:
+            listed = ", ".join(f"{s.model} {tuple(i.shape)}" for s, i in zip(plan.sources, infos, strict=True))
+            raise ValueError(f"{plan.name}: the inputs' shapes differ ({listed}); models with other vocabularies need "
+                             "tokenizer_source: union, which this merger does not support")
+        shared, per_input = resolve_tensor_parameters(config, plan)
+        if config.method.name.startswith("della"):
+            for source, values in zip(plan.sources, per_input, strict=True):
+                if "density" in values:
+                    check_della_bounds(values["density"], values["epsilon"], f"{source.model}: {source.name}")
+        floating = infos[0].dtype.is_floating_point
+        base_info = next((i for s, i in zip(plan.sources, infos, strict=True)
+                          if s.model == plan.base_model), infos[0])
+        dtype = (out or compute or base_info.dtype) if floating else infos[0].dtype
+        tensors.append(PlannedTensor(plan, shared, per_input, tuple(infos[0].shape), dtype, floating))
+    model_indices = {m: i for i, m in enumerate(models)}
+    record = {
+        "config_file": "mergekit_config.yml",
+        "config_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "merge_method": config.method.name,
+        # which rescale ran ("l1": mergekit's meaning; "inverse_keep": the paper's 1 / (1 - p)), and the masks
+        "semantics": {"dare_rescale": dare_rescale, "masks": "this project's, keyed by (seed, model index, tensor)"},
+        "inputs": [_describe(m, dirs[m], indexes[m]) for m in models],
+        "random_seed": seed,  # not "seed": resume compares it (merge_checkpoints' records derive "seed")
+        "max_shard_bytes": max_shard_bytes,
+        "command": command,
+        "versions": versions(),
+    }
+    return PreparedConfig(config, dirs, indexes, configs, tensors, out_layers, model_indices, seed, dare_rescale,
+                          record, output)
+
+
+def _merge_tensor(prepared: PreparedConfig, planned: PlannedTensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The method on one tensor's inputs (already in the compute dtype)."""
+    config, plan = prepared.config, planned.plan
+    method = config.method.name
+    models = [s.model for s in plan.sources]
+    if not planned.floating:
+        return tensors[0]
+    if method == "passthrough":
+        return mergekit_methods.passthrough(tensors[0], planned.per_input[0].get("scale"))
+    if method == "linear":
+        return mergekit_methods.linear(tensors, [p["weight"] for p in planned.per_input],
+                                       normalize=planned.shared["normalize"])
+    base_index = models.index(plan.base_model) if plan.base_model in models else None
+    if method == "slerp":
+        other = 1 - base_index
+        return mergekit_methods.slerp(planned.shared["t"], tensors[base_index], tensors[other])
+    if method == "nuslerp":
+        others = [i for i in range(len(tensors)) if i != base_index]
+        return mergekit_methods.nuslerp(
+            tensors[others[0]], tensors[others[1]], weights=[planned.per_input[i]["weight"] for i in others],
+            base=tensors[base_index] if base_index is not None else None,
+            nuslerp_row_wise=planned.shared["nuslerp_row_wise"], nuslerp_flatten=planned.shared["nuslerp_flatten"])
+    if method == "model_stock":
+        others = [tensors[i] for i in range(len(tensors)) if i != base_index]
+        return mergekit_methods.model_stock(tensors[base_index], others, filter_wise=planned.shared["filter_wise"])
+    others = [i for i in range(len(tensors)) if i != base_index]
+    return mergekit_methods.gta_merge(
+        method, tensors[base_index], [tensors[i] for i in others],
+        weights=[planned.per_input[i]["weight"] for i in others],
+        densities=[planned.per_input[i]["density"] for i in others],
+        gammas=[planned.per_input[i].get("gamma") for i in others],
+        epsilons=[planned.per_input[i].get("epsilon") for i in others],
+        normalize=planned.shared["normalize"],
+        rescale=prepared.dare_rescale if planned.shared["rescale"] else "none", lambda_=planned.shared["lambda"],
+        seed=prepared.seed, model_indices=[prepared.model_indices[models[i]] for i in others], name=plan.name)
+
+
+def _config_json(prepared: PreparedConfig) -> dict[str, Any] | None:
+    """The donor's ``config.json`` (the base, else the first model) with ``torch_dtype`` and the layer count."""
+    config = prepared.config
+    donor = config.base_model or config.referenced_models()[0]
+    source = prepared.dirs[donor] / "config.json"
+    if not source.is_file():
+        return None
+    data = json.loads(source.read_text("utf-8"))
+    if config.out_dtype or config.dtype:  # transformers 5 writes "dtype", earlier versions "torch_dtype"
+        for key in [k for k in ("dtype", "torch_dtype") if k in data] or ["torch_dtype"]:
+            data[key] = config.out_dtype or config.dtype
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(data.get(key), int):
+            data[key] = prepared.out_layers
+            break
+    return data
+
+
+def _copy_tokenizer(prepared: PreparedConfig, work: Path) -> str:
+    """Tokenizer and generation files from ``tokenizer_source`` (``base`` or a model), else from the base (or the
+    first model), as mergekit copies them when it builds no tokenizer."""
+    config = prepared.config
+    source = config.tokenizer_source
+    donor = (config.base_model if source in (None, "base") else source) or config.referenced_models()[0]
+    if donor not in prepared.dirs:
+        prepared.dirs[donor] = resolve_model_dir(donor)
+    for name in (*TOKENIZER_FILES, *[f for f in CONFIG_FILES if f != "config.json"]):
+        path = prepared.dirs[donor] / name
+        if path.is_file():
+            shutil.copyfile(path, work / name)
+    return donor
+
+
+def model_card(prepared: PreparedConfig, title: str) -> str:
+    """``README.md`` in mergekit's layout: front matter, method, models merged, the configuration."""
+    config = prepared.config
+    hub = [m for m in config.referenced_models() if not Path(m).exists() and m.count("/") == 1]
+    method = config.method
+    link = f"[{method.pretty_name}]({method.reference_url})" if method.reference_url else method.pretty_name
+    lines = ["---", *(["base_model:", *[f"- {m}" for m in hub]] if hub else []),
+             "library_name: transformers", "tags:", "- mergekit", "- merge", "", "---", f"# {title}", "",
+             "This is a merge of pre-trained language models created with this project's streaming merger "
+             "(`merge_checkpoints.py --config`), which reads mergekit's configuration format.", "",
+             "## Merge Details", "### Merge Method", "",
+             f"This model was merged using the {link} merge method"
+             + (f" using {config.base_model} as a base." if config.base_model else "."), "",
+             "### Models Merged", "", "The following models were included in the merge:",
+             *[f"* {m}" for m in config.merged_models()], "",
+             "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
+             "```yaml", config.text.rstrip("\n"), "```", ""]
+    if prepared.record.get("command"):
+        lines += ["Rebuild the same bytes with:", "", "```bash", prepared.record["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def merge_from_config(
+    config_text: str,
+    output_dir: str | os.PathLike,
+    *,
+    seed: int | None = None,
+    dare_rescale: str = "l1",
+    overwrite: bool = False,
+    resume: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    num_threads: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    where: str = "config",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Merge the models of a mergekit configuration into ``output_dir`` (see the module docstring).
+
+    Args:
+        config_text: the YAML text (written verbatim to ``mergekit_config.yml``).
+        output_dir: the merged model's folder (must not exist or be empty, unless ``overwrite``).
+        seed: seed of the random sparsifiers (mergekit's ``--random-seed``; default 0, recorded).
+        dare_rescale: ``l1`` (mergekit's meaning of ``rescale: true``) or ``inverse_keep`` (the paper's 1 / (1 - p)).
+        overwrite, resume: as ``merge_checkpoints`` (``resume`` continues from completed shards).
+        max_shard_bytes: output shard size limit.
+        num_threads: worker threads (default: the CPU count, at most 4).
+        command: the command line that redoes the merge (recorded and shown in the model card).
+        device: where the maths runs (``cpu``, ``cuda``, ``cuda:1``); reads and writes stay on the CPU.
+    Returns:
+        ``{"tensors", "bytes", "seconds", "peak_rss_bytes", "output_dir"}`` (``already_complete`` with ``resume``
+        on a finished folder of the same merge).
+    """
+    start = time.perf_counter()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be usable, got {device!r} but torch.cuda.is_available() is False")
+    prepared = prepare_config(config_text, output_dir, seed=seed, dare_rescale=dare_rescale,
+                              max_shard_bytes=max_shard_bytes, command=command,
+                              where=where)
+    output, record = prepared.output, prepared.record
+    if resume and finished_merge_matches(output, record, overwrite=overwrite):
+        logger.info("--resume: %s already holds this merge; nothing to do", output)
+        return {**_summary(0, 0, start, output), "already_complete": True}
+    shards = plan_shards([OutputTensor(t.plan.name, t.shape, t.out_dtype) for t in prepared.tensors],
+                         max_shard_bytes)
+    work = prepare_work_dir(output, record, overwrite=overwrite, resume=resume)
+    complete = {s.file_name for s in shards if resume and shard_is_complete(work, s)}
+    done = {t.name for s in shards if s.file_name in complete for t in s.tensors}
+    writer = ShardedWriter(work, shards, skip=complete)
+    readers = {m: TensorReader(i) for m, i in prepared.indexes.items()}
+    compute = _TORCH_DTYPES.get(prepared.config.dtype) if prepared.config.dtype else None
+
+    def run(planned: PlannedTensor) -> torch.Tensor:
+        inputs = [readers[s.model].read(s.name).to(device) for s in planned.plan.sources]
+        if compute is not None and planned.floating:
+            inputs = [t.to(compute) for t in inputs]
+        return _merge_tensor(prepared, planned, inputs).to(planned.out_dtype).cpu().contiguous()
+
+    todo = [t for t in prepared.tensors if t.plan.name not in done]
+    workers = num_threads or min(os.cpu_count() or 1, 4)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool, \
+                tqdm(total=len(todo), desc="merging tensors", unit="tensor", disable=not progress) as bar:
+            for planned, tensor in ordered_map(run, todo, pool, depth=4 * workers + 4):
+                writer.write(planned.plan.name, tensor)
+                bar.update(1)
+        writer.close()
+    finally:
+        torch.set_num_threads(torch_threads)
+        for reader in readers.values():
+            reader.close()
+    write_index(work, shards)
+    config_json = _config_json(prepared)
+    if config_json is not None:
+        atomic_write_json(work / "config.json", config_json)
+    _copy_tokenizer(prepared, work)
+    atomic_write_text(work / "mergekit_config.yml", prepared.config.text)
+    atomic_write_text(work / "README.md", model_card(prepared, output.name))
+    publish(work, output)
+    return _summary(len(todo), writer.bytes_written, start, output)
+
+
+def _summary(tensors: int, bytes_written: int, start: float, output_dir: Path) -> dict[str, Any]:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = {"tensors": tensors, "bytes": bytes_written, "seconds": round(time.perf_counter() - start, 3),
+               "peak_rss_bytes": peak, "output_dir": str(output_dir)}
+    logger.info("merged %d tensors, wrote %.2f GB in %.1f s, peak RSS %.2f GB -> %s", tensors,
+                bytes_written / 1e9, summary["seconds"], peak / 1e9, output_dir)
+    return summary
+
+
+def describe_plan(prepared: PreparedConfig) -> Mapping[str, Any]:
+    """What ``--config ... --dry_run`` prints: models, tensors, layers, and a sample of resolved parameters."""
+    sample = prepared.tensors[:: max(1, len(prepared.tensors) // 5)][:5]
+    return {"merge_method": prepared.config.method.name, "models": prepared.config.referenced_models(),
+            "tensors": len(prepared.tensors), "output_layers": prepared.out_layers, "seed": prepared.seed,
+            "sample": [{"tensor": t.plan.name, "t": t.plan.t, "shared": t.shared,
+                        "inputs": {s.model: p for s, p in zip(t.plan.sources, t.per_input, strict=True)}}
+                       for t in sample]}
+
+

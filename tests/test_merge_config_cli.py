@@ -1,0 +1,151 @@
+"""``merge_checkpoints.py --config``: the output folder mergekit users expect, resume, the rebuild command, and
+errors before any tensor is read."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_family, tiny_llama_config
+
+MODELS = ("base", "ft0", "ft1")
+TIES = """
+    merge_method: dare_ties
+    base_model: @base
+    models:
+      - model: @ft0
+        parameters: {weight: 0.6, density: [0.3, 0.9]}
+      - model: @ft1
+        parameters: {weight: [{filter: mlp, value: 0.2}, {value: 0.4}], density: 0.5}
+    dtype: float32
+    out_dtype: bfloat16
+    tokenizer_source: base
+    """
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cli_family")
+    base, finetuned = make_family(LlamaForCausalLM, tiny_llama_config(num_hidden_layers=3), num_finetuned=2)
+    for name, model in zip(MODELS, [base, *finetuned], strict=True):
+        model.save_pretrained(root / name, safe_serialization=True)
+    (root / "base" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    return root
+
+
+def write_config(root: Path, tmp_path: Path, text: str = TIES) -> Path:
+    text = textwrap.dedent(text)
+    for name in MODELS:
+        text = text.replace(f"@{name}", str(root / name))
+    path = tmp_path / "merge.yml"
+    path.write_text(text)
+    return path
+
+
+def merged(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def test_the_output_folder_has_mergekit_s_layout_and_rebuilds_the_same_bytes(family, tmp_path):
+    import merge_checkpoints
+
+    config = write_config(family, tmp_path)
+    out = tmp_path / "merged"
+    merge_checkpoints.main(["--config", str(config), "--output_dir", str(out), "--random-seed", "7",
+                            "--max_shard_size", "40KB", "--quiet"])
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml", "README.md",
+            "merge_config.json", "tokenizer_config.json"} <= files
+    assert (out / "mergekit_config.yml").read_text() == config.read_text()  # verbatim
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    tensors = merged(out)
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())  # out_dtype
+    model_config = json.loads((out / "config.json").read_text())
+    assert model_config.get("dtype", model_config.get("torch_dtype")) == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "DARE TIES" in card and str(family / "ft1") in card and "density: [0.3, 0.9]" in card
+    record = json.loads((out / "merge_config.json").read_text())
+    assert record["random_seed"] == 7 and record["semantics"]["dare_rescale"] == "l1"
+    command = record["command"]
+    assert "--random-seed 7" in command and "mergekit_config.yml" in command
+    # the recorded command, run from the output folder's copy of the YAML, gives the same bytes
+    again = tmp_path / "again"
+    merge_checkpoints.main([*command.replace("mergekit_config.yml", str(out / "mergekit_config.yml"))
+                           .replace("OUT", str(again)).split()[2:], "--max_shard_size", "40KB", "--quiet"])
+    theirs = merged(again)
+    assert all(torch.equal(tensors[n], theirs[n]) for n in tensors)
+    # another seed draws other masks; the paper's rescale is another merge, recorded
+    other = merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "seed8"),
+                                    "--random-seed", "8", "--quiet"])
+    assert not all(torch.equal(tensors[n], merged(Path(other["output_dir"]))[n]) for n in tensors)
+    merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "paper"), "--random-seed", "7",
+                            "--dare_rescale", "inverse_keep", "--quiet"])
+    paper = json.loads((tmp_path / "paper" / "merge_config.json").read_text())
+    assert paper["semantics"]["dare_rescale"] == "inverse_keep" and "--dare_rescale inverse_keep" in paper["command"]
+
+
+def test_resume_reuses_a_finished_merge_and_refuses_another(family, tmp_path):
+    import merge_checkpoints
+
+    config = write_config(family, tmp_path)
+    out = tmp_path / "merged"
+    merge_checkpoints.main(["--config", str(config), "--output_dir", str(out), "--quiet"])
+    again = merge_checkpoints.main(["--config", str(config), "--output_dir", str(out), "--resume", "--quiet"])
+    assert again.get("already_complete")
+    with pytest.raises(FileExistsError, match="other settings"):
+        merge_checkpoints.main(["--config", str(config), "--output_dir", str(out), "--resume", "--random-seed", "3",
+                                "--quiet"])
+
+
+@pytest.mark.parametrize("text, message", [
+    (TIES.replace("density: 0.5", "densty: 0.5"), r"unknown parameter 'densty' .*did you mean: density"),
+    (TIES.replace("dare_ties", "dare_tie"), r"did you mean: dare_ties"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: @ft0, layer_range: [0, 4]}]}]\n",
+     r"layer_range \[0, 4\] of .* out of bounds: the model has 3 layers"),
+    ("merge_method: task_arithmetic\nbase_model: @base\nmodels: [{model: @ft0}]\n",
+     "missing required parameter 'weight'"),
+    ("merge_method: della\nbase_model: @base\nmodels:\n  - model: @ft0\n    parameters:\n      weight: 1\n"
+     "      density: [{filter: mlp, value: 0.95}, {value: 0.5}]\n",
+     r"della needs 0 < density - epsilon and density \+ epsilon < 1, got density 0.95"),
+])
+def test_bad_configs_fail_before_any_tensor_is_read(family, tmp_path, monkeypatch, text, message):
+    import merge_checkpoints
+    from merge_engine import tensor_reader
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read before the configuration was validated")
+
+    monkeypatch.setattr(tensor_reader.TensorReader, "read", no_reads)
+    config = write_config(family, tmp_path, text)
+    with pytest.raises(ValueError, match=message):
+        merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_refuses_the_flag_interface_and_dry_run_merges_nothing(family, tmp_path, capsys):
+    import merge_checkpoints
+
+    config = write_config(family, tmp_path)
+    with pytest.raises(ValueError, match="--config holds the whole merge; got also --scaling_coefficient"):
+        merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "x"),
+                                "--scaling_coefficient", "0.5"])
+    with pytest.raises(SystemExit):
+        merge_checkpoints.main(["--output_dir", str(tmp_path / "x"), "--random-seed", "3",
+                                "--pretrained_model", "a", "--finetuned_models", "b"])
+    summary = merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "dry"), "--dry_run"])
+    assert summary["dry_run"] and summary["tensors"] == 3 + 3 * 9
+    assert not (tmp_path / "dry").exists()
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["merge_method"] == "dare_ties" and plan["output_layers"] == 3
