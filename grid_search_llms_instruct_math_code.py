@@ -19,8 +19,10 @@ Examples:
     wait; python grid_search_llms_instruct_math_code.py --merge_instruct --merge_math \
         --merging_methods mask_merging+task_arithmetic --stage select
 
-Every grid point is one streamed merge, evaluated on every benchmark's validation sample; a finished point
-(``result.json``) is never redone, so a killed job is simply started again. The selection (``--stage select`` or
+Every grid point is one streamed merge, evaluated on every benchmark's validation sample (all of a point's
+benchmarks generated with one model load); points that differ only in λ are merged together, in one pass over the
+inputs (``--max_merge_outputs`` caps the models one pass writes). A finished point (``result.json``) is never
+redone, so a killed job is simply started again. The selection (``--stage select`` or
 the end of ``--stage all``) refuses to run while a grid point is not finished, naming the missing ones, unless
 ``--allow_missing`` (then ``selection.json`` records them and the tables say the grid was partial). Points tied
 for a benchmark's best validation score are listed in ``selection.json`` and the tables; the earlier point in
@@ -91,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="benchmarks (default: the merged tasks', or the preset's)")
     parser.add_argument("--validation_fraction", type=float, default=0.1, help="validation sample (paper: 10%%)")
     parser.add_argument("--split_seed", type=int, default=0, help="seed of the validation sample")
-    parser.add_argument("--shard", default="0/1", help="i/N: run grid points i, i+N, ... (with --stage grid)")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/N: run block i of N consecutive blocks of the grid, the points that differ only in "
+                             "λ kept together (with --stage grid)")
+    parser.add_argument("--max_merge_outputs", type=int, default=None,
+                        help="at most N grid points merged in one pass (points that differ only in λ share one: "
+                             "the inputs are read once; each output takes one model's disk, 26 GB in bf16 at 13B, "
+                             "until its point is evaluated); 1 = one merge per point; default: every such point of "
+                             "the shard")
     parser.add_argument("--stage", default="all", choices=["all", "grid", "select"],
                         help="grid = validation runs only; select = selection + test/full runs of the selected")
     parser.add_argument("--allow_missing", action="store_true",
@@ -101,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generation rate for the estimate (default: measured on finished points)")
     parser.add_argument("--merge_seconds", type=float, default=None, help="seconds per merge for the estimate")
     parser.add_argument("--engine_start_seconds", type=float, default=None,
-                        help="seconds to load one merged model for generation, for the estimate (default: 90, "
-                             "assumed for 13B)")
+                        help="seconds to load one merged model for generation (one per point and task folder: "
+                             "its benchmarks share it), for the estimate (default: 90, assumed for 13B)")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and the estimate, run nothing")
     parser.add_argument("--save_merge_models_dir", default="save_merge_models", help="merged-model folders")
     add_homology_flags(parser)
@@ -164,6 +173,7 @@ def build_config(args: argparse.Namespace) -> GridSearchConfig:
         save_merge_models_dir=args.save_merge_models_dir,
         save_dtype=args.save_dtype, keep_model=args.keep_model, merge_num_threads=args.merge_num_threads,
         **homology_from_args(args), evaluation=settings_from_args(args), allow_missing=args.allow_missing,
+        max_merge_outputs=args.max_merge_outputs,
     )
 
 

@@ -104,8 +104,8 @@ def benchmark(size: str, runs: int, work: Path, mergekit_exe: str, threads: int 
 
 
 def table(record: dict) -> str:
-    lines = ["| config | tool | median wall (s) | median peak RSS (GB) | mergekit / ours, wall | mergekit / ours, RSS |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | tool | median wall (s) | median peak RSS (GB) | mergekit / ours, wall | "
+             "mergekit / ours, RSS |", "|---|---|---|---|---|---|"]
     for name, res in record["configs"].items():
         ours, theirs = res["ours"], res["mergekit"]
         for tool, r in res.items():

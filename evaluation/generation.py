@@ -4,17 +4,20 @@ Decoding follows MergeLM (specification section 5): greedy at ``temperature=0``,
 prompt, a ``max_tokens`` budget, and stop strings that end generation and are cut from the returned text (which
 never contains the prompt).
 
-* ``backend="vllm"``: one ``vllm.LLM`` engine per process, cached by model path; the prompts of a benchmark go
-  to ``LLM.generate`` in chunks of ``vllm_chunk_size`` (default 512), and each chunk's results are handed to
-  ``on_result`` as soon as it finishes, so a killed run loses at most one chunk. Asking for a second model in
-  the same process is an error: MergeLM built one engine per task in one process, which needs
-  ``num_models x tensor_parallel_size`` GPUs and fails with vLLM's "data parallel group is already
+* ``backend="vllm"``: one ``vllm.LLM`` engine per process, started from the first model path asked for; the
+  prompts of a benchmark go to ``LLM.generate`` in chunks of ``vllm_chunk_size`` (default 512), and each chunk's
+  results are handed to ``on_result`` as soon as it finishes, so a killed run loses at most one chunk. Another
+  folder with the same weight files and a tokenizer that decodes alike (a merged model's task folders,
+  ``evaluation.model_identity``) is served by the same engine, its prompts tokenised with its own tokenizer.
+  Asking for other weights in the same process is an error: MergeLM built one engine per task in one process,
+  which needs ``num_models x tensor_parallel_size`` GPUs and fails with vLLM's "data parallel group is already
   initialized". Evaluate each model in its own process instead
-  (``evaluation.generation_subprocess.run_in_subprocess``, or
+  (``evaluation.generation_subprocess.run_jobs_in_subprocess``, or
   ``python -m evaluation.generation_subprocess --request request.json``). Where vLLM is not installed or no
   CUDA device is visible, ``vllm`` is an error (:func:`require_vllm`), never a silent fallback.
 * ``backend="hf"``: ``model.generate`` in left-padded batches sorted by prompt length, stop strings checked on
-  the decoded tail of every row; runs on CPU.
+  the decoded tail of every row; runs on CPU. The last model is kept loaded, also for another folder with the same
+  weight files (each folder's own tokenizer is used).
 * ``backend="auto"``: vLLM when it is importable and CUDA is available, else Hugging Face;
   :func:`backend_choice` says which and why, :func:`log_backend_choice` logs it.
 
@@ -29,6 +32,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from evaluation.model_identity import can_share_model, engine_prompts, weights_key
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["vllm", "hf", "auto"]
@@ -39,10 +44,12 @@ ResultCallback = Callable[[int, str], None]
 DEFAULT_VLLM_CHUNK_SIZE = 512
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default
 
-# One vLLM engine per process: (key, engine). Never replaced once set (see the module docstring).
+# One vLLM engine per process: (key, engine), the key's first item the model path it was started from. Never
+# replaced once set (see the module docstring).
 _VLLM_ENGINE: tuple[tuple[Any, ...], Any] | None = None
-# The last Hugging Face model used by generate(): (key, model, tokenizer), so GSM8K then MATH reuse it.
-_HF_MODEL: tuple[tuple[Any, ...], Any, Any] | None = None
+# The last Hugging Face model used by generate(): (key of its weights, model, {model path: tokenizer}), so GSM8K then
+# MATH, and the task folders of one merged model, reuse it.
+_HF_MODEL: tuple[tuple[Any, ...], Any, dict[str, Any]] | None = None
 
 
 def _vllm_installed() -> bool:
@@ -191,7 +198,11 @@ def generate(
             model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, gguf_file=gguf_file,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, enforce_eager=enforce_eager,
         )
-        return generate_vllm(engine, prompts, chunk_size=vllm_chunk_size, progress=progress, **kwargs)
+        model = os.path.join(model_path, gguf_file) if gguf_file else model_path
+        # the engine may have been started from another folder of the same weights (get_vllm_engine)
+        engine_path = _VLLM_ENGINE[0][0] if _VLLM_ENGINE is not None else model
+        inputs = engine_prompts(prompts, model_path=model, engine_path=engine_path)
+        return generate_vllm(engine, inputs, chunk_size=vllm_chunk_size, progress=progress, **kwargs)
     model, tokenizer = _get_hf_model(model_path, gguf_file=gguf_file, dtype=dtype, device=device)
     return generate_hf(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **kwargs)
 
@@ -201,19 +212,28 @@ def generate(
 
 
 def _get_hf_model(model_path: str, *, gguf_file: str | None, dtype: str, device: str | None) -> tuple[Any, Any]:
-    """Load (or reuse the last loaded) model + tokenizer; only one model is kept in memory."""
+    """Load (or reuse the last loaded) model, and ``model_path``'s own tokenizer; only one model is kept in memory.
+
+    The model is reused for any path with the same weight files (``evaluation.model_identity.weights_key``: the
+    task folders of one merged model), so each of its datasets does not load it again.
+    """
     global _HF_MODEL
     import torch
 
-    from evaluation.model_loading import load_causal_lm_for_generation
+    from evaluation.model_loading import load_causal_lm_for_generation, load_tokenizer_for_generation
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (model_path, gguf_file, dtype, device)
+    weights = weights_key(os.path.join(model_path, gguf_file) if gguf_file else model_path)
+    key = (weights, gguf_file, dtype, device)
     if _HF_MODEL is None or _HF_MODEL[0] != key:
         _HF_MODEL = None  # free the previous model before loading the next one
         model, tokenizer = load_causal_lm_for_generation(model_path, gguf_file=gguf_file, dtype=dtype, device=device)
-        _HF_MODEL = (key, model, tokenizer)
-    return _HF_MODEL[1], _HF_MODEL[2]
+        _HF_MODEL = (key, model, {model_path: tokenizer})
+    tokenizers = _HF_MODEL[2]
+    if model_path not in tokenizers:
+        logger.info("%s: same weight files as the loaded model, not loaded again; using its own tokenizer", model_path)
+        tokenizers[model_path] = load_tokenizer_for_generation(model_path, gguf_file=gguf_file)
+    return _HF_MODEL[1], tokenizers[model_path]
 
 
 def release_hf_model() -> None:
@@ -353,12 +373,14 @@ def get_vllm_engine(
     """The process's single ``vllm.LLM`` engine, created on first use.
 
     ``gpu_memory_utilization``, ``max_model_len`` and ``enforce_eager`` go to ``vllm.LLM`` as they are (memory
-    and speed knobs; greedy texts do not depend on them).
+    and speed knobs; greedy texts do not depend on them). A request for another folder with the same weight files
+    and a tokenizer that decodes alike (``evaluation.model_identity.can_share_model``) gets the engine already
+    started; :func:`generate` then tokenises that folder's prompts with its own tokenizer.
 
     Raises:
-        ValueError: an engine for a different model (or settings) already exists in this process; vLLM cannot
-            host two engines in one process, so run each model in its own process
-            (``evaluation.generation_subprocess.run_in_subprocess``).
+        ValueError: an engine for other weights (or a tokenizer that decodes differently, or other engine
+            settings) already exists in this process; vLLM cannot host two engines in one process, so run each
+            model in its own process (``evaluation.generation_subprocess.run_jobs_in_subprocess``).
     """
     global _VLLM_ENGINE
     if tensor_parallel_size < 1:
@@ -373,14 +395,20 @@ def get_vllm_engine(
                          enforce_eager=enforce_eager)
     key = (model, *engine_kwargs.values())
     if _VLLM_ENGINE is not None:
-        if _VLLM_ENGINE[0] != key:
-            raise ValueError(
-                f"this process already holds a vLLM engine for {_VLLM_ENGINE[0]}, got a request for {key}; "
-                "vLLM cannot run two engines in one process: evaluate each model in its own process with "
-                "evaluation.generation_subprocess.run_in_subprocess(...) or "
-                "`python -m evaluation.generation_subprocess --request ...`"
-            )
-        return _VLLM_ENGINE[1]
+        held, engine = _VLLM_ENGINE
+        if held == key:
+            return engine
+        if held[1:] == key[1:] and can_share_model(held[0], model, same_decoding=True):
+            logger.info("%s: same weight files as the vLLM engine of %s and a tokenizer that decodes alike; "
+                        "reusing the engine", model, held[0])
+            return engine
+        raise ValueError(
+            f"this process already holds a vLLM engine for {held}, got a request for {key} (other weights, a "
+            "tokenizer that decodes differently, or other engine settings); vLLM cannot run two engines in one "
+            "process: evaluate each model in its own process with "
+            "evaluation.generation_subprocess.run_in_subprocess(...) (run_jobs_in_subprocess for several datasets) or "
+            "`python -m evaluation.generation_subprocess --request ...`"
+        )
     from vllm import LLM  # imported lazily: vLLM initialises CUDA on import
 
     logger.info("creating the vLLM engine for %s (%s)", model, ", ".join(f"{k}={v}" for k, v in engine_kwargs.items()))
@@ -391,7 +419,7 @@ def get_vllm_engine(
 
 def generate_vllm(
     engine: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Mapping[str, Any]],
     *,
     max_tokens: int,
     stop: Sequence[str] = (),
@@ -401,7 +429,8 @@ def generate_vllm(
     on_result: ResultCallback | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """``engine.generate`` on consecutive chunks of ``chunk_size`` prompts; texts in prompt order.
+    """``engine.generate`` on consecutive chunks of ``chunk_size`` prompts (texts, or ``{"prompt_token_ids": ...}``);
+    texts in prompt order.
 
     vLLM batches the prompts of a chunk itself. After each chunk its texts go to ``on_result`` (in prompt order)
     before the next chunk starts, so a generations file grows chunk by chunk and a run killed mid-way loses at

@@ -80,7 +80,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge_num_threads", type=int, default=None,
                         help="streaming-merger worker threads (default: CPU count); fewer threads = less RAM")
     parser.add_argument("--subprocess_per_task", action="store_true",
-                        help="generate each dataset in its own process (always on with vLLM)")
+                        help="generate in child processes, one per model for all of its datasets (always on "
+                             "with vLLM)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -138,7 +138,46 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard
 
 
+#: settings applied after DARE that only scale the merged deltas: grid points that differ in nothing else are merged
+#: in one pass from the same DARE'd deltas (``merge_engine.merge_variants``)
+SHARED_PASS_SETTINGS = ("scaling_coefficient",)
+
+
+def merge_pass_key(point: Recipe) -> Recipe:
+    """The point with its :data:`SHARED_PASS_SETTINGS` at their declared defaults: points with the same key differ
+    only in λ, so one merge pass serves them."""
+    values = {name: point.spec.specs[name].default for name in SHARED_PASS_SETTINGS if name in point.spec.specs}
+    return point.replace(**values) if values else point
+
+
+def pass_order(points: Sequence[Recipe]) -> tuple[Recipe, ...]:
+    """The points with those differing only in λ next to each other: groups in the grid order of their first
+    point, each group's points in grid order."""
+    groups: dict[Recipe, list[Recipe]] = {}
+    for point in points:
+        groups.setdefault(merge_pass_key(point), []).append(point)
+    return tuple(point for group in groups.values() for point in group)
+
+
+def merge_pass_groups(points: Sequence[Recipe], max_outputs: int | None = None) -> list[tuple[Recipe, ...]]:
+    """Runs of consecutive points with one :func:`merge_pass_key`, at most ``max_outputs`` each (None: no limit):
+    the points one merge pass writes."""
+    groups: list[list[Recipe]] = []
+    for point in points:
+        last = groups[-1] if groups else None
+        if (last is not None and merge_pass_key(last[0]) == merge_pass_key(point)
+                and (max_outputs is None or len(last) < max_outputs)):
+            last.append(point)
+        else:
+            groups.append([point])
+    return [tuple(group) for group in groups]
+
+
 def shard_points(points: Sequence[Recipe], shard: tuple[int, int]) -> tuple[Recipe, ...]:
-    """Every N-th point starting at i: the shards of one grid are disjoint and together cover it."""
+    """Block ``i`` of ``N`` consecutive blocks of :func:`pass_order` (their sizes differ by at most one point): the
+    shards of one grid are disjoint and together cover it, and the points that differ only in λ stay in one shard
+    (one merge pass) unless a block boundary falls between them."""
     index, count = shard
-    return tuple(points[index::count])
+    ordered = pass_order(points)
+    start, stop = -(-index * len(ordered) // count), -(-(index + 1) * len(ordered) // count)
+    return ordered[start:stop]

@@ -8,6 +8,13 @@ missing or NaN score never wins) and only then evaluated on the test part; the f
 the paper reports) is scored from the same generations. Cells whose setting a preset states (``llms.llm_presets``)
 skip the grid and are evaluated with that setting.
 
+Work shared between points and benchmarks: a point's benchmarks are generated in one batch before any is scored
+(:func:`generate_parts`: with vLLM one child process and one engine start per task folder, the folders whose
+tokenizers decode alike sharing one), and the points of a shard that differ only in λ are merged in one streamed
+pass (:func:`merge_shared_pass`, ``merge_engine.merge_variants``: the inputs read and the DARE'd deltas computed
+once, one model written per λ, bit for bit the separate merges; at most ``max_merge_outputs`` models a pass, each
+on disk until its point is evaluated). Each point then reuses its finished folder.
+
 The selection needs every grid point: with a point not finished (a shard still running, a job killed, a point
 held by a concurrent job) it raises :class:`IncompleteGridError` before any final merge, naming the missing
 points, unless ``GridSearchConfig.allow_missing`` (``--allow_missing``); then it selects among the finished points
@@ -59,14 +66,15 @@ from evaluation.generations_file import load_finished_generations
 from evaluation.tasks import get_task
 from llms.llm_compute_estimate import DEFAULT_MERGE_SECONDS, describe_plan, measured_rates, plan_compute
 from llms.llm_configs import LLM_DATASET_NAMES, MERGE_TASK_ORDER, LlmMergeConfig, saved_naming
-from llms.llm_grid import describe_point, shard_points
+from llms.llm_grid import describe_point, merge_pass_groups, shard_points
 from llms.llm_grid_tables import TIE_BREAK, grid_table, percent_score, selection_table, write_tables
-from llms.llm_merging import merge_llms, release_model_dirs, resolve_paths
+from llms.llm_merging import merge_llms, merge_variants_into, release_model_dirs, resolve_paths
 from llms.llm_pipeline import (
     TASK_DATASETS,
     EvaluationSettings,
+    GenerationJob,
     check_datasets_available,
-    generate_examples,
+    generate_jobs,
     generation_record,
     score_examples,
     select_examples,
@@ -110,11 +118,14 @@ class GridSearchConfig:
         label: name of the selection folder (the preset name, or the methods).
         table1_row: ``(models, method)`` of the paper's Table 1 row this search reproduces, if any.
         validation_fraction, split_seed: the validation sample (``llms.llm_validation_split``).
-        shard: ``(i, N)``: this job runs points ``i, i+N, ...`` of the grid.
+        shard: ``(i, N)``: this job runs block ``i`` of ``N`` consecutive blocks of the grid, ordered so that the
+            points differing only in λ are adjacent (``llms.llm_grid.shard_points``).
         model_paths, save_merge_models_dir, save_dtype, keep_model, merge_num_threads: as in ``LlmMergeConfig``.
         evaluation: generation and scoring settings (always resumed).
         allow_missing: select among the finished points when some are not finished (recorded in
             ``selection.json``); otherwise the selection refuses to run (:class:`IncompleteGridError`).
+        max_merge_outputs: at most this many grid points merged by one pass (points that differ only in λ share
+            one, ``llms.llm_grid.merge_pass_groups``); None: every such point of the shard; 1: one merge per point.
     """
 
     merge_tasks: tuple[str, ...]
@@ -135,6 +146,7 @@ class GridSearchConfig:
     strict_homology: bool = False
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     allow_missing: bool = False
+    max_merge_outputs: int | None = None
 
     def __post_init__(self) -> None:
         tasks = tuple(t for t in MERGE_TASK_ORDER if t in self.merge_tasks)
@@ -143,6 +155,8 @@ class GridSearchConfig:
             object.__setattr__(self, "datasets", tuple(d for t in tasks for d in TASK_DATASETS[t]))
         object.__setattr__(self, "evaluation", dataclasses.replace(self.evaluation, resume=True))
         check_validation_fraction(self.validation_fraction)
+        if self.max_merge_outputs is not None and self.max_merge_outputs < 1:
+            raise ValueError(f"max_merge_outputs must be >= 1 (1: one merge per point), got {self.max_merge_outputs}")
         for dataset in self.datasets:
             if dataset not in LLM_DATASET_NAMES:
                 raise ValueError(f"datasets must be among {', '.join(LLM_DATASET_NAMES)}, got {dataset!r}")
@@ -192,7 +206,8 @@ class GridSearchConfig:
                 "shard": list(self.shard), "model_paths": dict(self.model_paths),
                 "save_merge_models_dir": self.save_merge_models_dir, "save_dtype": self.save_dtype,
                 "homology_check": self.homology_check, "strict_homology": self.strict_homology,
-                "evaluation": dataclasses.asdict(self.evaluation), "allow_missing": self.allow_missing}
+                "evaluation": dataclasses.asdict(self.evaluation), "allow_missing": self.allow_missing,
+                "max_merge_outputs": self.max_merge_outputs}
 
 
 def grid_model_paths(config: GridSearchConfig) -> dict[str, str]:
@@ -227,41 +242,68 @@ def _count_tokens(model_path: str, texts: Sequence[str]) -> int:
     return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
 
 
-def evaluate_parts(
-    config: GridSearchConfig, dataset: str, model_path: str, folder: Path, parts: Sequence[str], out: str
-) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Generate the examples of ``parts`` (resuming ``folder/generations``), score each part separately.
+def generation_path(folder: Path, dataset: str) -> Path:
+    return folder / "generations" / f"{get_task(dataset).name}.jsonl"
 
-    Returns ``({part: metrics}, {"generation_seconds", "generated_tokens"})``; predictions and external files go
-    to ``folder/<out>/<part>/``.
+
+def generate_parts(
+    config: GridSearchConfig, views: Mapping[str, Path], datasets: Sequence[str], folder: Path, parts: Sequence[str]
+) -> dict[str, float]:
+    """Generate the examples of ``parts`` of every dataset (resuming ``folder/generations``) in one batch: the
+    merged model is loaded once for all of them (one vLLM child process and engine for the task folders whose
+    tokenizers decode alike, ``llms.llm_pipeline.generate_jobs``).
+
+    Returns ``{"generation_seconds", "generated_tokens"}`` of the examples generated now (0 when none was).
+    """
+    jobs, before = [], []
+    for dataset in datasets:
+        task = get_task(dataset)
+        _, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
+        needed = sorted({i for part in parts for i in part_positions(split, part)})
+        path = generation_path(folder, dataset)
+        made_with = generation_record(task, config.evaluation, config.save_dtype)
+        before.append(set(load_finished_generations(path, id_field=task.id_field, settings=made_with)[0]))
+        jobs.append(GenerationJob(task, [examples[i] for i in needed], model_for(config, views, dataset), path,
+                                  config.save_dtype))
+    start = time.monotonic()
+    rows = generate_jobs(jobs, config.evaluation)
+    seconds = time.monotonic() - start
+    tokens, generated = 0, False
+    for job, done, job_rows in zip(jobs, before, rows, strict=True):
+        new = [r["completion"] for r in job_rows if r[job.task.id_field] not in done]
+        if new:
+            tokens, generated = tokens + _count_tokens(job.model_path, new), True
+    return {"generation_seconds": seconds if generated else 0.0, "generated_tokens": tokens}
+
+
+def evaluate_parts(
+    config: GridSearchConfig, dataset: str, folder: Path, parts: Sequence[str], out: str
+) -> dict[str, dict[str, Any]]:
+    """Score each of ``parts`` separately from ``folder/generations`` (made by :func:`generate_parts`).
+
+    Returns ``{part: metrics}``; predictions and external files go to ``folder/<out>/<part>/``.
     """
     task = get_task(dataset)
     records, examples, split = dataset_split(dataset, config.evaluation, config.validation_fraction, config.split_seed)
-    needed = sorted({i for part in parts for i in part_positions(split, part)})
-    path = folder / "generations" / f"{task.name}.jsonl"
     made_with = generation_record(task, config.evaluation, config.save_dtype)
-    before = set(load_finished_generations(path, id_field=task.id_field, settings=made_with)[0])
-    start = time.monotonic()
-    rows = generate_examples(task, [examples[i] for i in needed], model_path, path, config.evaluation,
-                             save_dtype=config.save_dtype)
-    seconds = time.monotonic() - start
-    new = [r["completion"] for r in rows if r[task.id_field] not in before]
-    stats = {"generation_seconds": seconds if new else 0.0,
-             "generated_tokens": _count_tokens(model_path, new) if new else 0}
-    completion = {r[task.id_field]: r["completion"] for r in rows}
+    done, _ = load_finished_generations(generation_path(folder, dataset), id_field=task.id_field, settings=made_with)
     metrics = {}
     for part in parts:
         positions = part_positions(split, part)
         chosen = [examples[i] for i in positions]
+        missing = [e[task.id_field] for e in chosen if e[task.id_field] not in done]
+        if missing:
+            raise RuntimeError(f"{generation_path(folder, dataset)} lacks {len(missing)} generations of the {part} "
+                               f"part (e.g. {missing[0]!r}) after generating them")
         part_metrics, predictions = score_examples(
-            task, [records[i] for i in positions], chosen, [completion[e[task.id_field]] for e in chosen],
+            task, [records[i] for i in positions], chosen, [done[e[task.id_field]]["completion"] for e in chosen],
             config.evaluation)
         target = folder / out / part
         lines = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
         atomic_write_text(target / "predictions" / f"{task.name}.jsonl", lines)
         write_external_file(task, target, [records[i] for i in positions], predictions, str(folder))
         metrics[part] = {**part_metrics, "ids": [e[task.id_field] for e in chosen]}
-    return metrics, stats
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,11 +369,15 @@ def merged_point(config: GridSearchConfig, point: Recipe, paths: Mapping[str, st
         release_model_dirs(list(views.values()), Path(config.save_merge_models_dir), keep=config.keep_model)
 
 
+def folder_task(config: GridSearchConfig, dataset: str) -> str:
+    """The merged task whose folder (and tokenizer) generates ``dataset``: its own, else the first merged task."""
+    return next((t for t in config.merge_tasks if dataset in TASK_DATASETS[t]), config.merge_tasks[0])
+
+
 def model_for(config: GridSearchConfig, views: Mapping[str, Path], dataset: str) -> str:
     """The merged folder with the tokenizer of ``dataset``'s task (the first merged task's when not merged);
     without merged folders (every generation done) a placeholder that nothing loads."""
-    task = next((t for t in config.merge_tasks if dataset in TASK_DATASETS[t]), config.merge_tasks[0])
-    return str(views[task]) if views else "(not merged: every generation was already made)"
+    return str(views[folder_task(config, dataset)]) if views else "(not merged: every generation was already made)"
 
 
 def _missing_datasets(config: GridSearchConfig, folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
@@ -340,8 +386,13 @@ def _missing_datasets(config: GridSearchConfig, folder: Path) -> tuple[dict[str,
     return result, [d for d in config.grid_datasets if d not in done]
 
 
-def run_point(config: GridSearchConfig, grid_dir: Path, point: Recipe, paths: Mapping[str, str]) -> dict | None:
-    """Validation scores of one point (``result.json``); a finished (point, benchmark) is read, never redone."""
+def run_point(config: GridSearchConfig, grid_dir: Path, point: Recipe, paths: Mapping[str, str], *,
+              shared_merge_seconds: float = 0.0) -> dict | None:
+    """Validation scores of one point (``result.json``); a finished (point, benchmark) is read, never redone.
+
+    ``shared_merge_seconds``: this point's share of a merge pass that wrote its model with other λ values
+    (:func:`merge_shared_pass`), added to its ``merge_seconds``.
+    """
     folder = grid_dir / "points" / config.point_key(point)
     result, missing = _missing_datasets(config, folder)
     if not missing:
@@ -358,13 +409,13 @@ def run_point(config: GridSearchConfig, grid_dir: Path, point: Recipe, paths: Ma
                             "generation_seconds": 0.0, "generated_tokens": 0}
         with point_models(config, point, paths, folder, missing, ["validation"]) as (views, merge_seconds):
             if merge_seconds is not None:
-                result["merge_seconds"] = merge_seconds
+                result["merge_seconds"] = merge_seconds + shared_merge_seconds
+            stats = generate_parts(config, views, missing, folder, ["validation"])
+            result["generation_seconds"] += stats["generation_seconds"]
+            result["generated_tokens"] += stats["generated_tokens"]
             for dataset in missing:
-                metrics, stats = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
-                                                ["validation"], "validation")
-                result["validation"][dataset] = metrics["validation"]
-                result["generation_seconds"] += stats["generation_seconds"]
-                result["generated_tokens"] += stats["generated_tokens"]
+                result["validation"][dataset] = evaluate_parts(config, dataset, folder, ["validation"],
+                                                               "validation")["validation"]
         atomic_write_json(folder / RESULT_FILE, result)
         return result
 
@@ -466,9 +517,9 @@ def run_final(
                                 config.point_key(point))
                     continue
                 with point_models(config, point, paths, folder, todo, PARTS) as (views, _):
+                    generate_parts(config, views, todo, folder, PARTS)
                     for dataset in todo:
-                        metrics, _ = evaluate_parts(config, dataset, model_for(config, views, dataset), folder,
-                                                    PARTS, "final")
+                        metrics = evaluate_parts(config, dataset, folder, PARTS, "final")
                         record = {"point": point.record(), "key": config.point_key(point),
                                   "selected_by": selection[dataset]["selected_by"], **metrics}
                         atomic_write_json(folder / "final" / f"{dataset}.json", record)
@@ -500,7 +551,9 @@ def compute_plan_text(
     fixed_points = {p for p, _ in config.fixed.values()}
     final_merges = len(fixed_points) + min(len(config.grid_datasets), len(config.points))
     plan = plan_compute(grid_points=len(todo), grid_datasets=config.grid_datasets, final_datasets=final,
-                        final_merges=final_merges, validation_sizes=sizes, max_new_tokens=max_tokens, stage=stage)
+                        final_merges=final_merges, validation_sizes=sizes, max_new_tokens=max_tokens, stage=stage,
+                        dataset_folders={d: folder_task(config, d) for d in config.datasets},
+                        stated_points={d: point for d, (point, _) in config.fixed.items()})
     measured_tps, measured_merge = measured_rates(list(finished.values()))
     tps, tps_source = tokens_per_second, "--tokens_per_second"
     if tps is None and measured_tps is not None:
@@ -524,12 +577,49 @@ def selection_folder(config: GridSearchConfig, grid_dir: Path) -> Path:
     return grid_dir / "selections" / config.label.replace("/", "_")
 
 
+def merge_shared_pass(config: GridSearchConfig, grid_dir: Path, points: Sequence[Recipe],
+                      paths: Mapping[str, str]) -> dict[Recipe, float]:
+    """Merge, in one streamed pass, the points of ``points`` (which differ only in λ) that are about to be merged:
+    not finished, generations not complete, merge not finished, and not held by another job (their locks are held
+    during the pass). Each point's evaluation then reuses its folder (``merge_into`` with ``resume``).
+
+    Returns ``{point: its share of the pass's seconds}`` for the points merged now (empty when fewer than two
+    needed a merge: those are merged alone, as before).
+    """
+    with contextlib.ExitStack() as locks:
+        chosen = []
+        for point in points:
+            folder = grid_dir / "points" / config.point_key(point)
+            _, missing = _missing_datasets(config, folder)
+            if (missing and locks.enter_context(point_lock(folder))
+                    and not all(generations_complete(config, d, folder, ["validation"]) for d in missing)):
+                chosen.append(point)
+        if len(chosen) < 2:
+            return {}
+        merges = {point: config.merge_config(point) for point in chosen}
+        outputs = {point: (m.merged_model_dir(m.merge_tasks[0]), m.recipe) for point, m in merges.items()}
+        first = next(iter(merges.values()))
+        logger.info("grid points %s differ only in λ: one merge pass for their %d models (the inputs read once, the "
+                    "DARE'd deltas computed once)", "; ".join(describe_point(p) for p in chosen), len(chosen))
+        start = time.monotonic()
+        merged = merge_variants_into(
+            list(outputs.values()), paths[first.backbone_name], [paths[n] for n in first.finetuned_model_names],
+            save_dtype=config.save_dtype, copy_config_from=0, num_threads=config.merge_num_threads,
+            progress=config.evaluation.progress, homology_check=config.homology_check,
+            strict_homology=config.strict_homology)
+        share = (time.monotonic() - start) / max(1, len(merged))
+        return {point: share for point, (folder, _) in outputs.items() if folder in merged}
+
+
 def run_grid(config: GridSearchConfig, grid_dir: Path, paths: Mapping[str, str]) -> list[Recipe]:
-    """Validation runs of this shard's points; returns the points this job finished or found finished."""
+    """Validation runs of this shard's points, those differing only in λ merged in one pass (at most
+    ``max_merge_outputs`` points each); returns the points this job finished or found finished."""
     done = []
-    for point in shard_points(config.points, config.shard):
-        if run_point(config, grid_dir, point, paths) is not None:
-            done.append(point)
+    for group in merge_pass_groups(shard_points(config.points, config.shard), config.max_merge_outputs):
+        shares = merge_shared_pass(config, grid_dir, group, paths) if len(group) > 1 else {}
+        for point in group:
+            if run_point(config, grid_dir, point, paths, shared_merge_seconds=shares.get(point, 0.0)) is not None:
+                done.append(point)
     return done
 
 

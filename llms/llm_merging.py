@@ -29,12 +29,13 @@ from llms.llm_pipeline import (
     EvaluationSettings,
     check_datasets_available,
     run_benchmark,
+    run_benchmarks,
     warn_if_unscored,
 )
 from llms.model_names import TASK_TO_MODEL, WEIGHT_DIFF_MODELS
 from llms.model_resolution import resolve_model
 from llms.weight_diff import recover_wizardlm_7b
-from merge_engine import holds_finished_merge, merge_checkpoints
+from merge_engine import holds_finished_merge, merge_checkpoints, merge_variants
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
 from model_merging_methods import Recipe
@@ -73,6 +74,39 @@ def merge_into(
                                 num_threads=num_threads, progress=progress)
     logger.info("merge summary: %s", summary)
     return output_dir
+
+
+def merge_variants_into(
+    outputs: Sequence[tuple[Path, Recipe]], pretrained: str, finetuned: list[str], *, save_dtype: str,
+    copy_config_from: int, num_threads: int | None = None, progress: bool = True, homology_check: bool = True,
+    strict_homology: bool = False,
+) -> list[Path]:
+    """Merge recipes that share their DARE'd deltas (a grid's λ values) into their folders in ONE streamed pass.
+
+    The folders are those :func:`merge_into` would write, with the same merge records, so ``merge_into`` with
+    ``resume`` then reuses each of them as it is; a folder already holding its finished merge is left out. The
+    homology preflight runs once for the pass. See ``merge_engine.variant_merge`` for why one pass writing several
+    models (and the disk it takes: every output until its point is evaluated).
+
+    Returns:
+        The folders merged now.
+    """
+    arguments = {"dtype": save_dtype, "vocab_policy": "mergelm", "copy_config_from": copy_config_from}
+    todo = [(folder, recipe) for folder, recipe in outputs
+            if not ((folder / MERGE_CONFIG).is_file()
+                    and holds_finished_merge(pretrained, finetuned, str(folder), merging_method_name=recipe,
+                                             **arguments))]
+    if not todo:
+        return []
+    if homology_check:
+        check_homology(pretrained, finetuned, strict=strict_homology)
+    logger.info("merging %s in one pass (inputs read once, DARE'd deltas computed once) into %s", finetuned,
+                ", ".join(str(folder) for folder, _ in todo))
+    summaries = merge_variants(pretrained, finetuned, [(str(folder), recipe) for folder, recipe in todo],
+                               **arguments, overwrite=True, resume=True, num_threads=num_threads, progress=progress)
+    logger.info("merge pass summary: %s", summaries[0] if len(summaries) == 1 else
+                {"outputs": len(summaries), "seconds": summaries[-1]["seconds"]})
+    return [folder for folder, _ in todo]
 
 
 #: a file in a model folder written or reused by a run with ``--keep_model``: no later run's clean-up deletes it
@@ -249,15 +283,13 @@ def evaluate_task_models(
 ) -> dict[str, dict]:
     """Each task's datasets from its folder (instruct -> alpaca_eval, math -> gsm8k + MATH, code -> both code).
 
-    ``save_dtype``: the dtype this run wrote the folders in (None: folders it did not write), recorded with the
-    generations.
+    Every dataset is generated first, the model loaded once for all the folders holding the same weight files
+    (``llms.llm_pipeline.run_benchmarks``), then scored. ``save_dtype``: the dtype this run wrote the folders in
+    (None: folders it did not write), recorded with the generations.
     """
-    metrics = {}
-    for task, folder in models.items():
-        for dataset in TASK_DATASETS[task]:
-            metrics[dataset] = run_benchmark(dataset, str(folder), run_dir, settings, generator_name=generator_name,
-                                             save_dtype=save_dtype)
-        release_hf_model()
+    benchmarks = [(dataset, str(folder)) for task, folder in models.items() for dataset in TASK_DATASETS[task]]
+    metrics = run_benchmarks(benchmarks, run_dir, settings, generator_name=generator_name, save_dtype=save_dtype)
+    release_hf_model()
     return metrics
 
 

@@ -11,6 +11,9 @@ Shared by ``inference_llms_instruct_math_code.py``, ``merge_llms_instruct_math_c
 * ``external/``: the file the original README's external tool reads (AlpacaEval ``model_outputs`` JSON,
   human-eval samples JSONL, bigcode-evaluation-harness MBPP generations JSON);
 * the dataset's entry of ``metrics.json`` (returned by :func:`run_benchmark`).
+
+Several datasets of one model (or of the task folders of one merged model) are generated together first
+(:func:`run_benchmarks`, :func:`generate_jobs`), so the model is loaded (a vLLM engine started) once for all of them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,7 @@ from evaluation.generation import (
     require_vllm,
     resolve_backend,
 )
-from evaluation.generation_subprocess import run_in_subprocess
-from evaluation.generations_file import generate_to_jsonl, load_finished_generations
+from evaluation.generation_subprocess import generation_job, run_jobs
 from evaluation.output_formats import write_alpaca_eval_outputs, write_human_eval_samples, write_mbpp_generations
 from evaluation.scoring import score_completions
 from evaluation.tasks import TaskSpec, build_prompt, get_task
@@ -78,8 +80,8 @@ class EvaluationSettings:
         allow_code_execution: run generated code to score human_eval / mbpp (else only the files are written).
         allow_root_code_execution: as root, run that code as root where switching to ``nobody`` is impossible.
         resume: keep finished generations and generate only missing examples.
-        subprocess_per_task: generate each dataset in a fresh Python process (always done with vLLM when a
-            run evaluates several models, see ``merge_llms_instruct_math_code.py``).
+        subprocess_per_task: generate in fresh Python processes, one per model for all of its datasets (always
+            done with vLLM, which holds one engine per process; see :func:`generate_jobs`).
         num_workers: parallel code-execution processes.
         progress: tqdm bars.
     """
@@ -143,7 +145,7 @@ class EvaluationSettings:
         return extra
 
     def isolate_generation(self) -> bool:
-        """True when each dataset must be generated in its own process (vLLM: one engine per process)."""
+        """True when each model must be generated in its own process (vLLM: one engine per process)."""
         return self.subprocess_per_task or resolve_backend(self.backend) == "vllm"
 
 
@@ -221,28 +223,54 @@ def _generation_kwargs(task: TaskSpec, model_path: str, settings: EvaluationSett
     }
 
 
+@dataclass(frozen=True)
+class GenerationJob:
+    """One dataset's generations with one model folder (see :func:`generate_jobs`).
+
+    Attributes:
+        task: the benchmark.
+        examples: ``select_examples``' examples to generate (id + prompt).
+        model_path: the folder, hub id or ``.gguf`` file generating them.
+        path: the resumable generations file.
+        save_dtype: the dtype this run wrote the model in (None for a model used as it is), see
+            :func:`generation_record`.
+    """
+
+    task: TaskSpec
+    examples: Sequence[Mapping[str, Any]]
+    model_path: str
+    path: Path
+    save_dtype: str | None = None
+
+
+def generate_jobs(jobs: Sequence[GenerationJob], settings: EvaluationSettings) -> list[list[dict[str, Any]]]:
+    """Generations of several datasets (each a resumable JSONL file), each model loaded once.
+
+    In this process the jobs run one after the other; with ``settings.isolate_generation()`` (vLLM) every model
+    gets ONE child process for all of its jobs, and folders with the same weight files (a merged model's task
+    folders) share it when their tokenizers decode alike (``evaluation.generation_subprocess.run_jobs``). A killed
+    run keeps every finished chunk of every file; a resumed one generates only the missing examples of each.
+
+    Returns:
+        Per job, the records of its examples in the order of its examples.
+    """
+    requests = []
+    for job in jobs:
+        made_with = generation_record(job.task, settings, job.save_dtype)
+        logger.info("%s: generating with backend %s (%s)", job.task.name, made_with["backend"],
+                    backend_choice(settings.backend)[1])
+        requests.append(generation_job(job.examples, job.path, resume=settings.resume, id_field=job.task.id_field,
+                                       settings=made_with, **_generation_kwargs(job.task, job.model_path, settings)))
+    return run_jobs(requests, isolate=settings.isolate_generation())
+
+
 def generate_examples(
     task: TaskSpec, examples: Sequence[Mapping[str, Any]], model_path: str, path: Path, settings: EvaluationSettings,
     *, save_dtype: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Generations for ``examples`` (resumable JSONL at ``path``), in this process or a fresh one.
-
-    ``save_dtype``: the dtype this run wrote the model in (None for a model used as it is), see
-    :func:`generation_record`.
-    """
-    made_with = generation_record(task, settings, save_dtype)
-    logger.info("%s: generating with backend %s (%s)", task.name, made_with["backend"],
-                backend_choice(settings.backend)[1])
-    kwargs = {**_generation_kwargs(task, model_path, settings), "resume": settings.resume, "id_field": task.id_field,
-              "settings": made_with}
-    if not settings.isolate_generation():
-        return generate_to_jsonl(examples, path, **kwargs)
-    if settings.resume:
-        done, _ = load_finished_generations(path, id_field=task.id_field, settings=made_with)
-        if all(example[task.id_field] in done for example in examples):
-            logger.info("%s: all %d examples already generated", path, len(examples))
-            return [done[example[task.id_field]] for example in examples]
-    return run_in_subprocess(examples, path, **kwargs)
+    """Generations for ``examples`` (resumable JSONL at ``path``), in this process or a fresh one: one
+    :func:`generate_jobs` job."""
+    return generate_jobs([GenerationJob(task, examples, model_path, path, save_dtype)], settings)[0]
 
 
 def _unscored_predictions(
@@ -297,6 +325,46 @@ def write_external_file(
     return path
 
 
+def write_benchmark(
+    task: TaskSpec, records: Sequence[Mapping[str, Any]], examples: Sequence[Mapping[str, Any]],
+    completions: Sequence[str], run_dir: Path, settings: EvaluationSettings, generator_name: str,
+) -> dict[str, Any]:
+    """Score one dataset's completions and write its predictions and external file into ``run_dir``."""
+    metrics, predictions = score_examples(task, records, examples, completions, settings)
+    lines = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
+    atomic_write_text(run_dir / "predictions" / f"{task.name}.jsonl", lines)
+    external = write_external_file(task, run_dir, records, predictions, generator_name)
+    if external is not None:
+        logger.info("%s: wrote %s for the external evaluator", task.name, external)
+    logger.info("%s metrics: %s", task.name, metrics)
+    return metrics
+
+
+def run_benchmarks(
+    benchmarks: Sequence[tuple[str, str]], run_dir: str | os.PathLike, settings: EvaluationSettings, *,
+    generator_name: str, save_dtype: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`run_benchmark` for several ``(dataset_name, model_path)`` pairs: every generation first, each model
+    loaded once for all of its datasets (:func:`generate_jobs`), then each dataset's scores and files.
+
+    Returns:
+        ``{dataset_name: metrics}``.
+    """
+    run_dir = Path(run_dir)
+    prepared = []
+    for dataset_name, model_path in benchmarks:
+        task = get_task(dataset_name)
+        records, examples = select_examples(task, settings)
+        logger.info("%s: %d examples (indices %d..%d), model %s", task.name, len(examples), settings.start_index,
+                    settings.start_index + len(examples) - 1, model_path)
+        path = run_dir / "generations" / f"{task.name}.jsonl"
+        prepared.append((dataset_name, records, GenerationJob(task, examples, model_path, path, save_dtype)))
+    rows = generate_jobs([job for _, _, job in prepared], settings)
+    return {name: write_benchmark(job.task, records, job.examples, [row["completion"] for row in job_rows], run_dir,
+                                  settings, generator_name)
+            for (name, records, job), job_rows in zip(prepared, rows, strict=True)}
+
+
 def run_benchmark(
     dataset_name: str, model_path: str, run_dir: str | os.PathLike, settings: EvaluationSettings, *,
     generator_name: str, save_dtype: str | None = None,
@@ -315,18 +383,5 @@ def run_benchmark(
         The dataset's metrics: ``accuracy``/``accuracy_flexible``/``num_invalid`` (gsm8k, MATH), ``pass@1``
         (code, with ``allow_code_execution``), always ``num_examples`` and ``version``.
     """
-    task, run_dir = get_task(dataset_name), Path(run_dir)
-    records, examples = select_examples(task, settings)
-    logger.info("%s: %d examples (indices %d..%d), model %s", task.name, len(examples), settings.start_index,
-                settings.start_index + len(examples) - 1, model_path)
-    rows = generate_examples(task, examples, model_path, run_dir / "generations" / f"{task.name}.jsonl", settings,
-                             save_dtype=save_dtype)
-    completions = [row["completion"] for row in rows]
-    metrics, predictions = score_examples(task, records, examples, completions, settings)
-    lines = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
-    atomic_write_text(run_dir / "predictions" / f"{task.name}.jsonl", lines)
-    external = write_external_file(task, run_dir, records, predictions, generator_name)
-    if external is not None:
-        logger.info("%s: wrote %s for the external evaluator", task.name, external)
-    logger.info("%s metrics: %s", task.name, metrics)
-    return metrics
+    return run_benchmarks([(dataset_name, model_path)], run_dir, settings, generator_name=generator_name,
+                          save_dtype=save_dtype)[dataset_name]

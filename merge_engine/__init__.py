@@ -7,6 +7,7 @@
 """
 
 from merge_engine.stream_merge import DEFAULT_MAX_SHARD_BYTES, holds_finished_merge, merge_checkpoints
+from merge_engine.variant_merge import merge_variants
 from merge_engine.vocab import VOCAB_POLICIES
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "VOCAB_POLICIES", "holds_finished_merge", "merge_checkpoints"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "VOCAB_POLICIES", "holds_finished_merge", "merge_checkpoints", "merge_variants"]

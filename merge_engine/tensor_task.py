@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -135,24 +136,46 @@ class UnitRunner:
 
     def run(self, unit: WorkUnit, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The unit's output tensor, on the CPU, in the job's output dtype."""
+        return self.run_variants(unit, [(self.plan, self.global_state)], tensors)[0]
+
+    def run_variants(self, unit: WorkUnit, variants: Sequence[tuple[Any, Any] | None],
+                     tensors: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """The unit's output for each variant ``(plan, global_state)`` (None: not wanted), on the CPU, in the job's
+        output dtype.
+
+        The inputs are read and the DARE'd float32 deltas computed once, by this runner's plan; each variant's method
+        then merges them (``MergePlan.merge_deltas``), the steps of ``MergePlan.process_tensor``. Variants must share
+        this plan's DARE settings and statistics (``merge_engine.variant_merge`` checks); the methods are pure, so
+        one variant never sees another's results.
+        """
         job = unit.job
+        wanted = [plan for plan, _ in filter(None, variants)]
         # when every non-finite input shows in the output, one check of the output replaces the input checks
-        check_output = job.merge and self.plan.propagates_non_finite
+        check_output = job.merge and all(plan.propagates_non_finite for plan in wanted)
         tensors = self.read_inputs(unit, check_finite=not check_output) if tensors is None else tensors
         if not job.merge:
-            return tensors[0].to(job.out_dtype)
+            copied = tensors[0].to(job.out_dtype)
+            return [copied if variant is not None else None for variant in variants]
         inputs = tensors
         if self.device.type != "cpu":
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        merged = self.plan.process_tensor(
-            job.name, tensors[0], tensors[1:], statistics=self.statistics_for(unit),
-            global_state=self.global_state, element_offset=unit.element_offset, out_dtype=job.out_dtype,
-        )
-        if check_output and not _all_finite(merged) and not self.check_finite(job.name, inputs):
-            # on the compute device (a GPU checks its own output); every input finite: overflow in the maths or cast
-            self._warn_once("merged output", job.name, f"merged tensor {job.name!r} has NaN/Inf value(s) although "
-                            f"every input is finite: overflow in the maths or in the cast to {job.out_dtype}")
-        return merged.cpu()
+        base32 = tensors[0].float()  # once: the steps below would each upcast a low-precision base again
+        deltas = self.plan.deltas(job.name, base32, tensors[1:], element_offset=unit.element_offset)
+        statistics = self.statistics_for(unit)
+        outputs: list[torch.Tensor | None] = []
+        for variant in variants:
+            if variant is None:
+                outputs.append(None)
+                continue
+            plan, global_state = variant
+            merged = plan.merge_deltas(job.name, base32, deltas, statistics=statistics, global_state=global_state)
+            merged = merged if job.out_dtype is None else merged.to(job.out_dtype)
+            if check_output and not _all_finite(merged) and not self.check_finite(job.name, inputs):
+                # on the compute device (a GPU checks its own output); inputs finite: overflow in the maths or cast
+                self._warn_once("merged output", job.name, f"merged tensor {job.name!r} has NaN/Inf value(s) although "
+                                f"every input is finite: overflow in the maths or in the cast to {job.out_dtype}")
+            outputs.append(merged.cpu())
+        return outputs
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -147,6 +147,8 @@ def no_generation(monkeypatch, shared_data_dir):
     calls = []
     monkeypatch.setenv("MERGELM_DATA_DIR", str(shared_data_dir))
     monkeypatch.setattr(llm_merging, "run_benchmark", lambda dataset, *a, **k: calls.append(dataset) or {})
+    monkeypatch.setattr(llm_merging, "run_benchmarks",
+                        lambda benchmarks, *a, **k: {d: calls.append(d) or {} for d, _ in benchmarks})
     return calls
 
 

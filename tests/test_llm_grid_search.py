@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from test_generation_subprocess import token_vllm  # noqa: F401  (fake vLLM, child processes run and counted here)
 from test_llm_merging import _fail, family  # noqa: F401  (module fixture: the tiny base + instruct/math/code family)
 
 import grid_search_llms_instruct_math_code as grid_script
@@ -21,7 +22,14 @@ from evaluation.alpaca_eval import pending
 from evaluation.tasks import get_task
 from llms import llm_grid_search, llm_merging, llm_pipeline
 from llms.llm_compute_estimate import describe_plan, plan_compute
-from llms.llm_grid import describe_point, expand_points, grid_methods, parse_shard, shard_points
+from llms.llm_grid import (
+    describe_point,
+    expand_points,
+    grid_methods,
+    merge_pass_groups,
+    parse_shard,
+    shard_points,
+)
 from llms.llm_grid_search import (
     GridSearchConfig,
     IncompleteGridError,
@@ -31,6 +39,7 @@ from llms.llm_grid_search import (
 )
 from llms.llm_pipeline import EvaluationSettings
 from llms.llm_validation_split import split_positions
+from merge_engine.output_folder import MERGE_CONFIG
 from model_merging_methods import Dare, Recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,6 +104,20 @@ def test_shards_partition_the_points_disjointly_and_completely(count):
     assert len(flat) == len(set(flat)) == len(points) and set(flat) == set(points)
 
 
+def test_shards_keep_the_points_that_differ_only_in_lambda_together():
+    points = expand_points(["mask_merging+task_arithmetic"])  # 6 λ (slowest in grid order) x 9 drop rates
+    shards = [shard_points(points, (i, 9)) for i in range(9)]
+    # 9 shards of 6: each holds the 6 λ values of one drop rate, so one merge pass writes all its models
+    assert [len({p.dare.weight_mask_rate for p in shard}) for shard in shards] == [1] * 9
+    assert [len(merge_pass_groups(shard)) for shard in shards] == [1] * 9
+    eight = [shard_points(points, (i, 8)) for i in range(8)]
+    assert [len(shard) for shard in eight] == [7, 7, 7, 6, 7, 7, 7, 6]  # balanced to one point
+    assert max(len(merge_pass_groups(shard)) for shard in eight) == 2  # a drop rate split over two shards at most
+    assert [len(g) for g in merge_pass_groups(shards[0], max_outputs=4)] == [4, 2]
+    ties = expand_points(["ties_merging"], settings={"ties_trim_scope": "per_tensor"})  # λ x retain ratio
+    assert [len(g) for g in merge_pass_groups(shard_points(ties, (0, 1)))] == [6, 6, 6]
+
+
 @pytest.mark.parametrize("text", ["3/3", "-1/2", "a/2", "1"])
 def test_bad_shard_is_a_clear_error(text):
     with pytest.raises(ValueError, match="shard must be i/N"):
@@ -133,7 +156,10 @@ def fake_evaluation(monkeypatch):
         calls.append((f"merge {point.hyperparameters['scaling_coefficient']}", ()))
         yield {task: Path("unused") for task in config.merge_tasks}, 0.0
 
-    def evaluate_parts(config, dataset, model_path, folder, parts, out):
+    def generate_parts(config, views, datasets, folder, parts):
+        return {"generation_seconds": 1.0, "generated_tokens": 10}
+
+    def evaluate_parts(config, dataset, folder, parts, out):
         value = folder.name.split("scaling_coefficient=")[1].split(",")[0]
         calls.append((value, tuple(parts)))
         if dataset == "alpaca_eval":  # judged outside: only the model outputs file for alpaca_eval is written
@@ -145,11 +171,12 @@ def fake_evaluation(monkeypatch):
                 llm_pipeline.write_external_file(get_task("alpaca_eval"), folder / out / part, records, predictions,
                                                  str(folder))
                 metrics[part] = {"num_examples": len(ids), "version": 1, "ids": list(ids)}
-            return metrics, {"generation_seconds": 1.0, "generated_tokens": 10}
-        metrics = {part: {"accuracy": FAKE_SCORES[value][part], "num_examples": 1, "ids": [0]} for part in parts}
-        return metrics, {"generation_seconds": 1.0, "generated_tokens": 10}
+            return metrics
+        return {part: {"accuracy": FAKE_SCORES[value][part], "num_examples": 1, "ids": [0]} for part in parts}
 
     monkeypatch.setattr(llm_grid_search, "merged_point", merged_point)
+    monkeypatch.setattr(llm_grid_search, "merge_shared_pass", lambda *args: {})  # each point merged by merged_point
+    monkeypatch.setattr(llm_grid_search, "generate_parts", generate_parts)
     monkeypatch.setattr(llm_grid_search, "evaluate_parts", evaluate_parts)
     return calls
 
@@ -447,9 +474,27 @@ def test_estimate_counts_merges_examples_and_tokens():
     text = describe_plan(plan, tokens_per_second=56.0, tps_source="given", merge_seconds=10.0, merge_source="given",
                          engine_start_seconds=2.0, engine_source="given")
     assert "merges: 3 grid points + up to 2 selected" in text
-    assert "generation: at most 40 s at 56 tokens/s" in text and "merging: 50 s" in text
-    assert "model loads: 5 x 2 s = 10 s" in text and "total: at most 100 s" in text
+    assert "generation: at most 40 s at 56 tokens/s" in text and "share one pass): 50 s" in text
+    assert "a folder's benchmarks share one engine; at most): 5 x 2 s = 10 s" in text
+    assert "total: at most 100 s" in text
     assert "not counted: code execution, AlpacaEval judging" in text
+
+
+def test_estimate_counts_one_model_load_per_merge_and_task_folder():
+    sizes = {"gsm8k": 2, "MATH": 2, "alpaca_eval": 2}
+    kwargs = dict(grid_points=3, grid_datasets=["alpaca_eval"], final_datasets={"gsm8k": 10, "MATH": 10,
+                                                                                  "alpaca_eval": 9},
+                  final_merges=2, validation_sizes=sizes, max_new_tokens={d: 4 for d in sizes},
+                  dataset_folders={"gsm8k": "math", "MATH": "math", "alpaca_eval": "instruct"},
+                  stated_points={"gsm8k": _ta(0.5), "MATH": _ta(0.5)})
+    # grid: 3 points x 1 folder; final: gsm8k + MATH share the stated point's math folder, alpaca_eval its own
+    assert plan_compute(**kwargs, stage="grid").engine_starts == 3
+    assert plan_compute(**kwargs, stage="select").engine_starts == 2
+    three = {**kwargs, "grid_datasets": ["gsm8k", "MATH", "alpaca_eval"], "stated_points": {}}
+    # 3 benchmarks from 2 folders: 2 loads per point (one per (point, benchmark) would be 3); each selected
+    # benchmark's final run counts as its own merge
+    assert plan_compute(**three, stage="grid").engine_starts == 3 * 2
+    assert plan_compute(**three, stage="select").engine_starts == 3
 
 
 def test_estimate_of_a_grid_shard_counts_no_final_stage():
@@ -476,7 +521,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, shared_data_dir, cap
                       "--datasets", "gsm8k", "--tokens_per_second", "1000", "--dry_run", "--data_dir",
                       str(shared_data_dir), "--results_dir", str(tmp_path), "--stage", "grid", "--shard", "0/8"])
     out = capsys.readouterr().out
-    # shard 0 of 8: points 0, 8, ..., 48 (7 points) x 132 validation examples; no final run in a grid shard
+    # shard 0 of 8: the first 7 points of the grid (the λ values of p = 0.1, then λ = 0.5 of p = 0.2) x 132
+    # validation examples; no final run in a grid shard
     assert "stage grid: merges: 7 grid points + up to 0 selected" in out and "gsm8k 924" in out
 
 
@@ -487,19 +533,26 @@ class Killed(Exception):
     pass
 
 
-def test_tiny_grid_merges_once_per_point_and_resumes_after_a_kill(family, tmp_path, shared_data_dir, monkeypatch):  # noqa: F811
+def test_tiny_grid_merges_the_lambda_values_in_one_pass_and_resumes_after_a_kill(family, tmp_path,  # noqa: F811
+                                                                                 shared_data_dir, monkeypatch):
     overrides = [arg for name, path in family.items() for arg in ("--model_path", f"{name}={path}")]
     argv = [*overrides, "--backend", "hf", "--data_dir", str(shared_data_dir), "--results_dir", str(tmp_path / "r"),
             "--end_index", "10", "--max_new_tokens", "2", "--quiet", "--merge_instruct", "--merge_math",
             "--merging_methods", TA, "--scaling_coefficients", "0.5", "1.0", "--datasets", "gsm8k", "MATH",
             "--save_merge_models_dir", str(tmp_path / "merged")]
-    merges: list[str] = []
+    merges: list[str] = []  # folders merged alone
+    passes: list[list[str]] = []  # folders merged together, one list per pass
     prompts: list[tuple[str, int]] = []
-    real_merge, real_generate = llm_merging.merge_checkpoints, generation.generate
+    real_merge, real_pass = llm_merging.merge_checkpoints, llm_merging.merge_variants
+    real_generate = generation.generate
 
     def merge(*args, **kwargs):
         merges.append(args[2])
         return real_merge(*args, **kwargs)
+
+    def merge_pass(pretrained, finetuned, outputs, **kwargs):
+        passes.append([folder for folder, _ in outputs])
+        return real_pass(pretrained, finetuned, outputs, **kwargs)
 
     def generate(batch, **kwargs):
         if kill_at in kwargs["model_path"]:
@@ -508,15 +561,18 @@ def test_tiny_grid_merges_once_per_point_and_resumes_after_a_kill(family, tmp_pa
         return real_generate(batch, **kwargs)
 
     monkeypatch.setattr(llm_merging, "merge_checkpoints", merge)
+    monkeypatch.setattr(llm_merging, "merge_variants", merge_pass)
     monkeypatch.setattr(generation, "generate", generate)
     kill_at = "scaling_coefficient_1.0"  # the second point is killed during its first generation
     with pytest.raises(Killed):
         grid_script.main([*argv, "--stage", "grid"])
-    assert len(merges) == 2 and len(prompts) == 2  # point 1: one merge, gsm8k + MATH validation (1 example each)
+    # λ 0.5 and 1.0 differ only in λ: one pass wrote both models; point 1: gsm8k + MATH (1 example each)
+    assert merges == [] and len(passes) == 1 and len(passes[0]) == 2 and len(prompts) == 2
     kill_at = "never"
-    merges.clear(), prompts.clear()
+    merges.clear(), passes.clear(), prompts.clear()
     grid_script.main([*argv, "--stage", "grid"])
-    assert len(merges) == 1 and all("scaling_coefficient_1.0" in path for path, _ in prompts)  # point 1 not redone
+    # point 2's folders went with the kill; it is merged again alone, point 1 is not redone
+    assert len(merges) == 1 and passes == [] and all("scaling_coefficient_1.0" in path for path, _ in prompts)
     merges.clear(), prompts.clear()
     assert grid_script.main([*argv, "--stage", "grid"])["finished_points"] and merges == [] and prompts == []
     result = grid_script.main([*argv, "--stage", "select"])
@@ -527,6 +583,9 @@ def test_tiny_grid_merges_once_per_point_and_resumes_after_a_kill(family, tmp_pa
     assert {d: [final[d][p]["num_examples"] for p in ("validation", "test", "full")] for d in final} == {
         "gsm8k": [1, 9, 10], "MATH": [1, 9, 10]}
     assert not any((tmp_path / "merged").rglob("*.safetensors"))  # merged folders are temporary
+    merges.clear()
+    grid_script.main([*argv, "--stage", "grid", "--results_dir", str(tmp_path / "r2"), "--max_merge_outputs", "1"])
+    assert len(merges) == 2 and passes == []  # one merge per point, as before the shared passes
 
 
 def test_a_point_whose_generations_are_complete_is_scored_without_merging(family, tmp_path, shared_data_dir,  # noqa: F811
@@ -546,3 +605,76 @@ def test_a_point_whose_generations_are_complete_is_scored_without_merging(family
     grid_script.main(argv)
     again = json.loads(result_file.read_text())
     assert again["validation"] == finished["validation"]
+
+
+def test_a_point_s_benchmarks_share_one_generation_process_and_engine(family, token_vllm, tmp_path,  # noqa: F811
+                                                                      shared_data_dir):
+    """vLLM (fake): the 3 benchmarks of a point, all generated from its math folder, take one child process and one
+    engine start, give the texts of one process per benchmark, and a kill during the second resumes per file."""
+    settings = EvaluationSettings(backend="vllm", data_dir=str(shared_data_dir), end_index=10, max_new_tokens=2,
+                                  progress=False)
+    config = GridSearchConfig(merge_tasks=("math", "code"), points=(_ta(0.5),), datasets=("gsm8k", "MATH",
+                                                                                          "alpaca_eval"),
+                              model_paths=family, save_merge_models_dir=str(tmp_path / "merged"), keep_model=True,
+                              evaluation=settings)
+    grid_dir, paths = tmp_path / "grid", llm_grid_search.grid_model_paths(config)
+    token_vllm.fail_on_call = 2  # gsm8k's validation example is generated, then the child dies in MATH's
+    with pytest.raises(RuntimeError, match="exited with status 1"):
+        run_grid_search(config, grid_dir, paths, stage="grid")
+    assert token_vllm.children == 1 and len(token_vllm.engines) == 1
+    token_vllm.fail_on_call = None
+    run_grid_search(config, grid_dir, paths, stage="grid")
+    assert token_vllm.children == 2 and len(token_vllm.engines) == 2  # one more process for the 2 benchmarks left
+    math_folder = config.merge_config(_ta(0.5)).merged_model_dir("math")
+    assert {engine.kwargs["model"] for engine in token_vllm.engines} == {str(math_folder)}
+    assert [len(call) for call in token_vllm.engines[1].calls] == [1, 1]  # MATH, alpaca_eval; gsm8k was kept
+    folder = grid_dir / "points" / config.point_key(_ta(0.5))
+    result = json.loads((folder / llm_grid_search.RESULT_FILE).read_text())
+    assert set(result["validation"]) == {"gsm8k", "MATH", "alpaca_eval"}
+    for dataset in config.datasets:  # the texts of one process and one engine per benchmark
+        task = get_task(dataset)
+        _, examples, split = llm_grid_search.dataset_split(dataset, settings, config.validation_fraction,
+                                                           config.split_seed)
+        chosen = [examples[i] for i in split.validation]
+        single = llm_pipeline.generate_examples(task, chosen, str(math_folder), tmp_path / "single" / dataset,
+                                                settings, save_dtype=config.save_dtype)
+        point = json.loads((folder / "generations" / f"{task.name}.jsonl").read_text().splitlines()[0])
+        assert [point["completion"]] == [row["completion"] for row in single]
+    assert token_vllm.children == 2 + 3
+
+
+def test_a_job_killed_between_lambda_values_reuses_the_models_of_its_pass(family, tmp_path,  # noqa: F811
+                                                                          shared_data_dir, monkeypatch):
+    """The pass wrote three models; the job dies after evaluating the first: the rerun merges nothing."""
+    overrides = [arg for name, path in family.items() for arg in ("--model_path", f"{name}={path}")]
+    argv = [*overrides, "--backend", "hf", "--data_dir", str(shared_data_dir), "--results_dir", str(tmp_path / "r"),
+            "--end_index", "10", "--max_new_tokens", "2", "--quiet", "--merge_instruct", "--merge_math",
+            "--merging_methods", TA, "--scaling_coefficients", "0.5", "0.7", "1.0", "--datasets", "gsm8k",
+            "--save_merge_models_dir", str(tmp_path / "merged"), "--stage", "grid"]
+    merges, passes = [], []
+    real_merge, real_pass, real_run_point = llm_merging.merge_checkpoints, llm_merging.merge_variants, \
+        llm_grid_search.run_point
+    monkeypatch.setattr(llm_merging, "merge_checkpoints",
+                        lambda *args, **kwargs: merges.append(args[2]) or real_merge(*args, **kwargs))
+    monkeypatch.setattr(llm_merging, "merge_variants", lambda pretrained, finetuned, outputs, **kwargs: passes.append(
+        len(outputs)) or real_pass(pretrained, finetuned, outputs, **kwargs))
+
+    def run_point(config, grid_dir, point, paths, **kwargs):
+        if killed and point.hyperparameters["scaling_coefficient"] == 0.7:
+            raise Killed  # the job dies before the second λ is evaluated (its model stays on disk)
+        return real_run_point(config, grid_dir, point, paths, **kwargs)
+
+    monkeypatch.setattr(llm_grid_search, "run_point", run_point)
+    killed = True
+    with pytest.raises(Killed):
+        grid_script.main(argv)
+    assert passes == [3] and merges == []
+    assert len(list((tmp_path / "r").rglob(llm_grid_search.RESULT_FILE))) == 1
+    kept = sorted(p.name for p in (tmp_path / "merged").rglob("task_arithmetic_*") if (p / MERGE_CONFIG).is_file())
+    assert kept == ["task_arithmetic_scaling_coefficient_0.7", "task_arithmetic_scaling_coefficient_1.0"]
+    killed = False
+    assert len(grid_script.main(argv)["finished_points"]) == 3
+    assert passes == [3] and merges == []  # the finished models of the pass are reused, nothing is merged again
+    results = [json.loads(p.read_text()) for p in (tmp_path / "r").rglob(llm_grid_search.RESULT_FILE)]
+    assert all(r["merge_seconds"] >= 0 for r in results) and len(results) == 3
+    assert not any((tmp_path / "merged").rglob("*.safetensors"))
