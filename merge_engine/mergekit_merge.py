@@ -62,6 +62,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_SEED = 0
+#: 2-D tensors of at least this many elements are merged in chunks of whole rows of about ``CHUNK_ELEMENTS``
+#: where the method allows it (element-wise maths, per-row DELLA ranks, per-tensor L1 norms taken in a first pass)
+CHUNK_MIN_ELEMENTS = 4 << 20
+CHUNK_ELEMENTS = 1 << 20
+_ROW_CHUNKABLE = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties", "della", "della_linear"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
@@ -76,6 +81,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     floating: bool
+    method: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
         base_info = next((i for s, i in zip(plan.sources, infos, strict=True)
                           if s.model == plan.base_model), infos[0])
         dtype = (out or compute or base_info.dtype) if floating else infos[0].dtype
-        tensors.append(PlannedTensor(plan, shared, per_input, tuple(infos[0].shape), dtype, floating))
+        tensors.append(PlannedTensor(plan, shared, per_input, tuple(infos[0].shape), dtype, floating,
+                                     config.method.name))
     model_indices = {m: i for i, m in enumerate(models)}
     record = {
         "config_file": "mergekit_config.yml",
@@ -159,8 +166,10 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
                           record, output)
 
 
-def _merge_tensor(prepared: PreparedConfig, planned: PlannedTensor, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The method on one tensor's inputs (already in the compute dtype)."""
+def _merge_tensor(prepared: PreparedConfig, planned: PlannedTensor, tensors: list[torch.Tensor], *,
+                  element_offset: int = 0, l1_norms: list | None = None) -> torch.Tensor:
+    """The method on one tensor's inputs (already in the compute dtype), or on a chunk of whole rows of them
+    (``element_offset``: the chunk's first flat position; ``l1_norms``: the whole tensor's, from ``_l1_norms``)."""
     config, plan = prepared.config, planned.plan
     method = config.method.name
     models = [s.model for s in plan.sources]
@@ -193,7 +202,42 @@ def _merge_tensor(prepared: PreparedConfig, planned: PlannedTensor, tensors: lis
         epsilons=[planned.per_input[i].get("epsilon") for i in others],
         normalize=planned.shared["normalize"],
         rescale=prepared.dare_rescale if planned.shared["rescale"] else "none", lambda_=planned.shared["lambda"],
-        seed=prepared.seed, model_indices=[prepared.model_indices[models[i]] for i in others], name=plan.name)
+        seed=prepared.seed, model_indices=[prepared.model_indices[models[i]] for i in others], name=plan.name,
+        element_offset=element_offset, l1_norms=l1_norms)
+
+
+def row_chunks(planned: PlannedTensor) -> list[tuple[int, int]] | None:
+    """Row ranges to merge ``planned`` in, or None to merge it whole (small, not 2-D, or a method that needs the
+    whole tensor: TIES and breadcrumbs rank it, SLERP-like methods and Model Stock take its norms)."""
+    if (len(planned.shape) != 2 or planned.shape[0] * planned.shape[1] < CHUNK_MIN_ELEMENTS or not planned.floating
+            or planned.method not in _ROW_CHUNKABLE):
+        return None
+    rows = planned.shape[0]
+    step = max(1, CHUNK_ELEMENTS // planned.shape[1])
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _l1_norms(prepared: PreparedConfig, planned: PlannedTensor, read, chunks) -> list | None:
+    """Each non-base model's whole-tensor L1 norms (before and after dropping) when the method rescales by L1."""
+    plan = planned.plan
+    spec = mergekit_methods.GTA_METHODS.get(planned.method)
+    if spec is None or spec.sparsification not in ("random", "della_magprune") or not planned.shared.get("rescale") \
+            or prepared.dare_rescale != "l1":
+        return None
+    models = [s.model for s in plan.sources]
+    base = models.index(plan.base_model)
+    norms = []
+    for i in (i for i in range(len(models)) if i != base):
+        values = planned.per_input[i]
+
+        def deltas(i=i):
+            for start, end in chunks:
+                tensors = read((start, end))
+                yield tensors[i] - tensors[base], start * planned.shape[1]
+        norms.append(mergekit_methods.l1_norms(
+            deltas(), values["density"], spec.sparsification, epsilon=values.get("epsilon") or 0.0,
+            seed=prepared.seed, model_index=prepared.model_indices[models[i]], name=plan.name))
+    return norms
 
 
 def _config_json(prepared: PreparedConfig) -> dict[str, Any] | None:
@@ -301,11 +345,24 @@ def merge_from_config(
     readers = {m: TensorReader(i) for m, i in prepared.indexes.items()}
     compute = _TORCH_DTYPES.get(prepared.config.dtype) if prepared.config.dtype else None
 
-    def run(planned: PlannedTensor) -> torch.Tensor:
-        inputs = [readers[s.model].read(s.name).to(device) for s in planned.plan.sources]
+    def read(planned: PlannedTensor, rows: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        inputs = [readers[s.model].read(s.name, rows).to(device) for s in planned.plan.sources]
         if compute is not None and planned.floating:
             inputs = [t.to(compute) for t in inputs]
-        return _merge_tensor(prepared, planned, inputs).to(planned.out_dtype).cpu().contiguous()
+        return inputs
+
+    def run(planned: PlannedTensor) -> torch.Tensor:
+        chunks = row_chunks(planned)
+        if chunks is None:
+            return _merge_tensor(prepared, planned, read(planned)).to(planned.out_dtype).cpu().contiguous()
+        # big tensors in chunks of whole rows: memory stays at a few chunks, the values are the whole tensor's
+        norms = _l1_norms(prepared, planned, lambda rows: read(planned, rows), chunks)
+        out = torch.empty(planned.shape, dtype=planned.out_dtype)
+        for start, end in chunks:
+            out[start:end] = _merge_tensor(prepared, planned, read(planned, (start, end)),
+                                           element_offset=start * planned.shape[1], l1_norms=norms).to(
+                planned.out_dtype).cpu()
+        return out
 
     todo = [t for t in prepared.tensors if t.plan.name not in done]
     workers = num_threads or min(os.cpu_count() or 1, 4)

@@ -19,7 +19,7 @@ The generalized task arithmetic family (``GTA_METHODS``, ``generalized_task_arit
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -159,6 +159,8 @@ def generalized_task_arithmetic(
     seed: int | None = None,
     model_indices: Sequence[int] | None = None,
     name: str | None = None,
+    element_offset: int = 0,
+    l1_norms: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge.merge_group`` on one parameter.
 
@@ -185,6 +187,9 @@ def generalized_task_arithmetic(
         epsilons: per-model ``epsilon`` of ``della_magprune``; None (or a None entry) is 0.15.
         seed, model_indices, name: key the random masks (``random``, ``della_magprune``); ``model_indices``
             defaults to the position in ``models``.
+        element_offset, l1_norms: for a chunk of whole rows of the parameter (``random`` and ``della_magprune``
+            only): its first element's flat position, and each model's L1 norms of the whole parameter
+            (``l1_norms``) when ``rescale`` is ``"l1"``.
     """
     base, *models = _aligned([base, *models], dtype)
     if not models:
@@ -205,7 +210,8 @@ def generalized_task_arithmetic(
         delta = model - base
         if sparsification is not None:
             delta = sparsify(delta, densities[index], sparsification, gamma=gammas[index], epsilon=epsilons[index],
-                             rescale=rescale_name, seed=seed, model_index=model_indices[index], name=name)
+                             rescale=rescale_name, seed=seed, model_index=model_indices[index], name=name,
+                             element_offset=element_offset, norms=l1_norms[index] if l1_norms else None)
         deltas[index] = delta
 
     weight_tensor = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
@@ -228,6 +234,30 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed_delta *= lambda_
     return (base + mixed_delta).to(base.dtype)
+
+
+def l1_norms(
+    chunks: Iterable[tuple[Tensor, int]], density: float, sparsification: Sparsification, *, epsilon: float = 0.0,
+    seed: int, model_index: int, name: str,
+) -> tuple[Tensor, Tensor]:
+    """``(||delta||_1, ||masked delta||_1)`` of a whole parameter from its chunks of whole rows, for ``"l1"``.
+
+    ``chunks`` yields ``(delta chunk in the compute dtype, its first element's flat position)``. mergekit sums the
+    whole tensor in the sparsifier's work dtype; here each chunk's sum is taken in float64 and the total rounded
+    once to that dtype, so the norms (and the rescale) can differ from mergekit's in the last bit (in bfloat16
+    they almost never do: torch sums bfloat16 in float32 and rounds once too).
+    """
+    if sparsification not in ("random", "della_magprune"):
+        raise ValueError(f"{sparsification} ranks the whole tensor: its norms are not taken from chunks")
+    before = after = 0.0
+    work = None
+    for delta, offset in chunks:
+        masked = sparsify(delta, density, sparsification, epsilon=epsilon, rescale="none", seed=seed,
+                          model_index=model_index, name=name, element_offset=offset)
+        work = torch.float32 if delta.device.type == "cpu" and delta.dtype != torch.bfloat16 else delta.dtype
+        before += delta.to(work).abs().sum(dtype=torch.float64).item()
+        after += masked.to(work).abs().sum(dtype=torch.float64).item()
+    return torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
 
 
 def gta_merge(

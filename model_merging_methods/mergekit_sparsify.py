@@ -64,7 +64,8 @@ def _descending_order(magnitudes: Tensor, dim: int) -> Tensor:
     return torch.sort(magnitudes, dim=dim, descending=True, stable=True).indices
 
 
-def rescale_masked(tensor: Tensor, mask: Tensor, rescale: Rescale, keep_probability: Tensor | float) -> Tensor:
+def rescale_masked(tensor: Tensor, mask: Tensor, rescale: Rescale, keep_probability: Tensor | float,
+                   norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``tensor * mask`` rescaled as ``rescale`` says (see the module docstring), in ``tensor``'s dtype.
 
     Args:
@@ -72,6 +73,8 @@ def rescale_masked(tensor: Tensor, mask: Tensor, rescale: Rescale, keep_probabil
         mask: 0/1 in ``tensor``'s dtype (multiplied, as mergekit does, so dropped entries are signed zeros).
         rescale: ``"l1"``, ``"inverse_keep"`` or ``"none"``.
         keep_probability: the divisor of ``"inverse_keep"``: a float, or a tensor broadcasting to ``tensor``.
+        norms: ``"l1"``'s ``(||delta||_1, ||masked||_1)`` of the whole tensor, in ``tensor``'s dtype, when
+            ``tensor`` is a row chunk of it (``l1_norms``); None computes them from ``tensor``.
     """
     masked = tensor * mask
     if rescale == "none":
@@ -82,8 +85,7 @@ def rescale_masked(tensor: Tensor, mask: Tensor, rescale: Rescale, keep_probabil
             keep_probability = torch.tensor(keep_probability, dtype=tensor.dtype, device=tensor.device)
         return masked / keep_probability
     if rescale == "l1":
-        before_scale = tensor.abs().sum()
-        after_scale = masked.abs().sum()
+        before_scale, after_scale = norms if norms is not None else (tensor.abs().sum(), masked.abs().sum())
         if before_scale < L1_RESCALE_EPS or after_scale < L1_RESCALE_EPS:
             return masked
         return masked * (before_scale / after_scale)
@@ -128,7 +130,8 @@ def magnitude_outliers(delta: Tensor, density: float, *, gamma: float = 0.01, re
 
 
 def bernoulli(
-    delta: Tensor, density: float, *, seed: int, model_index: int, name: str, rescale: Rescale = "none"
+    delta: Tensor, density: float, *, seed: int, model_index: int, name: str, rescale: Rescale = "none",
+    element_offset: int = 0, norms: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """DARE's random drop (mergekit's ``random``): keep each element with probability ``density``.
 
@@ -146,9 +149,10 @@ def bernoulli(
     if p <= 0:
         keep, rescale = torch.zeros(delta.numel(), dtype=torch.bool), "none"
     else:
-        keep = random_keep_mask(delta.numel(), 1.0 - p, seed=seed, model_index=model_index, name=name)
+        keep = random_keep_mask(delta.numel(), 1.0 - p, seed=seed, model_index=model_index, name=name,
+                                element_offset=element_offset)
     mask = keep.to(device=delta.device, dtype=work_dtype).reshape(delta.shape)
-    return rescale_masked(delta.to(work_dtype), mask, rescale, keep_probability).to(delta.dtype)
+    return rescale_masked(delta.to(work_dtype), mask, rescale, keep_probability, norms).to(delta.dtype)
 
 
 def keyed_uniforms(numel: int, *, seed: int, model_index: int, name: str, element_offset: int = 0) -> Tensor:
@@ -218,11 +222,14 @@ def della_magprune(
     name: str | None = None,
     uniforms: Tensor | None = None,
     rescale: Rescale = "none",
+    element_offset: int = 0,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """DELLA's MagPrune: keep element i when ``u_i < p_i`` (``della_keep_probabilities``), then rescale.
 
     ``u`` is ``uniforms`` when given (tests), else ``keyed_uniforms(seed, model_index, name)``. ``p`` needs whole
-    rows along dim 1, so della takes whole tensors (no row chunks). ``"inverse_keep"`` divides each survivor by
+    rows along dim 1: a chunk of whole rows of a 2-D tensor (``element_offset``, ``norms``) gives the same values as
+    the tensor, a piece of a row would not. ``"inverse_keep"`` divides each survivor by
     its own ``p_i`` (the paper's ``1 / (1 - P_i)``); mergekit's ``"l1"`` matches the norm instead. As mergekit
     0.1.5: ``density >= 1`` returns ``delta`` itself and ``density <= 0`` zeros, both before the epsilon check.
     """
@@ -234,10 +241,11 @@ def della_magprune(
     if uniforms is None:
         if seed is None or model_index is None or name is None:
             raise ValueError("della_magprune needs seed, model_index and name for its random draws")
-        uniforms = keyed_uniforms(delta.numel(), seed=seed, model_index=model_index, name=name)
+        uniforms = keyed_uniforms(delta.numel(), seed=seed, model_index=model_index, name=name,
+                                  element_offset=element_offset)
     keep = uniforms.to(device=delta.device, dtype=torch.float64).reshape(delta.shape) < probabilities.double()
     work_dtype = probabilities.dtype
-    return rescale_masked(delta.to(work_dtype), keep.to(work_dtype), rescale, probabilities).to(delta.dtype)
+    return rescale_masked(delta.to(work_dtype), keep.to(work_dtype), rescale, probabilities, norms).to(delta.dtype)
 
 
 def sparsify(
@@ -251,11 +259,18 @@ def sparsify(
     seed: int | None = None,
     model_index: int | None = None,
     name: str | None = None,
+    element_offset: int = 0,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """mergekit's ``sparsify`` dispatcher (same ``gamma``/``epsilon`` defaults of 0; the GTA methods pass theirs).
 
-    ``seed``, ``model_index`` and ``name`` key the random methods' draws and are required for them.
+    ``seed``, ``model_index`` and ``name`` key the random methods' draws and are required for them. A row chunk
+    of a tensor (``element_offset``: its first element's flat position; ``norms``: the whole tensor's L1 norms,
+    ``l1_norms``) is possible for ``random`` and ``della_magprune``, not for the magnitude methods (they rank the
+    whole tensor).
     """
+    if method in ("magnitude", "magnitude_outliers") and (element_offset or norms is not None):
+        raise ValueError(f"{method} ranks the whole tensor: it cannot take a row chunk")
     if method == "magnitude":
         return magnitude(delta, density, rescale=rescale)
     if method == "magnitude_outliers":
@@ -265,7 +280,8 @@ def sparsify(
                          "della_magprune")
     if method == "della_magprune":
         return della_magprune(delta, density, epsilon, seed=seed, model_index=model_index, name=name,
-                              rescale=rescale)
+                              rescale=rescale, element_offset=element_offset, norms=norms)
     if seed is None or model_index is None or name is None:
         raise ValueError("the random sparsification needs seed, model_index and name for its mask")
-    return bernoulli(delta, density, seed=seed, model_index=model_index, name=name, rescale=rescale)
+    return bernoulli(delta, density, seed=seed, model_index=model_index, name=name, rescale=rescale,
+                     element_offset=element_offset, norms=norms)

@@ -149,3 +149,41 @@ def test_config_refuses_the_flag_interface_and_dry_run_merges_nothing(family, tm
     assert not (tmp_path / "dry").exists()
     plan = json.loads(capsys.readouterr().out)
     assert plan["merge_method"] == "dare_ties" and plan["output_layers"] == 3
+
+
+@pytest.mark.parametrize("method, extra", [("dare_ties", ""), ("dare_linear", ""), ("della", ", epsilon: 0.1"),
+                                           ("task_arithmetic", ""), ("linear", "")])
+def test_big_tensors_merged_in_row_chunks_equal_the_whole_tensor_merge(family, tmp_path, monkeypatch, method,
+                                                                       extra):
+    """Row chunks draw the same masks (keyed by element position) and use the whole tensor's L1 norms: the same
+    kept entries, values equal up to the rounding of the norms (summed chunk by chunk)."""
+    from merge_engine import mergekit_merge
+
+    base = "" if method == "linear" else "base_model: @base\n"
+    density = "" if method in ("linear", "task_arithmetic") else ", density: 0.4"
+    text = (f"merge_method: {method}\n{base}models:\n"
+            f"  - {{model: @ft0, parameters: {{weight: 0.7{density}{extra}}}}}\n"
+            f"  - {{model: @ft1, parameters: {{weight: 0.5{density}{extra}}}}}\ndtype: float32\n")
+    config = write_config(family, tmp_path, text)
+    whole = merge_checkpoints_main(config, tmp_path / "whole")
+    monkeypatch.setattr(mergekit_merge, "CHUNK_MIN_ELEMENTS", 512)
+    monkeypatch.setattr(mergekit_merge, "CHUNK_ELEMENTS", 100)  # 64-wide rows: chunks of 1 row
+    chunked = merge_checkpoints_main(config, tmp_path / "chunked")
+    planned = mergekit_merge.prepare_config(config.read_text(), tmp_path / "x")
+    assert sum(mergekit_merge.row_chunks(t) is not None for t in planned.tensors) >= 2  # embeddings, LM head, MLP
+    base = merged(family / "base")
+    for name in whole:
+        # the same entries kept (masks keyed by position), and the values equal up to the rounding of the L1 norms:
+        # at most 4 ulps of the tensor's largest value (exact without an L1 rescale)
+        assert torch.equal(whole[name] == base[name], chunked[name] == base[name]), name
+        largest = whole[name].abs().max()
+        ulp = (torch.nextafter(largest, torch.tensor(float("inf"))) - largest).item()
+        bound = 0 if method in ("linear", "task_arithmetic") else 4 * ulp
+        assert (whole[name] - chunked[name]).abs().max().item() <= bound, name
+
+
+def merge_checkpoints_main(config: Path, out: Path) -> dict[str, torch.Tensor]:
+    import merge_checkpoints
+
+    merge_checkpoints.main(["--config", str(config), "--output_dir", str(out), "--quiet"])
+    return merged(out)
