@@ -56,17 +56,19 @@ from merge_engine.shard_index import CheckpointIndex, index_checkpoint
 from merge_engine.tensor_plan import read_config
 from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
-from model_merging_methods import mergekit_methods
+from model_merging_methods import mergekit_methods, mergekit_sparsify
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DEFAULT_SEED = 0
-#: 2-D tensors of at least this many elements are merged in chunks of whole rows of about ``CHUNK_ELEMENTS``
+#: 2-D tensors of at least this many elements (2M) are merged in chunks of whole rows of about ``CHUNK_ELEMENTS``
 #: where the method allows it (element-wise maths, per-row DELLA ranks, per-tensor L1 norms taken in a first pass)
-CHUNK_MIN_ELEMENTS = 4 << 20
+CHUNK_MIN_ELEMENTS = 2 << 20
 CHUNK_ELEMENTS = 1 << 20
 _ROW_CHUNKABLE = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties", "della", "della_linear"}
+#: chunked too, after a first pass that finds each model's whole-tensor selection (not with an L1 rescale)
+_MAGNITUDE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
@@ -82,6 +84,7 @@ class PlannedTensor:
     out_dtype: torch.dtype
     floating: bool
     method: str = ""
+    dare_rescale: str = "l1"
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
                           if s.model == plan.base_model), infos[0])
         dtype = (out or compute or base_info.dtype) if floating else infos[0].dtype
         tensors.append(PlannedTensor(plan, shared, per_input, tuple(infos[0].shape), dtype, floating,
-                                     config.method.name))
+                                     config.method.name, dare_rescale))
     model_indices = {m: i for i, m in enumerate(models)}
     record = {
         "config_file": "mergekit_config.yml",
@@ -167,7 +170,8 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
 
 
 def _merge_tensor(prepared: PreparedConfig, planned: PlannedTensor, tensors: list[torch.Tensor], *,
-                  element_offset: int = 0, l1_norms: list | None = None) -> torch.Tensor:
+                  element_offset: int = 0, l1_norms: list | None = None, keep_masks: list | None = None
+                  ) -> torch.Tensor:
     """The method on one tensor's inputs (already in the compute dtype), or on a chunk of whole rows of them
     (``element_offset``: the chunk's first flat position; ``l1_norms``: the whole tensor's, from ``_l1_norms``)."""
     config, plan = prepared.config, planned.plan
@@ -203,18 +207,53 @@ def _merge_tensor(prepared: PreparedConfig, planned: PlannedTensor, tensors: lis
         normalize=planned.shared["normalize"],
         rescale=prepared.dare_rescale if planned.shared["rescale"] else "none", lambda_=planned.shared["lambda"],
         seed=prepared.seed, model_indices=[prepared.model_indices[models[i]] for i in others], name=plan.name,
-        element_offset=element_offset, l1_norms=l1_norms)
+        element_offset=element_offset, l1_norms=l1_norms, keep_masks=keep_masks)
 
 
 def row_chunks(planned: PlannedTensor) -> list[tuple[int, int]] | None:
     """Row ranges to merge ``planned`` in, or None to merge it whole (small, not 2-D, or a method that needs the
     whole tensor: TIES and breadcrumbs rank it, SLERP-like methods and Model Stock take its norms)."""
-    if (len(planned.shape) != 2 or planned.shape[0] * planned.shape[1] < CHUNK_MIN_ELEMENTS or not planned.floating
-            or planned.method not in _ROW_CHUNKABLE):
+    if len(planned.shape) != 2 or planned.shape[0] * planned.shape[1] < CHUNK_MIN_ELEMENTS or not planned.floating:
+        return None
+    l1 = planned.shared.get("rescale") and planned.dare_rescale == "l1"
+    if planned.method not in _ROW_CHUNKABLE and not (planned.method in _MAGNITUDE and not l1):
         return None
     rows = planned.shape[0]
     step = max(1, CHUNK_ELEMENTS // planned.shape[1])
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _magnitude_selections(planned: PlannedTensor, read, chunks) -> list | None:
+    """For TIES and breadcrumbs in chunks: each non-base model's whole-tensor selection of its largest |delta|
+    (``mergekit_sparsify.magnitude_chunk_masks``: histogram passes over the chunks, never the whole tensor)."""
+    if planned.method not in _MAGNITUDE:
+        return None
+    spec = mergekit_methods.GTA_METHODS[planned.method]
+    models = [s.model for s in planned.plan.sources]
+    base = models.index(planned.plan.base_model)
+    selections = []
+    for i in (i for i in range(len(models)) if i != base):
+        def magnitudes(i=i):
+            for start, end in chunks:
+                tensors = read((start, end))
+                dtype = mergekit_methods.compute_dtype(tensors)
+                yield (tensors[i].to(dtype) - tensors[base].to(dtype)).abs().reshape(-1)
+        values = planned.per_input[i]
+        selections.append(mergekit_sparsify.magnitude_chunk_masks(
+            magnitudes, planned.shape[0] * planned.shape[1], values["density"], spec.sparsification,
+            gamma=values.get("gamma") or 0.01))
+    return selections
+
+
+def _chunk_keep_masks(planned: PlannedTensor, selections: list | None, tensors: list[torch.Tensor]) -> list | None:
+    if selections is None:
+        return None
+    models = [s.model for s in planned.plan.sources]
+    base = models.index(planned.plan.base_model)
+    dtype = mergekit_methods.compute_dtype(tensors)
+    others = [i for i in range(len(models)) if i != base]
+    return [mergekit_sparsify.chunk_keep_mask(selection, (tensors[i].to(dtype) - tensors[base].to(dtype)).abs()
+                                              .reshape(-1)) for selection, i in zip(selections, others, strict=True)]
 
 
 def _l1_norms(prepared: PreparedConfig, planned: PlannedTensor, read, chunks) -> list | None:
@@ -357,11 +396,13 @@ def merge_from_config(
             return _merge_tensor(prepared, planned, read(planned)).to(planned.out_dtype).cpu().contiguous()
         # big tensors in chunks of whole rows: memory stays at a few chunks, the values are the whole tensor's
         norms = _l1_norms(prepared, planned, lambda rows: read(planned, rows), chunks)
+        selections = _magnitude_selections(planned, lambda rows: read(planned, rows), chunks)
         out = torch.empty(planned.shape, dtype=planned.out_dtype)
         for start, end in chunks:
-            out[start:end] = _merge_tensor(prepared, planned, read(planned, (start, end)),
-                                           element_offset=start * planned.shape[1], l1_norms=norms).to(
-                planned.out_dtype).cpu()
+            tensors = read(planned, (start, end))
+            out[start:end] = _merge_tensor(
+                prepared, planned, tensors, element_offset=start * planned.shape[1], l1_norms=norms,
+                keep_masks=_chunk_keep_masks(planned, selections, tensors)).to(planned.out_dtype).cpu()
         return out
 
     todo = [t for t in prepared.tensors if t.plan.name not in done]

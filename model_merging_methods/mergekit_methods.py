@@ -161,6 +161,7 @@ def generalized_task_arithmetic(
     name: str | None = None,
     element_offset: int = 0,
     l1_norms: Sequence[tuple[Tensor, Tensor]] | None = None,
+    keep_masks: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge.merge_group`` on one parameter.
 
@@ -190,6 +191,8 @@ def generalized_task_arithmetic(
         element_offset, l1_norms: for a chunk of whole rows of the parameter (``random`` and ``della_magprune``
             only): its first element's flat position, and each model's L1 norms of the whole parameter
             (``l1_norms``) when ``rescale`` is ``"l1"``.
+        keep_masks: for a chunk of the magnitude methods: each model's part of its whole-tensor keep mask
+            (``chunk_keep_mask``).
     """
     base, *models = _aligned([base, *models], dtype)
     if not models:
@@ -211,7 +214,8 @@ def generalized_task_arithmetic(
         if sparsification is not None:
             delta = sparsify(delta, densities[index], sparsification, gamma=gammas[index], epsilon=epsilons[index],
                              rescale=rescale_name, seed=seed, model_index=model_indices[index], name=name,
-                             element_offset=element_offset, norms=l1_norms[index] if l1_norms else None)
+                             element_offset=element_offset, norms=l1_norms[index] if l1_norms else None,
+                             keep=keep_masks[index] if keep_masks else None)
         deltas[index] = delta
 
     weight_tensor = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)

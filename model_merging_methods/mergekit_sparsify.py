@@ -34,6 +34,7 @@ Rescaling (``Rescale``), recorded by name:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import numpy as np
@@ -57,6 +58,98 @@ def _work_dtype(tensor: Tensor) -> torch.dtype:
     if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
         return tensor.dtype
     return torch.float32
+
+
+def top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest of a flat ``magnitudes``, ties at the threshold to the lower index: the
+    first ``k`` of ``_descending_order(magnitudes, 0)``, in linear time (a k-th value, then a running count of
+    the entries equal to it) instead of a sort."""
+    n = magnitudes.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
+    values = magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.float()  # exact
+    threshold = values.kthvalue(n - k + 1).values
+    keep = values > threshold
+    equal = values == threshold
+    need = k - int(keep.sum())
+    keep |= equal & (equal.cumsum(0) <= need)
+    return keep
+
+
+def _order_keys(magnitudes: Tensor) -> Tensor:
+    """int64 keys ordered as the non-negative float ``magnitudes`` (their bit patterns: monotonic for >= 0)."""
+    if magnitudes.dtype in (torch.bfloat16, torch.float16):
+        return magnitudes.reshape(-1).view(torch.int16).to(torch.int64)
+    if magnitudes.dtype == torch.float32:
+        return magnitudes.reshape(-1).view(torch.int32).to(torch.int64)
+    return magnitudes.reshape(-1).view(torch.int64)
+
+
+class TopKChunks:
+    """``top_k_mask`` of a whole flat tensor, found and applied chunk by chunk (consecutive chunks, in order).
+
+    The k-th largest value comes from histograms of the values' bit patterns (for non-negative floats they order
+    as the values): one pass of 16-bit buckets for 16-bit dtypes, a second pass inside the threshold's bucket for
+    float32 (and two more for float64), so no pass holds more than a chunk. ``mask(chunk)`` then keeps the values
+    above the threshold and the first ``need`` equal to it, counting the equal entries seen so far.
+    """
+
+    def __init__(self, chunks: Callable[[], Iterable[Tensor]], k: int, n: int) -> None:
+        self.all, self.none, self.seen = k >= n, k <= 0, 0
+        if self.all or self.none:
+            return
+        first = next(iter(chunks()))
+        bits = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}.get(first.dtype, 64)
+        prefix, above = 0, 0  # the threshold's high bits found so far; entries above its bucket
+        for shift in range(bits - 16, -1, -16):
+            counts = torch.zeros(1 << 16, dtype=torch.int64)
+            for chunk in chunks():
+                keys = _order_keys(chunk)
+                if shift + 16 < bits:  # only the keys in the bucket found so far
+                    keys = keys[(keys >> (shift + 16)) == prefix]
+                counts += torch.bincount((keys >> shift) & 0xFFFF, minlength=1 << 16)
+            from_top = counts.flip(0).cumsum(0)  # entries in this bucket or higher, by bucket from the top
+            position = int(torch.searchsorted(from_top, k - above))  # the bucket holding the k-th largest
+            bucket = (1 << 16) - 1 - position
+            above += int(from_top[position - 1]) if position > 0 else 0
+            prefix = (prefix << 16) | bucket
+        self.threshold, self.need = prefix, k - above
+
+    def mask(self, magnitudes: Tensor) -> Tensor:
+        if self.all or self.none:
+            return torch.full((magnitudes.numel(),), self.all, dtype=torch.bool, device=magnitudes.device)
+        keys = _order_keys(magnitudes)
+        equal = keys == self.threshold
+        keep = (keys > self.threshold) | (equal & (equal.cumsum(0) + self.seen <= self.need))
+        self.seen += int(equal.sum())
+        return keep
+
+
+def magnitude_chunk_masks(chunks: Callable[[], Iterable[Tensor]], n: int, density: float, method: Sparsification,
+                          *, gamma: float = 0.01) -> list[TopKChunks]:
+    """The selections ``magnitude`` (one: the k largest) or ``magnitude_outliers`` (two: keep the first minus the
+    second) make on a whole tensor of ``n`` elements whose flat |delta| ``chunks()`` yields (each call a fresh
+    pass), to apply chunk by chunk (``chunk_keep_mask``)."""
+    if method == "magnitude":
+        return [TopKChunks(chunks, n if density >= 1 else 0 if density <= 0 else max(1, int(density * n)), n)]
+    if method != "magnitude_outliers":
+        raise ValueError(f"{method} is not a magnitude sparsification")
+    if density >= 1:
+        return [TopKChunks(chunks, n, n), TopKChunks(chunks, 0, n)]
+    target_n = int(density * n)
+    n_bot = max(0, n - target_n - int(gamma * n))
+    n_skip = max(0, n - n_bot - target_n)
+    return [TopKChunks(chunks, n_skip + max(0, target_n), n), TopKChunks(chunks, n_skip, n)]
+
+
+def chunk_keep_mask(selections: list[TopKChunks], magnitudes: Tensor) -> Tensor:
+    """The next chunk's part of the whole-tensor keep mask of ``magnitude_chunk_masks``."""
+    keep = selections[0].mask(magnitudes)
+    if len(selections) == 2:
+        keep &= ~selections[1].mask(magnitudes)
+    return keep
 
 
 def _descending_order(magnitudes: Tensor, dim: int) -> Tensor:
@@ -103,8 +196,7 @@ def magnitude(delta: Tensor, density: float, *, rescale: Rescale = "none") -> Te
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[_descending_order(delta.abs().reshape(-1), dim=0)[:k]] = 1
+    mask = top_k_mask(delta.abs().reshape(-1), k).to(delta.dtype)
     return rescale_masked(delta, mask.reshape_as(delta), rescale, density)
 
 
@@ -123,10 +215,11 @@ def magnitude_outliers(delta: Tensor, density: float, *, gamma: float = 0.01, re
     target_n = int(density * num_elements)
     n_top = int(gamma * num_elements)
     n_bot = max(0, num_elements - target_n - n_top)
-    ascending = _descending_order(delta.abs().reshape(-1), dim=0).flip(0)
-    mask = torch.zeros(num_elements, dtype=delta.dtype, device=delta.device)
-    mask[ascending[n_bot : n_bot + target_n]] = 1
-    return rescale_masked(delta, mask.reshape_as(delta), rescale, density)
+    # ascending[n_bot : n_bot + target_n] of the descending order flipped = its entries n_skip .. n_skip + target_n
+    n_skip = max(0, num_elements - n_bot - target_n)
+    magnitudes = delta.abs().reshape(-1)
+    mask = top_k_mask(magnitudes, n_skip + max(0, target_n)) & ~top_k_mask(magnitudes, n_skip)
+    return rescale_masked(delta, mask.to(delta.dtype).reshape_as(delta), rescale, density)
 
 
 def bernoulli(
@@ -261,14 +354,23 @@ def sparsify(
     name: str | None = None,
     element_offset: int = 0,
     norms: tuple[Tensor, Tensor] | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """mergekit's ``sparsify`` dispatcher (same ``gamma``/``epsilon`` defaults of 0; the GTA methods pass theirs).
 
     ``seed``, ``model_index`` and ``name`` key the random methods' draws and are required for them. A row chunk
     of a tensor (``element_offset``: its first element's flat position; ``norms``: the whole tensor's L1 norms,
     ``l1_norms``) is possible for ``random`` and ``della_magprune``, not for the magnitude methods (they rank the
-    whole tensor).
+    whole tensor) unless ``keep`` gives the chunk's part of their whole-tensor mask (``chunk_keep_mask``; no rescale
+    then, since an L1 norm would need the whole masked tensor).
     """
+    if keep is not None:
+        if method not in ("magnitude", "magnitude_outliers") or rescale == "l1":
+            raise ValueError(f"a precomputed keep mask is for the magnitude methods without an L1 rescale, got "
+                             f"{method} with rescale {rescale!r}")
+        if density >= 1 and method == "magnitude":
+            return delta
+        return rescale_masked(delta, keep.to(delta.dtype).reshape_as(delta), rescale, density)
     if method in ("magnitude", "magnitude_outliers") and (element_offset or norms is not None):
         raise ValueError(f"{method} ranks the whole tensor: it cannot take a row chunk")
     if method == "magnitude":

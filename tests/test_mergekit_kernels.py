@@ -661,3 +661,16 @@ def test_parity_slerp_over_several_chunks(mergekit):
     a, b = torch.randn(3, 800_000, generator=g), torch.randn(3, 800_000, generator=g)  # 2.4M elements: 3 slices
     expected = merge_tensors([a, b], "slerp", parameters={"t": 0.4}, base_index=0)
     assert torch.equal(slerp(0.4, a, b), expected)
+
+
+def test_linear_time_top_k_equals_the_stable_sort_selection_with_ties():
+    from model_merging_methods.mergekit_sparsify import _descending_order, top_k_mask
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        magnitudes = torch.randint(0, 20, (1000,), generator=generator).to(dtype) / 8  # many ties
+        order = _descending_order(magnitudes, 0)
+        for k in (0, 1, 7, 500, 999, 1000):
+            expected = torch.zeros(1000, dtype=torch.bool)
+            expected[order[:k]] = True
+            assert torch.equal(top_k_mask(magnitudes, k), expected), (dtype, k)
