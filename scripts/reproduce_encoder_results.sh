@@ -8,6 +8,7 @@
 #   scripts/reproduce_encoder_results.sh                                   # all-MiniLM-L6-v2 on 2 CPU cores
 #   scripts/reproduce_encoder_results.sh --model bert-base-uncased --gpu 0  # the paper's encoder, on a GPU
 #   scripts/reproduce_encoder_results.sh --smoke                           # tiny caps: checks the plumbing
+#   scripts/reproduce_encoder_results.sh --part models; ... --part merges   # the same in two resumable parts
 #
 # Every step is one of the project's scripts with --resume (or its own skip of finished training runs): run the
 # same command again after an interruption and only what is missing is computed. Copy and edit for ablations.
@@ -30,6 +31,13 @@ while [ $# -gt 0 ]; do
     --glue_dir) GLUE_DIR=$2; shift 2 ;;
     --gpu) GPU=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;   # e.g. --steps "train sweep" to run only those
+    --part)                         # the recording in two parts of at most about 2.1 h each on 2 cores
+      case "$2" in
+        models) STEPS="train deltas sweep darex" ;;   # about 1.7 h: fine-tuning, delta analysis, sweeps
+        merges) STEPS="merge summary" ;;              # about 2.1 h: pairwise merges, tables and figures
+        *) echo "--part must be models or merges, got $2" >&2; exit 2 ;;
+      esac
+      shift 2 ;;
     --jobs) JOBS=$2; shift 2 ;;     # calls run at the same time (default: CPU cores, or 1 with --gpu)
     --smoke) SMOKE=1; shift ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;

@@ -73,3 +73,8 @@ def test_smoke_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_di
     finished = re.findall(r"rte\+mrpc: (\d+) runs to compute, (\d+) finished", rerun)
     assert sorted(finished) == [("0", "2")] * 3 + [("0", "4")] * 3
     assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "out").rglob("metrics.json"))} == before
+    # the two named parts split the steps between them
+    merges = _run_script(*args, "--part", "merges")
+    assert "pairwise merges without DARE" in merges and "fine-tune" not in merges and "drop-rate" not in merges
+    models = _run_script(*args, "--part", "models")
+    assert "fine-tune" in models and "extreme drop rates" in models and "pairwise merges" not in models
