@@ -104,7 +104,7 @@ class TopKChunks:
         bits = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}.get(first.dtype, 64)
         prefix, above = 0, 0  # the threshold's high bits found so far; entries above its bucket
         for shift in range(bits - 16, -1, -16):
-            counts = torch.zeros(1 << 16, dtype=torch.int64)
+            counts = torch.zeros(1 << 16, dtype=torch.int64, device=first.device)
             for chunk in chunks():
                 keys = _order_keys(chunk)
                 if shift + 16 < bits:  # only the keys in the bucket found so far
