@@ -29,7 +29,7 @@ def versions() -> dict[str, Any]:
     return {"python": platform.python_version(), **{p: _version(p) for p in _PACKAGES}, "git_commit": git_commit()}
 
 
-def _describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:
+def describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:
     files = {str(f.relative_to(folder)) if f.is_relative_to(folder) else str(f): f.stat().st_size
              for f in index.files}
     return {"name": label, "path": str(folder), "format": index.format, "num_tensors": len(index.tensors),
@@ -45,7 +45,7 @@ def build_merge_record(labels: Sequence[str], dirs: Sequence[Path], indexes: Seq
     ``command`` is the caller's command line that redoes the merge (``merge_checkpoints.py`` builds it from its
     parser); None for a call through the Python API, whose arguments the record holds in full.
     """
-    described = [_describe_input(lab, d, i) for lab, d, i in zip(labels, dirs, indexes, strict=True)]
+    described = [describe_input(lab, d, i) for lab, d, i in zip(labels, dirs, indexes, strict=True)]
     return {
         "inputs": {"pretrained_model": labels[0], "finetuned_models": list(labels[1:]), "models": described},
         "merging_method_name": recipe.merging_method_name,

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.run_dir import atomic_write_json, atomic_write_text
-from merge_engine.merge_record import versions
+from merge_engine.merge_record import describe_input, versions
 from merge_engine.mergekit_config import (
     RESCALE_MODES,
     MergekitConfig,
@@ -53,6 +52,7 @@ from merge_engine.output_folder import (
 )
 from merge_engine.pipeline import ordered_map
 from merge_engine.shard_index import CheckpointIndex, index_checkpoint
+from merge_engine.stream_merge import _summary
 from merge_engine.tensor_plan import read_config
 from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
@@ -104,13 +104,6 @@ class PreparedConfig:
     output: Path
 
 
-def _describe(model: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:
-    files = {str(f.relative_to(folder)) if f.is_relative_to(folder) else str(f): f.stat().st_size
-             for f in index.files}
-    return {"name": model, "path": str(folder), "format": index.format, "num_tensors": len(index.tensors),
-            "files": files}
-
-
 def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None = None,
                    dare_rescale: str = "l1", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                    command: str | None = None, where: str = "config") -> PreparedConfig:
@@ -159,7 +152,7 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
         "merge_method": config.method.name,
         # which rescale ran ("l1": mergekit's meaning; "inverse_keep": the paper's 1 / (1 - p)), and the masks
         "semantics": {"dare_rescale": dare_rescale, "masks": "this project's, keyed by (seed, model index, tensor)"},
-        "inputs": [_describe(m, dirs[m], indexes[m]) for m in models],
+        "inputs": [describe_input(m, dirs[m], indexes[m]) for m in models],
         "random_seed": seed,  # not "seed": resume compares it (merge_checkpoints' records derive "seed")
         "max_shard_bytes": max_shard_bytes,
         "command": command,
@@ -429,15 +422,6 @@ def merge_from_config(
     atomic_write_text(work / "README.md", model_card(prepared, output.name))
     publish(work, output)
     return _summary(len(todo), writer.bytes_written, start, output)
-
-
-def _summary(tensors: int, bytes_written: int, start: float, output_dir: Path) -> dict[str, Any]:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    summary = {"tensors": tensors, "bytes": bytes_written, "seconds": round(time.perf_counter() - start, 3),
-               "peak_rss_bytes": peak, "output_dir": str(output_dir)}
-    logger.info("merged %d tensors, wrote %.2f GB in %.1f s, peak RSS %.2f GB -> %s", tensors,
-                bytes_written / 1e9, summary["seconds"], peak / 1e9, output_dir)
-    return summary
 
 
 def describe_plan(prepared: PreparedConfig) -> Mapping[str, Any]:
