@@ -118,10 +118,12 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
     seed = DEFAULT_SEED if seed is None else seed
     models = config.referenced_models()
     dirs = {m: resolve_model_dir(m) for m in models}
+    if config.tokenizer_source not in (None, "base", *models):  # a tokenizer donor outside the merge: found now
+        dirs[config.tokenizer_source] = resolve_model_dir(config.tokenizer_source)
     output = Path(output_dir).expanduser().resolve()
     check_output_location(output, list(dirs.values()))
-    indexes = {m: index_checkpoint(d) for m, d in dirs.items()}
-    configs = {m: read_config(d) for m, d in dirs.items()}
+    indexes = {m: index_checkpoint(dirs[m]) for m in models}
+    configs = {m: read_config(dirs[m]) for m in models}
     layer_counts = {m: num_layers(configs[m], m) for m in models}
     plans, out_layers = plan_tensors(config, {m: list(i.tensors) for m, i in indexes.items()}, layer_counts)
     compute = _TORCH_DTYPES.get(config.dtype) if config.dtype else None
@@ -296,8 +298,6 @@ def _copy_tokenizer(prepared: PreparedConfig, work: Path) -> str:
     config = prepared.config
     source = config.tokenizer_source
     donor = (config.base_model if source in (None, "base") else source) or config.referenced_models()[0]
-    if donor not in prepared.dirs:
-        prepared.dirs[donor] = resolve_model_dir(donor)
     for name in (*TOKENIZER_FILES, *[f for f in CONFIG_FILES if f != "config.json"]):
         path = prepared.dirs[donor] / name
         if path.is_file():

@@ -189,3 +189,18 @@ def merge_checkpoints_main(config: Path, out: Path) -> dict[str, torch.Tensor]:
 
     merge_checkpoints.main(["--config", str(config), "--output_dir", str(out), "--quiet"])
     return merged(out)
+
+
+def test_tokenizer_source_names_the_donor_and_a_missing_one_fails_first(family, tmp_path, monkeypatch):
+    import merge_checkpoints
+    from merge_engine import tensor_reader
+
+    (family / "ft1" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    config = write_config(family, tmp_path, TIES.replace("tokenizer_source: base", "tokenizer_source: @ft1"))
+    merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--quiet"])
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    monkeypatch.setattr(tensor_reader.TensorReader, "read", lambda *a, **k: pytest.fail("read before validation"))
+    config = write_config(family, tmp_path, TIES.replace("tokenizer_source: base",
+                                                         f"tokenizer_source: {tmp_path / 'nowhere'}"))
+    with pytest.raises((ValueError, OSError), match="nowhere"):
+        merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "out2"), "--quiet"])
