@@ -39,6 +39,8 @@ from common.cli_command import command_from_args  # noqa: E402
 from common.logging_setup import setup_logging  # noqa: E402
 from delta_analysis import check_homology  # noqa: E402
 from merge_engine import DEFAULT_MAX_SHARD_BYTES, VOCAB_POLICIES, merge_checkpoints  # noqa: E402
+from merge_engine.lora_output import OUTPUT_FORMATS  # noqa: E402
+from merge_engine.lora_source import is_adapter_argument  # noqa: E402
 from merge_engine.mergekit_config import RESCALE_MODES  # noqa: E402
 from merge_engine.tensor_plan import DTYPES  # noqa: E402
 from model_merging_methods import Recipe  # noqa: E402
@@ -72,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true",
                    help="with --config: validate the file and the models' headers, print the plan, merge nothing")
     p.add_argument("--pretrained_model", help="base model folder or hub id (required without --config)")
-    p.add_argument("--finetuned_models", nargs="+", help="fine-tuned model folders or hub ids (required without "
-                   "--config)")
+    p.add_argument("--finetuned_models", nargs="+", help="fine-tuned model folders or hub ids, or PEFT LoRA adapter "
+                   "folders of the base (adapter_config.json + adapter_model.safetensors; merged as ΔW = scale·B·A); "
+                   "required without --config")
     p.add_argument("--output_dir", required=True)
     # library_defaults: an unset flag leaves the method's own declared default (MergeLM's merging_models), e.g.
     # normalize_fisher_weight on and the global TIES trim, and stays out of the recorded command; the statistics
@@ -92,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy_config_from", type=int, default=0,
                    help="index into [pretrained, *finetuned] of the model whose config/tokenizer are copied")
     p.add_argument("--max_shard_size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB, 500MB")
+    p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="safetensors",
+                   help="safetensors: the merged model; lora: a PEFT LoRA adapter of the base holding merged - base "
+                        "of every changed Linear/Embedding weight, truncated to --lora_rank by SVD (a changed norm "
+                        "or bias is an error); each module's retained energy is recorded in merge_config.json")
+    p.add_argument("--lora_rank", type=int, help="with --output_format lora: the adapter's rank r")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--strict", action="store_true", help="NaN/Inf in an input tensor, or a fine-tune the homology "
@@ -174,6 +182,22 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     return summary
 
 
+def homology_check(pretrained_model: str, finetuned_models: Sequence[str], *, strict: bool) -> None:
+    """The homology preflight (``delta_analysis.check_homology``) of the full fine-tunes.
+
+    LoRA adapter folders are left out, with the reason logged: an adapter holds low-rank factors, not a model to
+    compare with the base, and the merge itself checks that every module it targets is in the base with ΔW's shape.
+    """
+    adapters = [m for m in finetuned_models if is_adapter_argument(m)]
+    if adapters:
+        logger.info("homology check skipped for LoRA adapter folder(s) %s: an adapter holds low-rank factors, not "
+                    "a model; its target modules and shapes are checked against the base before merging",
+                    ", ".join(adapters))
+    full = [m for m in finetuned_models if m not in adapters]
+    if full:
+        check_homology(pretrained_model, full, strict=strict)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     recipe = recipe_of(args, parser)
     logger.info("recipe: %s", recipe.describe())
     if not args.skip_homology_check:
-        check_homology(args.pretrained_model, args.finetuned_models, strict=args.strict)
+        homology_check(args.pretrained_model, args.finetuned_models, strict=args.strict)
     summary = merge_checkpoints(
         args.pretrained_model, args.finetuned_models, args.output_dir,
         merging_method_name=recipe,
@@ -201,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_threads=args.num_threads, vocab_policy=args.vocab_policy, copy_config_from=args.copy_config_from,
         overwrite=args.overwrite, resume=args.resume, strict=args.strict, max_shard_bytes=args.max_shard_size,
         statistics_files=args.statistics_files, progress=not args.quiet, command=rerun_command(args),
+        output_format=args.output_format, lora_rank=args.lora_rank,
     )
     if summary.get("already_complete"):
         print(f"--resume: {summary['output_dir']} already holds this merge; nothing to do")

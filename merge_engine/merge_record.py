@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.run_dir import git_commit
+from merge_engine.lora_source import AdapterIndex, adapter_files
 from merge_engine.shard_index import CheckpointIndex
 from model_merging_methods.recipe import Recipe
 
@@ -30,8 +31,10 @@ def versions() -> dict[str, Any]:
 
 
 def describe_input(label: str, folder: Path, index: CheckpointIndex) -> dict[str, Any]:
-    files = {str(f.relative_to(folder)) if f.is_relative_to(folder) else str(f): f.stat().st_size
-             for f in index.files}
+    """One input of the record: its name, folder, format, tensor count and ``{file: size}`` (what ``resume``
+    compares); a LoRA adapter is described by its config and weights files (its index lists the base's names)."""
+    paths = adapter_files(folder) if isinstance(index, AdapterIndex) else index.files
+    files = {str(f.relative_to(folder)) if f.is_relative_to(folder) else str(f): f.stat().st_size for f in paths}
     return {"name": label, "path": str(folder), "format": index.format, "num_tensors": len(index.tensors),
             "files": files}
 

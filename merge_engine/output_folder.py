@@ -25,8 +25,9 @@ TOKENIZER_FILES = (
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
 )
 MERGE_CONFIG = "merge_config.json"
-# neither changes the merged tensors; the method's name, flat hyperparameters and seed are derived from "recipe"
-_UNCOMPARED_KEYS = ("versions", "command", "merging_method_name", "hyperparameters", "seed")
+# neither changes the merged tensors; the method's name, flat hyperparameters and seed are derived from "recipe";
+# a LoRA output's retained energies are results, not settings
+_UNCOMPARED_KEYS = ("versions", "command", "merging_method_name", "hyperparameters", "seed", "lora_retained_energy")
 
 
 def work_dir_for(output_dir: Path) -> Path:

@@ -17,6 +17,7 @@ never includes an output shard.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -31,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from merge_engine.global_statistics import run_global_passes
+from merge_engine.lora_output import check_output_format, lora_output_record, merge_to_lora_adapter
+from merge_engine.lora_source import AdapterIndex, index_adapter, is_adapter_argument, open_reader
 from merge_engine.merge_record import build_merge_record
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.output_folder import (
@@ -45,7 +48,6 @@ from merge_engine.pipeline import ordered_map
 from merge_engine.shard_index import CheckpointIndex, index_checkpoint
 from merge_engine.statistics_files import LazyStatistics, check_statistics, open_statistics
 from merge_engine.tensor_plan import TensorJob, build_tensor_jobs, check_architectures, parse_dtype, read_config
-from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_task import UnitRunner, plan_units
 from merge_engine.tensor_writer import OutputTensor, ShardedWriter, plan_shards, shard_is_complete, write_index
 from merge_engine.vocab import VOCAB_POLICIES
@@ -76,10 +78,41 @@ def _check_options(vocab_policy: str, device: str, num_threads: int | None, num_
 
 
 def _index_models(models: Sequence[str]) -> tuple[list[Path], list[CheckpointIndex], list[dict]]:
+    """``[base, *finetuned]`` folders, indexes and configs; a local LoRA adapter folder among the fine-tuned models
+    is validated against the base and indexed as a source of deltas (``merge_engine.lora_source``)."""
+    if is_adapter_argument(models[0]):
+        raise ValueError(f"pretrained_model must be a full model, got the LoRA adapter folder {models[0]!r}; pass "
+                         "the adapter's base model as pretrained_model and the adapter among finetuned_models")
     dirs = [resolve_model_dir(m) for m in models]
-    indexes = [index_checkpoint(d) for d in dirs]
+    base = index_checkpoint(dirs[0])
+    indexes = [base] + [index_adapter(d, base) if is_adapter_argument(m) else index_checkpoint(d)
+                        for m, d in zip(models[1:], dirs[1:], strict=True)]
     configs = [read_config(d) for d in dirs]
     return dirs, indexes, configs
+
+
+def _check_adapter_options(models: Sequence[str], statistics_kind: str | None, copy_config_from: int) -> None:
+    """Refuse the settings a LoRA adapter input cannot serve, before anything is read."""
+    adapters = [m for m in models[1:] if is_adapter_argument(m)]
+    if not adapters:
+        return
+    if statistics_kind is not None:
+        raise ValueError(f"{statistics_kind} statistics merges need full models, got the LoRA adapter folder(s) "
+                         f"{adapters}: the statistics files are computed on a model folder; merge the adapter into "
+                         "its base (PEFT merge_and_unload()), compute its statistics on that model, pass that model")
+    if is_adapter_argument(models[copy_config_from]):
+        raise ValueError(f"copy_config_from must point at a full model (config, tokenizer), got {copy_config_from}, "
+                         f"the LoRA adapter folder {models[copy_config_from]!r}; use 0 (the base) or a full fine-tune")
+
+
+def _check_adapter_vocab(indexes: Sequence[CheckpointIndex], jobs: Sequence[TensorJob], labels: Sequence[str]) -> None:
+    """Refuse vocabulary alignment with adapter inputs: ``align_rows`` pads weights, not deltas."""
+    aligned = [job.name for job in jobs if job.target_rows is not None]
+    adapters = [label for label, index in zip(labels, indexes, strict=True) if isinstance(index, AdapterIndex)]
+    if aligned and adapters:
+        raise ValueError(f"vocabulary alignment (vocab_policy) is not supported with LoRA adapter inputs "
+                         f"{adapters}: an adapter's ΔW has the base's rows, got differing rows in {aligned[:3]}; "
+                         "merge fine-tunes with the base's vocabulary, or merge the adapter into its base first")
 
 
 def _merge_names(index: CheckpointIndex, exclude_param_names_regex: Sequence[str]) -> set[str]:
@@ -168,6 +201,7 @@ def _validate_models(labels: Sequence[str], output: Path, plan, exclude: Sequenc
     check_architectures(configs, labels)
     jobs = build_tensor_jobs(indexes, labels, merge_names=_merge_names(indexes[0], exclude),
                              vocab_policy=vocab_policy, dtype=out_dtype)
+    _check_adapter_vocab(indexes, jobs, labels)
     check_statistics(statistics, plan, {j.name: j.out_shape for j in jobs if j.merge})
     return _Models(dirs, indexes, configs, jobs, output)
 
@@ -201,18 +235,25 @@ def _prepare(pretrained_model: str, finetuned_models: Sequence[str], output_dir:
              merging_method_name: str | Recipe, hyperparameters: Mapping[str, Any] | None,
              exclude_param_names_regex: Sequence[str], dtype: str | None, vocab_policy: str, copy_config_from: int,
              max_shard_bytes: int, statistics_files: Sequence[str] | None, command: str | None, device: str = "cpu",
-             num_threads: int | None = None) -> _Prepared:
+             num_threads: int | None = None, output_format: str = "safetensors",
+             lora_rank: int | None = None) -> _Prepared:
     """Validate every argument and model (headers only) and build the record ``merge_checkpoints`` writes."""
+    check_output_format(output_format, lora_rank, dtype)
     plan = build_merge_plan(merging_method_name, len(finetuned_models), **dict(hyperparameters or {}))
     _check_options(vocab_policy, device, num_threads, len(finetuned_models), copy_config_from)
+    _check_adapter_options([pretrained_model, *finetuned_models], plan.statistics, copy_config_from)
     statistics = open_statistics(statistics_files, statistics_kind=plan.statistics,
                                  num_models=len(finetuned_models), method_name=plan.method.name)
     labels = [pretrained_model, *finetuned_models]
     setup = _validate_models(labels, Path(output_dir).expanduser().resolve(), plan, exclude_param_names_regex,
                              vocab_policy, parse_dtype(dtype), statistics)
+    delta_inputs = tuple(isinstance(index, AdapterIndex) for index in setup.indexes[1:])
+    if any(delta_inputs):
+        plan = dataclasses.replace(plan, delta_inputs=delta_inputs)
     record = build_merge_record(labels, setup.dirs, setup.indexes, plan.recipe,
                                 exclude_param_names_regex, dtype, vocab_policy, copy_config_from, max_shard_bytes,
                                 statistics_files, command)
+    record.update(lora_output_record(output_format, lora_rank))
     return _Prepared(plan, statistics, setup, record)
 
 
@@ -266,8 +307,10 @@ def merge_checkpoints(
     progress: bool = True,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     command: str | None = None,
+    output_format: str = "safetensors",
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
-    """Merge Hugging Face checkpoints tensor by tensor into a sharded safetensors folder.
+    """Merge Hugging Face checkpoints tensor by tensor into a sharded safetensors folder (or a LoRA adapter).
 
     The maths is ``model_merging_methods``' (the result equals ``merge_state_dicts`` on the same inputs, bit for
     bit in float32); this function owns only reading, ordering, memory and writing.
@@ -275,7 +318,9 @@ def merge_checkpoints(
     Args:
         pretrained_model: base model folder or hub id.
         finetuned_models: fine-tuned model folders or hub ids (one model + ``mask_merging`` +
-            ``mask_apply_method="average_merging"`` is single-model DARE: ``base + DARE(delta)``).
+            ``mask_apply_method="average_merging"`` is single-model DARE: ``base + DARE(delta)``). A local PEFT
+            LoRA adapter folder of the base may stand in any position: its ``ΔW = scale·B·A`` is the delta
+            (``merge_engine.lora_source``); not with Fisher/RegMean statistics or vocabulary alignment.
         output_dir: the merged model's folder (must not exist or be empty, unless ``overwrite``).
         merging_method_name: a ``Recipe``, or a ``MERGING_METHOD_NAMES`` entry (MergeLM names) with
             ``hyperparameters`` (``scaling_coefficient``, ``param_value_mask_rate``, ``ties_trim_scope``,
@@ -296,6 +341,10 @@ def merge_checkpoints(
         progress: show tqdm bars.
         chunk_numel: tensors above this many elements are merged in row chunks when the method allows it.
         command: the command line that redoes the merge, recorded in ``merge_config.json`` (the CLI's own).
+        output_format: ``safetensors`` (the merged model) or ``lora``: a PEFT adapter of the base holding
+            ``merged - base`` of every changed Linear/Embedding weight, truncated to ``lora_rank`` by SVD
+            (``merge_engine.lora_output``; the retained energy of each module is recorded in ``merge_config.json``).
+        lora_rank: the adapter's r, with ``output_format="lora"`` only.
     Returns:
         Summary: ``tensors`` written, ``bytes`` written, ``seconds``, ``peak_rss_bytes``, ``output_dir``; with
         ``resume`` on a finished folder of the same merge nothing is written and ``already_complete`` is True.
@@ -305,18 +354,25 @@ def merge_checkpoints(
                         hyperparameters=hyperparameters, exclude_param_names_regex=exclude_param_names_regex,
                         dtype=dtype, vocab_policy=vocab_policy, copy_config_from=copy_config_from,
                         max_shard_bytes=max_shard_bytes, statistics_files=statistics_files, command=command,
-                        device=device, num_threads=num_threads)
+                        device=device, num_threads=num_threads, output_format=output_format, lora_rank=lora_rank)
     plan, statistics, setup, record = prepared.plan, prepared.statistics, prepared.setup, prepared.record
     labels = [pretrained_model, *finetuned_models]
     if resume and finished_merge_matches(setup.output, record, overwrite=overwrite):
         logger.info("--resume: %s already holds this merge; nothing to do", setup.output)
         return {**_summary(0, 0, start, setup.output), "already_complete": True}
-    runner = UnitRunner(plan, [TensorReader(index) for index in setup.indexes], labels, vocab_policy=vocab_policy,
+    num_workers = num_threads or min(os.cpu_count() or 1, DEFAULT_MAX_WORKERS)
+    if output_format == "lora":
+        modules, size = merge_to_lora_adapter(plan, labels, setup.indexes, setup.jobs, setup.dirs[0], setup.output,
+                                              record, statistics=statistics, lora_rank=lora_rank,
+                                              vocab_policy=vocab_policy, device=device, strict=strict,
+                                              overwrite=overwrite, resume=resume, num_workers=num_workers,
+                                              progress=progress)
+        return _summary(modules, size, start, setup.output)
+    runner = UnitRunner(plan, [open_reader(index) for index in setup.indexes], labels, vocab_policy=vocab_policy,
                         statistics=statistics, device=device, strict=strict)
     shards, work, writer, done_names = _open_work(setup.output, record, setup.jobs, max_shard_bytes, overwrite,
                                                   resume)
     units = plan_units(setup.jobs, chunkable=plan.chunkable, chunk_numel=chunk_numel)
-    num_workers = num_threads or min(os.cpu_count() or 1, DEFAULT_MAX_WORKERS)
     tensors = _run(runner, units, writer, done_names, num_workers, progress)
     write_index(work, shards)
     config_updates = _config_updates(setup.jobs, setup.configs[copy_config_from], parse_dtype(dtype))

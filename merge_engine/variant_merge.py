@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from merge_engine.global_statistics import run_shared_global_passes
+from merge_engine.lora_source import open_reader
 from merge_engine.output_folder import copy_side_files, finished_merge_matches, publish, write_model_card
 from merge_engine.pipeline import ordered_map
 from merge_engine.stream_merge import (
@@ -54,7 +55,6 @@ from merge_engine.stream_merge import (
     _with_readahead,
 )
 from merge_engine.tensor_plan import parse_dtype
-from merge_engine.tensor_reader import TensorReader
 from merge_engine.tensor_task import UnitRunner, plan_units
 from merge_engine.tensor_writer import ShardedWriter, write_index
 from model_merging_methods import Recipe
@@ -93,7 +93,7 @@ def check_shared_deltas(recipes: Sequence[Recipe], plans: Sequence[Any]) -> None
 
 def _open_outputs(pending: Sequence[_Prepared], labels: Sequence[str], *, vocab_policy: str, device: str,
                   strict: bool, max_shard_bytes: int, overwrite: bool, resume: bool) -> list[_Output]:
-    readers = [TensorReader(index) for index in pending[0].setup.indexes]
+    readers = [open_reader(index) for index in pending[0].setup.indexes]
     outputs = []
     for prepared in pending:
         runner = UnitRunner(prepared.plan, readers, labels, vocab_policy=vocab_policy, device=device, strict=strict)

@@ -39,6 +39,10 @@ class MergePlan:
     #: GLUE pipeline key a model's mask by its task, not its position)
     dare_rates: tuple[float, ...] = ()
     model_indices: tuple[int, ...] = ()
+    #: per model, True when its inputs are already float32 deltas (a LoRA adapter's ``ΔW``, read by
+    #: ``merge_engine.lora_source``) rather than fine-tuned weights; empty: every model gives weights. A delta goes
+    #: to DARE and the method as is, so it is not rounded by ``(base + ΔW) - base``
+    delta_inputs: tuple[bool, ...] = ()
 
     @property
     def merging_method_name(self) -> str:
@@ -94,14 +98,22 @@ class MergePlan:
         return self.method.propagates_non_finite
 
     def deltas(self, name: str, base: Tensor, finetuned: Sequence[Tensor], *, element_offset: int = 0) -> list:
-        """float32 deltas ``finetuned_i - base`` of one parameter (or chunk), after DARE when configured."""
+        """float32 deltas ``finetuned_i - base`` of one parameter (or chunk), after DARE when configured.
+
+        A model flagged in ``delta_inputs`` gives its delta directly: it is DARE'd as given (the same masks, keyed
+        by seed, model index, name and element offset, as the delta of a fine-tuned model), and under
+        ``weight_format="finetuned_weight"`` the masked weight is ``base + delta`` in float32.
+        """
         base32 = base.float()
         if self.dare is None:
-            return [_subtract(ft, base32) for ft in finetuned]
+            # a given delta is copied: the methods may work on their deltas in place, the caller's stay as given
+            return [ft.to(torch.float32, copy=True) if self.is_delta_input(i) else _subtract(ft, base32)
+                    for i, ft in enumerate(finetuned)]
         out = []
         for i, ft in enumerate(finetuned):
             masked_weight = self.dare.weight_format == "finetuned_weight"
-            if not masked_weight and self.dare.mask_strategy == "random":
+            given_delta = self.is_delta_input(i)
+            if not masked_weight and not given_delta and self.dare.mask_strategy == "random":
                 out.append(dare_delta(
                     ft, base32, drop_rate=self.dare_rates[i],
                     use_weight_rescale=self.dare.use_weight_rescale, rescale_factor=self.dare.rescale_factor,
@@ -109,7 +121,10 @@ class MergePlan:
                     model_index=self.model_indices[i], name=name, element_offset=element_offset,
                 ))
                 continue
-            tensor = ft.to(torch.float32, copy=True) if masked_weight else _subtract(ft, base32)
+            if given_delta:
+                tensor = base32 + ft if masked_weight else ft.to(torch.float32, copy=True)
+            else:
+                tensor = ft.to(torch.float32, copy=True) if masked_weight else _subtract(ft, base32)
             tensor = mask_tensor(
                 tensor,
                 drop_rate=self.dare_rates[i],
@@ -123,6 +138,10 @@ class MergePlan:
             )
             out.append(tensor - base32 if masked_weight else tensor)
         return out
+
+    def is_delta_input(self, model: int) -> bool:
+        """True when fine-tuned model ``model`` (0-based) gives deltas, not weights (``delta_inputs``)."""
+        return bool(self.delta_inputs) and self.delta_inputs[model]
 
     def statistics_key(self, name: str) -> str | None:
         """The statistics entry of parameter ``name``: itself (Fisher) or its Linear module (Gram), else None."""
