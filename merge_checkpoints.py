@@ -17,6 +17,7 @@ A mergekit configuration, with mergekit's meaning (``docs/mergekit.md``):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -166,8 +167,6 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     if args.dry_run:
         prepared = prepare_config(text, args.output_dir, seed=args.random_seed, dare_rescale=args.dare_rescale,
                                   where=args.config)
-        import json
-
         print(json.dumps(describe_plan(prepared), indent=1, default=str))
         return {"dry_run": True, "tensors": len(prepared.tensors)}
     summary = merge_from_config(text, args.output_dir, seed=args.random_seed, dare_rescale=args.dare_rescale,

@@ -85,6 +85,7 @@ class PlannedTensor:
     floating: bool
     method: str = ""
     dare_rescale: str = "l1"
+    compute_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,11 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
         base_info = next((i for s, i in zip(plan.sources, infos, strict=True)
                           if s.model == plan.base_model), infos[0])
         dtype = (out or compute or base_info.dtype) if floating else infos[0].dtype
+        promoted = infos[0].dtype
+        for info in infos[1:]:
+            promoted = torch.promote_types(promoted, info.dtype)
         tensors.append(PlannedTensor(plan, shared, per_input, tuple(infos[0].shape), dtype, floating,
-                                     config.method.name, dare_rescale))
+                                     config.method.name, dare_rescale, compute or promoted))
     model_indices = {m: i for i, m in enumerate(models)}
     record = {
         "config_file": "mergekit_config.yml",
@@ -218,6 +222,13 @@ def row_chunks(planned: PlannedTensor) -> list[tuple[int, int]] | None:
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+def _chunk_deltas(read, chunks, i: int, base: int):
+    """``(x_i - base, first element's flat position)`` of each row chunk, reading only those two inputs."""
+    for start, end in chunks:
+        model, base_rows = read((start, end), (i, base))
+        yield model - base_rows, start * (base_rows.shape[1] if base_rows.dim() == 2 else 1)
+
+
 def _magnitude_selections(planned: PlannedTensor, read, chunks) -> list | None:
     """For TIES and breadcrumbs in chunks: each non-base model's whole-tensor selection of its largest |delta|
     (``mergekit_sparsify.magnitude_chunk_masks``: histogram passes over the chunks, never the whole tensor)."""
@@ -229,10 +240,7 @@ def _magnitude_selections(planned: PlannedTensor, read, chunks) -> list | None:
     selections = []
     for i in (i for i in range(len(models)) if i != base):
         def magnitudes(i=i):
-            for start, end in chunks:
-                tensors = read((start, end))
-                dtype = mergekit_methods.compute_dtype(tensors)
-                yield (tensors[i].to(dtype) - tensors[base].to(dtype)).abs().reshape(-1)
+            return (delta.abs().reshape(-1) for delta, _ in _chunk_deltas(read, chunks, i, base))
         values = planned.per_input[i]
         selections.append(mergekit_sparsify.magnitude_chunk_masks(
             magnitudes, planned.shape[0] * planned.shape[1], values["density"], spec.sparsification,
@@ -263,14 +271,10 @@ def _l1_norms(prepared: PreparedConfig, planned: PlannedTensor, read, chunks) ->
     norms = []
     for i in (i for i in range(len(models)) if i != base):
         values = planned.per_input[i]
-
-        def deltas(i=i):
-            for start, end in chunks:
-                tensors = read((start, end))
-                yield tensors[i] - tensors[base], start * planned.shape[1]
         norms.append(mergekit_methods.l1_norms(
-            deltas(), values["density"], spec.sparsification, epsilon=values.get("epsilon") or 0.0,
-            seed=prepared.seed, model_index=prepared.model_indices[models[i]], name=plan.name))
+            _chunk_deltas(read, chunks, i, base), values["density"], spec.sparsification,
+            epsilon=values.get("epsilon") or 0.0, seed=prepared.seed, model_index=prepared.model_indices[models[i]],
+            name=plan.name))
     return norms
 
 
@@ -375,12 +379,12 @@ def merge_from_config(
     done = {t.name for s in shards if s.file_name in complete for t in s.tensors}
     writer = ShardedWriter(work, shards, skip=complete)
     readers = {m: TensorReader(i) for m, i in prepared.indexes.items()}
-    compute = _TORCH_DTYPES.get(prepared.config.dtype) if prepared.config.dtype else None
-
-    def read(planned: PlannedTensor, rows: tuple[int, int] | None = None) -> list[torch.Tensor]:
-        inputs = [readers[s.model].read(s.name, rows).to(device) for s in planned.plan.sources]
-        if compute is not None and planned.floating:
-            inputs = [t.to(compute) for t in inputs]
+    def read(planned: PlannedTensor, rows: tuple[int, int] | None = None, which: tuple[int, ...] | None = None
+             ) -> list[torch.Tensor]:
+        sources = planned.plan.sources if which is None else [planned.plan.sources[i] for i in which]
+        inputs = [readers[s.model].read(s.name, rows).to(device) for s in sources]
+        if planned.floating:  # the compute dtype: the config's, else the promotion of every input's
+            inputs = [t.to(planned.compute_dtype) for t in inputs]
         return inputs
 
     def run(planned: PlannedTensor) -> torch.Tensor:
@@ -388,8 +392,10 @@ def merge_from_config(
         if chunks is None:
             return _merge_tensor(prepared, planned, read(planned)).to(planned.out_dtype).cpu().contiguous()
         # big tensors in chunks of whole rows: memory stays at a few chunks, the values are the whole tensor's
-        norms = _l1_norms(prepared, planned, lambda rows: read(planned, rows), chunks)
-        selections = _magnitude_selections(planned, lambda rows: read(planned, rows), chunks)
+        def read_rows(rows, which):
+            return read(planned, rows, which)
+        norms = _l1_norms(prepared, planned, read_rows, chunks)
+        selections = _magnitude_selections(planned, read_rows, chunks)
         out = torch.empty(planned.shape, dtype=planned.out_dtype)
         for start, end in chunks:
             tensors = read(planned, (start, end))

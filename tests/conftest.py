@@ -67,6 +67,28 @@ def make_family(model_cls, config, num_finetuned: int = 2, delta_std: float = 0.
     return base, finetuned
 
 
+def save_llama_family(root, names, num_hidden_layers: int):
+    """A tiny Llama base and ``len(names) - 1`` fine-tunes (``make_family``) saved as safetensors folders
+    ``root/<name>``; returns ``root``."""
+    from transformers import LlamaForCausalLM
+
+    base, finetuned = make_family(LlamaForCausalLM, tiny_llama_config(num_hidden_layers=num_hidden_layers),
+                                  num_finetuned=len(names) - 1)
+    for name, model in zip(names, [base, *finetuned], strict=True):
+        model.save_pretrained(root / name, safe_serialization=True)
+    return root
+
+
+def fill_model_paths(text: str, root, names) -> str:
+    """A YAML configuration with each ``@name`` replaced by the folder ``root/name`` (dedented)."""
+    import textwrap
+
+    text = textwrap.dedent(text)
+    for name in names:
+        text = text.replace(f"@{name}", str(root / name))
+    return text
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_family():
     """Shared across the session: do not modify the models in place."""

@@ -4,14 +4,13 @@ errors before any tensor is read."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_family, tiny_llama_config
+from tests.conftest import fill_model_paths, save_llama_family
 
 MODELS = ("base", "ft0", "ft1")
 TIES = """
@@ -30,22 +29,14 @@ TIES = """
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> Path:
-    from transformers import LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("cli_family")
-    base, finetuned = make_family(LlamaForCausalLM, tiny_llama_config(num_hidden_layers=3), num_finetuned=2)
-    for name, model in zip(MODELS, [base, *finetuned], strict=True):
-        model.save_pretrained(root / name, safe_serialization=True)
+    root = save_llama_family(tmp_path_factory.mktemp("cli_family"), MODELS, num_hidden_layers=3)
     (root / "base" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return root
 
 
 def write_config(root: Path, tmp_path: Path, text: str = TIES) -> Path:
-    text = textwrap.dedent(text)
-    for name in MODELS:
-        text = text.replace(f"@{name}", str(root / name))
     path = tmp_path / "merge.yml"
-    path.write_text(text)
+    path.write_text(fill_model_paths(text, root, MODELS))
     return path
 
 

@@ -8,14 +8,13 @@ distribution: kept fraction, the L1 rescale, and DELLA's keep probability by mag
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_family, tiny_llama_config
+from tests.conftest import fill_model_paths, save_llama_family
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is a test-only dependency (requirements-dev.txt)")
 
@@ -25,20 +24,11 @@ MODELS = ("base", "ft0", "ft1", "ft2")
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> Path:
     """A 4-layer tiny Llama base and three fine-tunes (Gaussian deltas, std 0.01) saved as float32 safetensors."""
-    from transformers import LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("mk_family")
-    base, finetuned = make_family(LlamaForCausalLM, tiny_llama_config(num_hidden_layers=4), num_finetuned=3)
-    for name, model in zip(MODELS, [base, *finetuned], strict=True):
-        model.save_pretrained(root / name, safe_serialization=True)
-    return root
+    return save_llama_family(tmp_path_factory.mktemp("mk_family"), MODELS, num_hidden_layers=4)
 
 
 def _yaml(text: str, root: Path) -> str:
-    text = textwrap.dedent(text)
-    for name in MODELS:
-        text = text.replace(f"@{name}", str(root / name))
-    return text
+    return fill_model_paths(text, root, MODELS)
 
 
 def run_mergekit(text: str, out: Path, seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -206,14 +196,18 @@ DETERMINISTIC = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
-def test_deterministic_methods_equal_mergekit_within_one_ulp(family, tmp_path, name):
-    text = _yaml(DETERMINISTIC[name], family)
-    theirs = run_mergekit(text, tmp_path / "mergekit")
-    ours = run_ours(text, tmp_path / "ours")
+def assert_same_as_mergekit(text: str, folder: Path) -> None:
+    """Every tensor of ``--config`` equals mergekit's within one ulp of its dtype."""
+    theirs = run_mergekit(text, folder / "mergekit")
+    ours = run_ours(text, folder / "ours")
     assert sorted(ours) == sorted(theirs)
     worst = {n: ulps(ours[n], theirs[n]) for n in ours}
     assert max(worst.values()) <= 1, {n: u for n, u in worst.items() if u > 1}
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_deterministic_methods_equal_mergekit_within_one_ulp(family, tmp_path, name):
+    assert_same_as_mergekit(_yaml(DETERMINISTIC[name], family), tmp_path)
     ours_config = json.loads((tmp_path / "ours" / "config.json").read_text())
     theirs_config = json.loads((tmp_path / "mergekit" / "config.json").read_text())
     for key in ("num_hidden_layers", "torch_dtype", "dtype"):
@@ -397,12 +391,7 @@ EXAMPLES = {
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_mergekit_examples_give_mergekit_s_merge(family, tmp_path, name):
-    text = _yaml(EXAMPLES[name], family)
-    theirs = run_mergekit(text, tmp_path / "mergekit")
-    ours = run_ours(text, tmp_path / "ours")
-    assert sorted(ours) == sorted(theirs)
-    worst = {n: ulps(ours[n], theirs[n]) for n in ours}
-    assert max(worst.values()) <= 1, {n: u for n, u in worst.items() if u > 1}
+    assert_same_as_mergekit(_yaml(EXAMPLES[name], family), tmp_path)
 
 
 @pytest.mark.parametrize("text, message", [
