@@ -31,6 +31,7 @@ from common.run_dir import atomic_write_json
 from glue.glue_tables import (
     Stat,
     dare_effect_table,
+    factorwise_contrast_table,
     finetune_table,
     merge_table,
     plot_sweeps,
@@ -120,9 +121,11 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
         by_script[run["config"].get("script", "other")].append(run)
     llm_runs = [r for rs in by_script.values() for r in rs if is_llm_run(r["config"])]
     by_script = {s: [r for r in rs if not is_llm_run(r["config"])] for s, rs in by_script.items()}
-    series = sweep_series(by_script.pop("inference_plms_glue", []))
+    peft = by_script.pop("peft_lora_glue", [])
+    peft_sweeps = [r for r in peft if r["config"]["mode"] == "sweep"]
+    series = sweep_series(by_script.pop("inference_plms_glue", []) + peft_sweeps)
     finetuned = finetune_table(by_script.pop("train_plms_glue", []))
-    merges = by_script.pop("merge_plms_glue", [])
+    merges = by_script.pop("merge_plms_glue", []) + [r for r in peft if r["config"]["mode"] == "merge"]
     tables = {"finetune": ("Fine-tuned models (primary metric x100)", finetuned),
               "dare_sweep": ("Drop-rate sweep, test split (primary metric x100; mean ± std over mask seeds)",
                              sweep_table(series)),
@@ -133,6 +136,9 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
                               "the signed-rank test (Holm over methods; cells of one pair are not independent), "
                               "and the change in % where the plain score is at least 10",
                               dare_effect_table(merges)),
+              "factorwise_contrast": ("LoRA adapters: DARE on delta W (ours) against PEFT's factor-wise DARE with "
+                                      "the same combination, over (pair, target) cells (pairs and seeds resampled)",
+                                      factorwise_contrast_table(merges)),
               "sweep_contrast": ("DARE against the other drop variants at p = 0.9, 0.99, 0.995 and 0.999, over the "
                                  "tasks swept with both (tasks and mask seeds resampled; with 5 tasks the smallest "
                                  "two-sided p is 0.0625)",

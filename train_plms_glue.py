@@ -3,6 +3,8 @@
 Example:
     python train_plms_glue.py --language_model_name roberta-base --dataset_name cola --learning_rate 1e-5 --num_runs 5
     python train_plms_glue.py --dataset_name cola --multitask_training --auxiliary_dataset_name rte
+    python train_plms_glue.py --language_model_name all-MiniLM-L6-v2 --dataset_name rte --lora_rank 8 \
+        --learning_rate 5e-4 --num_runs 1   # a PEFT LoRA adapter (model/ is an adapter folder)
 
 Each run writes ``<output_dir>/train_plms_glue/<task>/<model>/<hyperparameters>/`` with ``config.json``,
 ``metrics.json`` (best-epoch validation and test metrics, per-epoch history), ``run.log`` and ``model/``.
@@ -46,6 +48,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_eval_samples", type=int, default=None, help="cap on the validation and test splits")
     parser.add_argument("--group_by_length", action="store_true",
                         help="random batches of similar-length examples (less padding: ~2x faster on RTE)")
+    parser.add_argument("--lora_rank", type=int, default=None,
+                        help="train a PEFT LoRA adapter of this rank on every Linear layer of the encoder (query, "
+                             "key, value, the dense layers, the pooler) and the classifier head, instead of all "
+                             "weights; model/ is then an adapter folder")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 x --lora_rank)")
     parser.add_argument("--num_runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="run i uses seed + i")
     parser.add_argument("--glue_dir", default=None, help="local <task>/{train,validation}.jsonl folder "
@@ -91,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_length=args.max_seq_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
             seed=args.seed + run, glue_dir=str(Path(args.glue_dir)) if args.glue_dir else None,
-            device=device_for(args.gpu), group_by_length=args.group_by_length)
+            device=device_for(args.gpu), group_by_length=args.group_by_length, lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha)
         results.append(run_one(config, args.output_dir, overwrite=args.overwrite, argv=argv))
     return results
 

@@ -67,12 +67,67 @@ def load_pretrained_classifier(name: str, num_labels: int) -> nn.Module:
 
 
 def load_finetuned_classifier(folder: str | os.PathLike) -> nn.Module:
-    """A single-task checkpoint written by ``train_plms_glue.py`` (``save_pretrained`` folder)."""
+    """A single-task checkpoint written by ``train_plms_glue.py``: a ``save_pretrained`` folder, or a PEFT LoRA
+    adapter folder (``--lora_rank``), loaded as the pretrained classifier plus ``ΔW = scale·B·A`` with the adapter's
+    classifier head (see :func:`load_lora_classifier`)."""
     from transformers import AutoModelForSequenceClassification
 
+    from model_merging_methods.lora_config import is_lora_adapter_dir
+
+    if is_lora_adapter_dir(folder):
+        return load_lora_classifier(folder)
     if not Path(folder, "config.json").exists():
         raise FileNotFoundError(f"no fine-tuned checkpoint in {folder}; run train_plms_glue.py first")
     return AutoModelForSequenceClassification.from_pretrained(str(folder))
+
+
+#: the Linear layers a GLUE LoRA adapter adapts (PEFT suffix match): attention, FFN and pooler of BERT-like encoders
+LORA_TARGET_MODULES = ("query", "key", "value", "dense")
+#: the trained head kept whole (PEFT's ``modules_to_save``): sequence-classification heads are task-specific
+LORA_HEAD_MODULES = ("classifier",)
+
+
+def wrap_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """A PEFT ``PeftModel`` training rank-``rank`` LoRA factors on :data:`LORA_TARGET_MODULES` and the whole
+    classifier head (``modules_to_save``); every other weight frozen. ``lora_A`` draws from the current torch seed."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGET_MODULES),
+                        modules_to_save=list(LORA_HEAD_MODULES), bias="none")
+    return get_peft_model(model, config)
+
+
+def save_lora_classifier(model: nn.Module, folder: str | os.PathLike, language_model_name: str) -> None:
+    """``save_pretrained`` of a :func:`wrap_with_lora` model, with ``base_model_name_or_path`` set to the encoder's
+    name (the hub id for the MiniLM alias) rather than the local folder it was loaded from."""
+    model.save_pretrained(str(folder))
+    path = Path(folder, "adapter_config.json")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    name = MINILM_HUB_ID if model_short_name(language_model_name) == MINILM_ALIAS else language_model_name
+    record["base_model_name_or_path"] = name
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_lora_classifier(folder: str | os.PathLike) -> nn.Module:
+    """A GLUE LoRA adapter folder as a plain classifier: the pretrained classifier of ``base_model_name_or_path``
+    (new weights drawn under :data:`PRETRAINED_INIT_SEED`, as when it was trained), every adapted weight
+    ``W + ΔW`` (float32, ``model_merging_methods.lora.adapter_finetuned_state_dict``) and the adapter's head.
+
+    Its delta ``(W + ΔW) - W`` is ΔW up to the float32 rounding of the sum (a relative 6e-8 of W).
+    """
+    from model_merging_methods.lora import adapter_finetuned_state_dict, read_lora_adapter
+
+    adapter = read_lora_adapter(folder)
+    heads = [name for name in adapter.full_tensors if name.endswith("classifier.weight")]
+    if len(heads) != 1:
+        raise ValueError(f"{folder}: a GLUE LoRA adapter carries one classifier head (modules_to_save="
+                         f"{list(LORA_HEAD_MODULES)}), got full tensors {sorted(adapter.full_tensors)}; train it "
+                         "with train_plms_glue.py --lora_rank")
+    num_labels = adapter.full_tensor_shape(heads[0])[0]
+    model = load_pretrained_classifier(adapter.config["base_model_name_or_path"], num_labels)
+    state = adapter_finetuned_state_dict(adapter, model.state_dict())
+    model.load_state_dict(state)
+    return model
 
 
 class MultiTaskModel(nn.Module):

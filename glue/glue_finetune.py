@@ -19,7 +19,9 @@ from glue.encoder_models import (
     load_pretrained_classifier,
     load_tokenizer,
     model_short_name,
+    save_lora_classifier,
     save_multitask_model,
+    wrap_with_lora,
 )
 from glue.glue_data import GLUE_TASKS, get_glue_task, load_glue_task, make_dataloader
 from glue.glue_training import OptimConfig, evaluate_model, train_model
@@ -67,9 +69,20 @@ class GlueTrainConfig:
     glue_dir: str | None = None
     device: str = "cpu"
     group_by_length: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         get_glue_task(self.dataset_name)
+        if self.lora_rank is not None:
+            if self.lora_rank < 1:
+                raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+            if self.multitask_training:
+                raise ValueError("--lora_rank trains single-task adapters; drop --multitask_training or --lora_rank")
+            if self.lora_alpha is not None and self.lora_alpha <= 0:
+                raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        elif self.lora_alpha is not None:
+            raise ValueError(f"lora_alpha={self.lora_alpha} is set without --lora_rank; pass --lora_rank R too")
         if self.multitask_training:
             if self.auxiliary_dataset_name is None:
                 raise ValueError("auxiliary_dataset_name must be set with --multitask_training, got None")
@@ -80,6 +93,13 @@ class GlueTrainConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         OptimConfig(self.learning_rate, self.num_epochs, self.warmup_ratio, self.weight_decay)
+
+    @property
+    def effective_lora_alpha(self) -> float | None:
+        """LoRA's alpha: the flag, else twice the rank (scale alpha / r = 2); None without LoRA."""
+        if self.lora_rank is None:
+            return None
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
     @property
     def tasks(self) -> list[str]:
@@ -94,6 +114,8 @@ class GlueTrainConfig:
             hyper["max_train_samples"] = self.max_train_samples
         if self.group_by_length:
             hyper["group_by_length"] = True
+        if self.lora_rank is not None:
+            hyper.update(lora_rank=self.lora_rank, lora_alpha=self.effective_lora_alpha)
         folder = "_".join(self.tasks)
         return run_dir_for(output_dir, SCRIPT_NAME, folder, model_short_name(self.language_model_name),
                            hyperparameter_dirname(hyper))
@@ -127,6 +149,8 @@ def run_glue_training(config: GlueTrainConfig, run_dir: str | os.PathLike) -> di
     else:
         model = load_pretrained_classifier(config.language_model_name, GLUE_TASKS[tasks[0]].num_labels)
     set_random_seed(config.seed)
+    if config.lora_rank is not None:
+        model = wrap_with_lora(model, config.lora_rank, config.effective_lora_alpha)
     loaders = {split: make_dataloader(rows, tokenizer, batch_size=config.batch_size, shuffle=split == "train",
                                       seed=config.seed, sort_by_length=split != "train",
                                       group_by_length=config.group_by_length and split == "train")
@@ -142,6 +166,10 @@ def run_glue_training(config: GlueTrainConfig, run_dir: str | os.PathLike) -> di
         metrics = {t: {"validation": best["validation"][t], "test": test[t]} for t in tasks}
         metrics["averaged_scores"] = {"validation": best["validation"]["averaged_scores"],
                                       "test": test["averaged_scores"]}
+    elif config.lora_rank is not None:
+        save_lora_classifier(model.cpu(), model_dir, config.language_model_name)
+        tokenizer.save_pretrained(str(model_dir))
+        metrics = {tasks[0]: {"validation": best["validation"], "test": test}}
     else:
         model.cpu().save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
@@ -163,7 +191,8 @@ def find_finetuned_checkpoint(
     matches = []
     for config_path in sorted(base.glob("*/config.json")):
         config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
-        wanted = {k: v for k, v in filters.items() if v is not None}
+        # lora_rank is always compared: None picks full fine-tunes only, R the rank-R LoRA adapters
+        wanted = {k: v for k, v in filters.items() if v is not None or k == "lora_rank"}
         if all(config.get(k) == v for k, v in wanted.items()) and (config_path.parent / "model").is_dir():
             matches.append(config_path.parent / "model")
     if not matches:
@@ -207,6 +236,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning lr to pick (default: MergeLM's table for bert/roberta, else any)")
     parser.add_argument("--max_train_samples", type=int, default=None, help="pick the run trained with this cap")
     parser.add_argument("--train_seed", type=int, default=0, help="pick the fine-tuning run with this seed")
+    parser.add_argument("--lora_rank", type=int, default=None,
+                        help="pick the LoRA adapters of this rank (train_plms_glue.py --lora_rank); default: full "
+                             "fine-tunes")
     parser.add_argument("--checkpoint", nargs="*", default=[], metavar="TASK=PATH",
                         help="explicit fine-tuned model folders, overriding the lookup")
     parser.add_argument("--output_dir", default="results")
@@ -235,4 +267,4 @@ def resolve_checkpoints(args: argparse.Namespace, tasks: Sequence[str]) -> dict[
     return {task: explicit.get(task) or find_finetuned_checkpoint(
         args.output_dir, task, args.language_model_name, seed=args.train_seed,
         learning_rate=args.learning_rate or default_learning_rate(task, args.language_model_name),
-        max_train_samples=args.max_train_samples) for task in tasks}
+        max_train_samples=args.max_train_samples, lora_rank=args.lora_rank) for task in tasks}

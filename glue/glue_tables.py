@@ -24,6 +24,11 @@ from glue.effect_statistics import PairedCell, holm, paired_effect
 
 MERGE_METHOD_ORDER = ("average_merging", "task_arithmetic", "fisher_merging", "fisher_merging (exact)",
                       "regmean_merging", "ties_merging")
+# PEFT's factor-wise LoRA merges (peft_lora_glue.py): the plain combination and its DARE counterpart
+PEFT_MERGE_PAIRS = (("PEFT linear", "PEFT dare_linear"), ("PEFT ties", "PEFT dare_ties"))
+# DARE on ΔW (ours) against PEFT's factor-wise DARE, with the same base combination
+FACTORWISE_CONTRASTS = (("task_arithmetic +DARE", "PEFT dare_linear"), ("ties_merging +DARE", "PEFT dare_ties"))
+PEFT_SCRIPT = "peft_lora_glue"
 # Average relative change of the merged models' scores brought by DARE, encoder pairs (the paper, Section 4.3).
 PAPER_DARE_RELATIVE_CHANGE = {"average_merging": 0.58, "task_arithmetic": 0.36, "fisher_merging": 0.37,
                               "regmean_merging": -0.03, "ties_merging": 0.84}
@@ -114,7 +119,9 @@ def sweep_variant(config: Mapping[str, Any]) -> str:
     ``DARE-rescale_20``, ... (+ ``-n<cap>``)."""
     dare = config.get("dare", {})
     name = "DARE" if dare.get("use_weight_rescale") else "DropOnly"
-    if config.get("rescale_search"):
+    if config.get("script") == PEFT_SCRIPT:
+        name = f"PEFT {config['combination_type']} (factors)"  # PEFT's DARE on A and B, not on ΔW
+    elif config.get("rescale_search"):
         name = f"DAREx-{config['rescale_search']}"  # a rescale chosen per point (search_rescale_factor)
     elif dare.get("rescale_factor") is not None:
         name += f"-rescale_{dare['rescale_factor']:g}"
@@ -159,7 +166,9 @@ def sweep_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float |
 
 
 def merge_column(config: Mapping[str, Any]) -> str:
-    """``task_arithmetic``, ``ties_merging +DARE``, ``fisher_merging (exact) +DARE``, ..."""
+    """``task_arithmetic``, ``ties_merging +DARE``, ``fisher_merging (exact) +DARE``, ``PEFT dare_linear``..."""
+    if config.get("script") == PEFT_SCRIPT:
+        return f"PEFT {config['combination_type']}"
     column = config["applied_method"]
     if column == "fisher_merging" and config.get("fisher_estimator") == "exact":
         column += " (exact)"
@@ -180,7 +189,7 @@ def merge_cells(runs: Sequence[dict]) -> dict[tuple[str, str], dict[str, float |
 def merge_table(runs: Sequence[dict]) -> Table:
     """Rows ``pair -> target``; per method two columns: plain and with DARE (test primary metric)."""
     cells = merge_cells(runs)
-    columns = [c for m in MERGE_METHOD_ORDER for c in (m, f"{m} +DARE")]
+    columns = [*[c for m in MERGE_METHOD_ORDER for c in (m, f"{m} +DARE")], *[c for p in PEFT_MERGE_PAIRS for c in p]]
     columns = [c for c in columns if any(c in row for row in cells.values())]
     rows = [[pair, task, *[row.get(c) for c in columns]] for (pair, task), row in sorted(cells.items())]
     return ["pair", "target task", *columns], rows
@@ -196,24 +205,34 @@ def _seed_values(value: float | Stat) -> tuple[float, ...]:
     return value.values if isinstance(value, Stat) else (value,)
 
 
+def _paired_cells(cells, reference_column: str, treated_column: str) -> tuple[list[PairedCell], list[float]]:
+    """The cells with both columns: ``PairedCell(pair, mean reference, treated seeds)``, and the relative changes
+    (%) of those whose reference is at least ``RELATIVE_CHANGE_MIN_PLAIN``."""
+    paired, relative = [], []
+    for (pair, _), row in sorted(cells.items()):
+        reference, treated = row.get(reference_column), row.get(treated_column)
+        if mean_of(reference) is None or treated is None:
+            continue
+        paired.append(PairedCell(pair, mean_of(reference), _seed_values(treated)))
+        if mean_of(reference) >= RELATIVE_CHANGE_MIN_PLAIN:
+            relative.append(paired[-1].change / mean_of(reference) * 100)
+    return paired, relative
+
+
 def dare_effect_table(runs: Sequence[dict]) -> Table:
     """Per method, over the (pair, target) cells with both a plain and a DARE score (DARE: the mean over seeds):
     the mean change in points with its 95 % bootstrap interval (pairs resampled, the unit that shares a merge,
     and DARE seeds within them), how many cells DARE raised / lowered by more than ``TIE_TOLERANCE``, the
     Wilcoxon signed-rank p-value over the cells with Holm's correction over the methods, and the mean relative
     change ``(DARE - plain) / plain`` in % over the cells whose plain score is at least
-    ``RELATIVE_CHANGE_MIN_PLAIN``, next to the paper's average (stated for MergeLM's Fisher estimator only)."""
+    ``RELATIVE_CHANGE_MIN_PLAIN``, next to the paper's average (stated for MergeLM's Fisher estimator only).
+    PEFT's factor-wise merges, when present, get a row each: ``dare_linear`` against ``linear``, ``dare_ties``
+    against ``ties``."""
     cells = merge_cells(runs)
     effects, relatives = {}, {}
-    for method in MERGE_METHOD_ORDER:
-        paired, relative = [], []
-        for (pair, _), row in sorted(cells.items()):
-            plain, dare = row.get(method), row.get(f"{method} +DARE")
-            if mean_of(plain) is None or dare is None:
-                continue
-            paired.append(PairedCell(pair, mean_of(plain), _seed_values(dare)))
-            if mean_of(plain) >= RELATIVE_CHANGE_MIN_PLAIN:
-                relative.append(paired[-1].change / mean_of(plain) * 100)
+    for method, plain_column, dare_column in [*[(m, m, f"{m} +DARE") for m in MERGE_METHOD_ORDER],
+                                               *[(d, p, d) for p, d in PEFT_MERGE_PAIRS]]:
+        paired, relative = _paired_cells(cells, plain_column, dare_column)
         if paired:
             effects[method], relatives[method] = paired_effect(paired), relative
     adjusted = holm({m: e.p_value for m, e in effects.items()})
@@ -223,6 +242,23 @@ def dare_effect_table(runs: Sequence[dict]) -> Table:
     return ["method", "cells", "mean change (points)", "95% CI low", "95% CI high", "DARE higher", "DARE lower",
             "Wilcoxon p", "Holm p", f"cells with plain >= {RELATIVE_CHANGE_MIN_PLAIN:g}",
             "mean relative change on those (%)", "paper (%)"], rows
+
+
+def factorwise_contrast_table(runs: Sequence[dict]) -> Table:
+    """DARE on ΔW (ours, with Task Arithmetic / TIES) against PEFT's factor-wise ``dare_linear`` / ``dare_ties``
+    over the (pair, target) cells with both: ours minus PEFT's in points (means over their seeds), the 95 %
+    bootstrap interval (pairs and our seeds resampled), cells higher / lower, Wilcoxon p with Holm over the rows."""
+    cells = merge_cells(runs)
+    effects = {}
+    for ours, peft in FACTORWISE_CONTRASTS:
+        paired, _ = _paired_cells(cells, peft, ours)
+        if paired:
+            effects[(ours, peft)] = paired_effect(paired)
+    adjusted = holm({f"{o} - {p}": e.p_value for (o, p), e in effects.items()})
+    rows = [[f"{o} - {p}", e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value, adjusted[f"{o} - {p}"]]
+            for (o, p), e in effects.items()]
+    return ["contrast", "cells", "mean difference (points)", "95% CI low", "95% CI high", "ours higher",
+            "ours lower", "Wilcoxon p", "Holm p"], rows
 
 
 SWEEP_CONTRAST_RATES = (0.9, 0.99, 0.995, 0.999)

@@ -63,12 +63,22 @@ def index_adapter(folder: Path, base: CheckpointIndex) -> AdapterIndex:
         ValueError: the adapter config is refused (DoRA, ...; ``lora_config.validate_adapter_config``), or a
             targeted module is missing from the base or has another shape (``read_lora_adapter``).
     """
+    if full := _full_tensor_names(folder):
+        raise ValueError(f"{folder}: the adapter carries whole trained tensors (modules_to_save: {full}); the "
+                         "streaming merger reads adapters as ΔW = scale·B·A only; merge_and_unload() the adapter and "
+                         "pass the model as a full fine-tune, or re-train without modules_to_save")
     adapter = read_lora_adapter(folder, {name: info.shape for name, info in base.tensors.items()})
     weights = folder / ADAPTER_WEIGHTS_NAME
     tensors = {name: TensorInfo(name, weights, info.shape,
                                 torch.float32 if info.dtype.is_floating_point else info.dtype)
                for name, info in base.tensors.items()}
     return AdapterIndex(model_dir=folder, format=ADAPTER_FORMAT, tensors=tensors, adapter=adapter)
+
+
+def _full_tensor_names(folder: Path) -> list[str]:
+    from model_merging_methods.lora_config import read_adapter_config
+
+    return list(read_adapter_config(folder).get("modules_to_save") or [])
 
 
 class LoraDeltaReader:

@@ -25,7 +25,7 @@ Options that change the forward or the meaning of ``B·A`` are refused by name
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +75,23 @@ class LoraAdapter:
     folder: Path
     config: Mapping[str, Any]
     modules: Mapping[str, LoraModule]
+    #: ``{base parameter name: key in the file}`` of the whole trained tensors of ``modules_to_save`` modules
+    full_tensors: Mapping[str, str] = field(default_factory=dict)
+    #: their shapes
+    full_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def full_tensor(self, name: str) -> Tensor:
+        """The saved tensor of a ``modules_to_save`` parameter (it replaces the base's), as stored."""
+        from safetensors import safe_open
+
+        if name not in self.full_tensors:
+            raise KeyError(f"{self.folder}: {name!r} is not a modules_to_save tensor of the adapter; it has "
+                           f"{sorted(self.full_tensors)}")
+        with safe_open(str(self.folder / ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
+            return handle.get_tensor(self.full_tensors[name])
+
+    def full_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.full_shapes[name])
 
     def parameter_names(self) -> dict[str, LoraModule]:
         """``{base parameter name: module}`` for every base parameter the adapter changes (weights and biases)."""
@@ -155,12 +172,26 @@ def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
-def _group_factors(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, str]]:
-    """``{module: {"lora_A"/"lora_B"/"bias"/...: key}}``; any tensor that is not a LoRA factor is an error."""
+def _saved_module(name: str, modules_to_save) -> bool:
+    """True when parameter ``name`` belongs to a ``modules_to_save`` module (PEFT matches a module whose name is
+    the entry or ends with ``.`` + entry)."""
+    module = name.rpartition(".")[0]
+    return any(module == entry or module.endswith("." + entry) for entry in modules_to_save or ())
+
+
+def _group_factors(folder: Path, shapes: Mapping[str, tuple[int, ...]], modules_to_save=None,
+                   ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """``({module: {"lora_A"/"lora_B"/"bias"/...: key}}, {parameter: key of a modules_to_save tensor})``; any other
+    tensor is an error."""
     groups: dict[str, dict[str, str]] = {}
+    full: dict[str, str] = {}
     adapter_names = set()
     for key in shapes:
         parsed = parse_lora_key(key)
+        if parsed is None and key.startswith(PEFT_KEY_PREFIX) and _saved_module(
+                key.removeprefix(PEFT_KEY_PREFIX), modules_to_save):
+            full[key.removeprefix(PEFT_KEY_PREFIX)] = key
+            continue
         if parsed is None or not key.startswith(PEFT_KEY_PREFIX):
             raise ValueError(f"{folder}: tensor {key!r} is not a LoRA factor ({PEFT_KEY_PREFIX}<module>.lora_A/"
                              "lora_B.weight or .lora_embedding_A/B); full tensors (modules_to_save, embeddings saved "
@@ -176,7 +207,7 @@ def _group_factors(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[
     if len(adapter_names) > 1:
         raise ValueError(f"{folder}: the file mixes adapters {sorted(map(str, adapter_names))}; save one adapter "
                          "per folder (PeftModel.save_pretrained(..., selected_adapters=[name]))")
-    return groups
+    return groups, full
 
 
 def _module_kind(folder: Path, module: str, keys: Mapping[str, str], shapes) -> Literal["linear", "embedding"]:
@@ -219,11 +250,12 @@ def read_lora_adapter(folder: str | Path, base_shapes: Mapping[str, Any] | None 
     folder = Path(folder)
     config = read_adapter_config(folder)
     shapes = _tensor_shapes(folder)
-    modules = {name: _lora_module(folder, config, name, keys, shapes)
-               for name, keys in sorted(_group_factors(folder, shapes).items())}
+    groups, full = _group_factors(folder, shapes, config.get("modules_to_save"))
+    modules = {name: _lora_module(folder, config, name, keys, shapes) for name, keys in sorted(groups.items())}
     if not modules:
         raise ValueError(f"{folder}: {ADAPTER_WEIGHTS_NAME} holds no LoRA factors")
-    adapter = LoraAdapter(folder=folder, config=config, modules=modules)
+    adapter = LoraAdapter(folder=folder, config=config, modules=modules, full_tensors=dict(sorted(full.items())),
+                          full_shapes={name: shapes[key] for name, key in sorted(full.items())})
     if base_shapes is not None:
         _check_against_base(adapter, shapes, base_shapes)
     return adapter
@@ -235,6 +267,13 @@ def _delta_shape(module: LoraModule, shapes) -> tuple[int, ...]:
 
 
 def _check_against_base(adapter: LoraAdapter, shapes, base_shapes: Mapping[str, Any]) -> None:
+    for name, shape in adapter.full_shapes.items():
+        base = base_shapes.get(name)
+        base_shape = None if base is None else tuple(base.shape if hasattr(base, "shape") else base)
+        if base_shape != tuple(shape):
+            raise ValueError(f"{adapter.folder}: the modules_to_save tensor {name!r} has shape {tuple(shape)}, the "
+                             f"base model {'has no such tensor' if base is None else f'has {base_shape}'}; a head "
+                             "replaces the base's head of the same shape (load the base with that many labels)")
     for name, module in adapter.parameter_names().items():
         if name not in base_shapes:
             close = [n for n in base_shapes if n.endswith(name.split(".", 1)[-1])][:3]
@@ -254,26 +293,36 @@ def _as_adapter(adapter: LoraAdapter | str | Path, base: Mapping[str, Any]) -> L
 
 
 def adapter_delta_state_dict(adapter: LoraAdapter | str | Path, base: Mapping[str, Any]) -> dict[str, Tensor]:
-    """``{parameter name: float32 ΔW}`` for every base parameter the adapter changes (others have ΔW = 0).
+    """``{parameter name: float32 ΔW}`` for every base parameter the adapter changes (others have ΔW = 0); a
+    ``modules_to_save`` tensor's delta is ``saved - base`` in float32, as a full fine-tune's.
 
     Args:
         adapter: an adapter folder or a ``LoraAdapter``.
-        base: the base model's ``{name: tensor or shape}``, used to check names and shapes.
+        base: the base model's ``{name: tensor or shape}``, used to check names and shapes (tensors are needed
+            when the adapter has ``modules_to_save`` tensors).
     """
     adapter = _as_adapter(adapter, base)
-    return {name: adapter.delta(name) for name in adapter.parameter_names()}
+    deltas = {name: adapter.delta(name) for name in adapter.parameter_names()}
+    for name in adapter.full_tensors:
+        if not isinstance(base[name], Tensor):
+            raise TypeError(f"{name!r} is a modules_to_save tensor: its delta needs the base tensor, got a shape")
+        deltas[name] = adapter.full_tensor(name).float() - base[name].float()
+    return deltas
 
 
 def adapter_finetuned_state_dict(adapter: LoraAdapter | str | Path, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The adapter as a fine-tuned model: ``base + ΔW`` (computed in float32, cast to the base dtype) for adapted
     parameters, the base tensors themselves (not copies) for all others.
 
-    This is what ``merge_and_unload()`` gives, so the result can be passed to ``merge_state_dicts`` next to full
-    fine-tunes of the same base. ``(base + ΔW) - base`` is ΔW up to the rounding of the addition; the exact ΔW for
-    DARE is ``adapter_delta_state_dict``.
+    ``modules_to_save`` tensors (a trained head) replace the base's. This is what ``merge_and_unload()`` gives,
+    so the result can be passed to ``merge_state_dicts`` next to full fine-tunes of the same base.
+    ``(base + ΔW) - base`` is ΔW up to the rounding of the addition; the exact ΔW for DARE is
+    ``adapter_delta_state_dict``.
     """
     adapter = _as_adapter(adapter, base)
     merged = dict(base)
     for name in adapter.parameter_names():
         merged[name] = (base[name].float() + adapter.delta(name)).to(base[name].dtype)
+    for name in adapter.full_tensors:  # modules_to_save: the trained tensor replaces the base's
+        merged[name] = adapter.full_tensor(name).to(base[name].dtype)
     return merged

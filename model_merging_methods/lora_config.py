@@ -37,8 +37,10 @@ REFUSED_VARIANT_FIELDS: dict[str, str] = {
 # ``save_pretrained(path_initial_model_for_weight_conversion=...)`` converts such adapters to plain LoRA (and then
 # writes init_lora_weights=True), which is accepted.
 REFUSED_INIT_PREFIXES = ("pissa", "olora", "corda", "lora_ga", "astra", "loftq")
-# Full (not low-rank) trained tensors an adapter can carry; each would need its own replace-the-base rule.
-REFUSED_EXTRA_TENSOR_FIELDS = ("modules_to_save", "trainable_token_indices")
+# Full (not low-rank) trained tensors an adapter can carry that need their own replace-the-base rule.
+# ``modules_to_save`` (whole trained modules, e.g. a classification head) is read by ``lora.read_lora_adapter``:
+# the saved tensor replaces the base's.
+REFUSED_EXTRA_TENSOR_FIELDS = ("trainable_token_indices",)
 
 
 def pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
@@ -75,8 +77,9 @@ def validate_adapter_config(config: Mapping[str, Any], *, source: str = ADAPTER_
 
     Raises ValueError naming the field and its value: ``peft_type`` other than LORA, the LoRA variants of
     ``REFUSED_VARIANT_FIELDS`` (DoRA, aLoRA, ...), ``init_lora_weights`` that rewrite the base weights (PiSSA, OLoRA,
-    CorDA, LoRA-GA, Astra, LoftQ), trained full tensors (``bias`` other than "none", ``modules_to_save``,
-    ``trainable_token_indices``), and a non-positive ``r``. Settings that do not change the merged weights
+    CorDA, LoRA-GA, Astra, LoftQ), trained full tensors (``bias`` other than "none",
+    ``trainable_token_indices``), and a non-positive ``r``. ``modules_to_save`` tensors are accepted: they replace
+    the base's tensors (``lora.read_lora_adapter``). Settings that do not change the merged weights
     (``lora_dropout``, ``layers_to_transform``, ``exclude_modules``, ``init_lora_weights`` True/False/"gaussian"/
     "eva"/"orthogonal"/"nora"/"mica", ``velora_config``) are accepted.
     """

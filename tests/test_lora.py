@@ -211,7 +211,7 @@ def test_dora_is_refused_naming_use_dora(base_model, tmp_path):
     ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
     ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
     ("bias", "all", "bias='all'"),
-    ("modules_to_save", ["lm_head"], "modules_to_save=\\['lm_head'\\]"),
+    ("trainable_token_indices", [1, 2], "trainable_token_indices=\\[1, 2\\]"),
     ("target_parameters", ["mlp.experts.gate_up_proj"], "target_parameters="),
     ("layer_replication", [[0, 2], [1, 2]], "layer_replication="),
     ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens=\\[5, 6\\]"),

@@ -1,0 +1,64 @@
+"""scripts/reproduce_lora_results.sh --smoke end to end on a tiny BERT: LoRA adapters trained with PEFT, DARE sweeps on
+their ΔW, PEFT's factor-wise sweeps and merges, our merges, and the tables; then again: the rerun computes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import tiny_bert_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_script(*args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_lora_results.sh"), "--jobs", "2", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_smoke_lora_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_dir):
+    from transformers import BertModel
+
+    from glue.encoder_models import load_tokenizer
+
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)).save_pretrained(
+        tmp_path / "tiny-bert")
+    tokenizer.save_pretrained(tmp_path / "tiny-bert")
+    for task in ("rte", "mrpc"):
+        (tmp_path / "glue" / task).mkdir(parents=True)
+        for split in ("train", "validation"):
+            lines = (shared_data_dir / "glue" / task / f"{split}.jsonl").read_text().splitlines()[:60]
+            (tmp_path / "glue" / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = ("--smoke", "--model", str(tmp_path / "tiny-bert"), "--glue_dir", str(tmp_path / "glue"),
+            "--output_dir", str(out))
+    log = _run_script(*args)
+    for step in ("LoRA adapters (rank 8) for rte, mrpc", "drop-rate sweeps on each adapter", "PEFT's factor-wise DARE",
+                 "pairwise merges of the adapters", "PEFT's dare_linear and dare_ties", "tables", "done"):
+        assert step in log
+    adapters = sorted(out.glob("train_plms_glue/*/tiny-bert/*lora_rank=8*/model/adapter_config.json"))
+    assert len(adapters) == 2
+    summary = json.loads((out / "summary" / "summary.json").read_text())
+    variants = {row["variant"] for row in summary["dare_sweep"]}
+    assert variants == {"DARE-n16", "DropOnly-n16", "DropOnly-magnitude-n16", "PEFT dare_linear (factors)-n16"}
+    columns = set(summary["merging"][0])
+    assert {"average_merging", "task_arithmetic +DARE", "ties_merging +DARE", "PEFT linear", "PEFT dare_linear",
+            "PEFT ties", "PEFT dare_ties"} <= columns
+    contrasts = {row["contrast"] for row in summary["factorwise_contrast"]}
+    assert contrasts == {"task_arithmetic +DARE - PEFT dare_linear", "ties_merging +DARE - PEFT dare_ties"}
+    dare_row = next(r for r in summary["dare_sweep"] if r["variant"] == "DARE-n16")
+    assert len(dare_row["p=0.5"]["values"]) == 2  # two mask seeds
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    _run_script(*args, "--steps", "train sweep peft_sweep merge peft_merge")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == before
