@@ -36,6 +36,7 @@ from llms.model_names import TASK_TO_MODEL, WEIGHT_DIFF_MODELS
 from llms.model_resolution import resolve_model
 from llms.weight_diff import recover_wizardlm_7b
 from merge_engine import holds_finished_merge, merge_checkpoints, merge_variants
+from merge_engine.lora_source import is_adapter_argument
 from merge_engine.model_source import resolve_model_dir
 from merge_engine.output_folder import MERGE_CONFIG, TOKENIZER_FILES
 from model_merging_methods import Recipe
@@ -169,9 +170,10 @@ def recovered_wizardlm_7b(overrides: Mapping[str, str], save_models_dir: str) ->
 def inference_model_paths(config: LlmInferenceConfig) -> dict[str, str]:
     """Resolve the fine-tuned (and, with DARE, backbone) paths and check the data; fails before any heavy work."""
     names = [config.finetuned_model_name] if config.finetuned_model_name not in WEIGHT_DIFF_MODELS else []
-    if config.dare is not None:
-        names.append(config.backbone_name)
     paths = resolve_paths(names, config.model_paths)
+    finetuned = paths.get(config.finetuned_model_name)
+    if config.dare is not None or (finetuned is not None and is_adapter_argument(finetuned)):
+        paths.update(resolve_paths([config.backbone_name], config.model_paths))  # an adapter is base + ΔW
     if config.finetuned_model_name in WEIGHT_DIFF_MODELS:
         for name in (config.finetuned_model_name, WEIGHT_DIFF_MODELS[config.finetuned_model_name]):
             if name + RECOVERED_SUFFIX not in config.model_paths:
@@ -196,14 +198,20 @@ def prepare_inference_model(config: LlmInferenceConfig, paths: Mapping[str, str]
     finetuned = paths.get(config.finetuned_model_name)
     if config.finetuned_model_name in WEIGHT_DIFF_MODELS:
         finetuned = recovered_wizardlm_7b(config.model_paths, config.save_models_dir)
-    if config.recipe is None:
+    adapter = is_adapter_argument(finetuned)
+    if config.recipe is None and not adapter:
         return finetuned, None
+    # a LoRA adapter is evaluated as base + ΔW (task arithmetic with lambda 1 of the adapter alone), written by the
+    # streaming merger like a DARE'd model; the config and tokenizer then come from the base (the adapter has none)
+    recipe = config.recipe or Recipe("task_arithmetic", {"scaling_coefficient": 1.0})
     output_dir = config.dare_model_dir()
-    merge_into(output_dir, paths[config.backbone_name], [finetuned], recipe=config.recipe,
-               save_dtype=config.save_dtype, copy_config_from=1,
+    merge_into(output_dir, paths[config.backbone_name], [finetuned], recipe=recipe,
+               save_dtype=config.save_dtype, copy_config_from=0 if adapter else 1,
                resume=config.evaluation.resume, num_threads=config.merge_num_threads,
                progress=config.evaluation.progress, homology_check=config.homology_check,
                strict_homology=config.strict_homology)
+    if adapter and has_tokenizer_files(Path(finetuned)):
+        install_tokenizer(output_dir, Path(finetuned))  # the adapter's own tokenizer (chat template, pad token)
     return str(output_dir), output_dir
 
 
@@ -230,6 +238,18 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         os.symlink(source.resolve(), target)
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_folder(model: str, backbone: str) -> Path:
+    """The folder whose tokenizer a task's model uses: the model's, or the backbone's for a LoRA adapter saved
+    without one."""
+    if is_adapter_argument(model) and not has_tokenizer_files(Path(model)):
+        return resolve_model_dir(backbone)
+    return resolve_model_dir(model)
 
 
 def install_tokenizer(folder: Path, tokenizer_dir: Path) -> list[str]:
@@ -272,7 +292,7 @@ def merge_llms(config: LlmMergeConfig, paths: Mapping[str, str]) -> dict[str, Pa
                strict_homology=config.strict_homology)
     views = {}
     for task in config.merge_tasks:
-        tokenizer_dir = resolve_model_dir(paths[TASK_TO_MODEL[task]])
+        tokenizer_dir = tokenizer_folder(paths[TASK_TO_MODEL[task]], paths[config.backbone_name])
         views[task] = make_task_view(weights_dir, config.merged_model_dir(task), tokenizer_dir)
     return views
 

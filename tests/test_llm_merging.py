@@ -406,3 +406,51 @@ def test_a_rescale_factor_names_its_own_model_folder():
     assert dare.save_model_name == "WizardMath-7B-V1.0_inference_mask_0.9_rescale_True"  # MergeLM's name
     assert darex.save_model_name == "WizardMath-7B-V1.0_inference_mask_0.9_rescale_True_factor_5.0"
     assert darex.run_dir("r") != dare.run_dir("r")
+
+
+def _save_lora_adapter(base_folder: str, folder: Path, seed: int) -> None:
+    """A PEFT LoRA adapter of the tiny base (random non-zero factors), saved without a tokenizer."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(base_folder),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(folder)
+
+
+def test_lora_adapters_stand_for_fine_tunes_in_inference_and_merging(family, tmp_path, shared_data_dir):
+    """``--model_path NAME=ADAPTER``: inference evaluates base + ΔW (with DARE: base + DARE(ΔW)); a merge mixes the
+    adapter with full fine-tunes; config and tokenizer come from the base."""
+    from model_merging_methods.lora import adapter_delta_state_dict
+
+    adapter = tmp_path / "math-adapter"
+    _save_lora_adapter(family["Llama-2-13b-hf"], adapter, seed=5)
+    paths = {**family, "WizardMath-13B-V1.0": str(adapter)}
+    common = [*[a for n, p in paths.items() for a in ("--model_path", f"{n}={p}")], "--backend", "hf", "--data_dir",
+              str(shared_data_dir), "--results_dir", str(tmp_path / "results"), "--end_index", "1",
+              "--max_new_tokens", "3", "--quiet", "--save_dtype", "float32"]
+    save_models = tmp_path / "save_models"
+    argv = [*common, "--finetuned_model_name", "WizardMath-13B-V1.0", "--dataset_name", "gsm8k",
+            "--save_models_dir", str(save_models), "--keep_model"]
+    assert inference_script.main([*argv, "--weight_mask_rate", "0.0"])["gsm8k"]["num_examples"] == 1
+    model, tokenizer = _load(save_models / "gsm8k" / "WizardMath-13B-V1.0_inference_mask_0.0")
+    base, _ = _load(Path(family["Llama-2-13b-hf"]))
+    deltas = adapter_delta_state_dict(adapter, base.state_dict())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(model.state_dict()[name], base.state_dict()[name] + deltas[name], rtol=0, atol=1e-6)
+    assert tokenizer.pad_token is None  # the base's tokenizer: the adapter was saved without one
+    inference_script.main([*argv, "--weight_mask_rate", "0.9", "--use_weight_rescale"])
+    dared, _ = _load(save_models / "gsm8k" / "WizardMath-13B-V1.0_inference_mask_0.9_rescale_True")
+    kept = (dared.state_dict()[name] != base.state_dict()[name]).float().mean().item()
+    assert 0.03 < kept < 0.2  # about 10 % of ΔW's entries survive
+    store = tmp_path / "merged"
+    metrics = merge_script.main([*common, *_merge_flags(DARE_TIES), "--save_merge_models_dir", str(store),
+                                 "--keep_model"])
+    assert set(metrics) == {"alpaca_eval", "gsm8k", "MATH"}
+    math_view = next((store / "instruct_math" / "math").rglob("config.json")).parent
+    assert _load(math_view)[1].pad_token is None  # the base's tokenizer stands in for the adapter's
