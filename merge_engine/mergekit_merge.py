@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.run_dir import atomic_write_json, atomic_write_text
+from merge_engine.lora_source import is_adapter_argument
 from merge_engine.merge_record import describe_input, versions
 from merge_engine.mergekit_config import (
     RESCALE_MODES,
@@ -118,6 +119,12 @@ def prepare_config(text: str, output_dir: str | os.PathLike, *, seed: int | None
         raise ValueError(f"dare_rescale must be one of {RESCALE_MODES}, got {dare_rescale!r}")
     seed = DEFAULT_SEED if seed is None else seed
     models = config.referenced_models()
+    for model in models:
+        if is_adapter_argument(model):
+            raise ValueError(f"{where}: model {model!r} is a PEFT LoRA adapter folder; --config takes full models, "
+                             "as mergekit does; merge adapters with merge_checkpoints.py without --config (adapters "
+                             "go next to full fine-tunes: DARE and the methods run on ΔW = scale·B·A), or "
+                             "merge_and_unload() the adapter into its base first")
     dirs = {m: resolve_model_dir(m) for m in models}
     if config.tokenizer_source not in (None, "base", *models):  # a tokenizer donor outside the merge: found now
         dirs[config.tokenizer_source] = resolve_model_dir(config.tokenizer_source)

@@ -195,3 +195,18 @@ def test_tokenizer_source_names_the_donor_and_a_missing_one_fails_first(family, 
                                                          f"tokenizer_source: {tmp_path / 'nowhere'}"))
     with pytest.raises((ValueError, OSError), match="nowhere"):
         merge_checkpoints.main(["--config", str(config), "--output_dir", str(tmp_path / "out2"), "--quiet"])
+
+
+def test_a_lora_adapter_folder_in_a_config_is_refused_naming_the_other_way(family, tmp_path):
+    import merge_checkpoints
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    text = fill_model_paths("merge_method: task_arithmetic\nbase_model: @base\nmodels:\n"
+                            "  - model: @ft0\n    parameters: {weight: 0.5}\n", family, MODELS)
+    text += f"  - model: {adapter}\n    parameters: {{weight: 0.5}}\n"
+    (tmp_path / "merge.yml").write_text(text)
+    with pytest.raises(ValueError, match=r"PEFT LoRA adapter folder; --config takes full models.*without --config"):
+        merge_checkpoints.main(["--config", str(tmp_path / "merge.yml"), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
