@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_names", nargs="+", default=list(GLUE_TASK_NAMES), choices=GLUE_TASK_NAMES)
     parser.add_argument("--weight_mask_rate", type=float, nargs="+", default=None,
                         help="drop rates p (density 1 - p); sweep default 0.1 0.5 0.9, merge default 0.1 0.5 0.9")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="torch seeds of PEFT's masks")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0],
+                        help="torch seeds of PEFT's masks; merge: none (--seeds alone) runs only the plain merge")
     parser.add_argument("--combination_type", choices=sorted(PLAIN), default="dare_linear", help="merge mode only")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="adapter weights searched (both alike); default: 0.3 0.5 0.7 1.0 (dare_linear), "
@@ -120,6 +121,8 @@ class Evaluator:
 def run_sweep(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     rates = tuple(args.weight_mask_rate or (0.1, 0.5, 0.9))
     _check_rates(rates)
+    if not args.seeds:
+        raise ValueError("sweep needs at least one mask seed, got none; pass --seeds 0 (or more)")
     checkpoints = resolve_checkpoints(args, args.dataset_names)
     results = {}
     for task in args.dataset_names:

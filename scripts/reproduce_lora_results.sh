@@ -20,7 +20,7 @@ GLUE_DIR=${MERGELM_GLUE_DIR:-../shared/data/glue}
 GPU=-1
 SMOKE=0
 JOBS=""
-STEPS="train sweep peft_sweep merge peft_merge summary"
+STEPS="train sweep merge summary"
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -39,12 +39,13 @@ LR=5e-4                     # LoRA's usual learning rate for BERT-size encoders
 RANK=8                      # lora_alpha = 2 x rank (scale 2)
 RATES="0.0 0.1 0.3 0.5 0.7 0.9 0.99"
 SEEDS="0 1 2"
+MERGE_SEEDS="0 1 2"          # DARE seeds of the merges (ours and PEFT's)
 GRID=reduced
 TRAIN_SPECS=("rte 5" "mrpc 3" "sst2 3 --max_train_samples 8000" "stsb 3" "cola 3")
 EVAL_CAPS=()
 MERGE_CAPS=(--max_validation_samples 500)
 if [ "$SMOKE" = 1 ]; then
-  TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; SEEDS="0 1"; GRID=quick
+  TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; SEEDS="0 1"; MERGE_SEEDS="0"; GRID=quick
   TRAIN_SPECS=("rte 1 --max_train_samples 32" "mrpc 1 --max_train_samples 32")
   EVAL_CAPS=(--max_eval_samples 16); MERGE_CAPS=(--max_eval_samples 16)
 fi
@@ -75,20 +76,14 @@ if wants train; then
   run_jobs "${calls[@]}"
 fi
 if wants sweep; then
-  step "drop-rate sweeps on each adapter's delta W: DARE, DropOnly, magnitude pruning"
+  step "drop-rate sweeps on each adapter's delta W (DARE, DropOnly, magnitude pruning) and PEFT's factor-wise DARE"
   calls=()
   # shellcheck disable=SC2086
   for variant in "" "--use_weight_rescale" "--mask_strategy magnitude"; do
     calls+=("$(cmd python inference_plms_glue.py "${COMMON[@]}" "${PICK[@]}" --dataset_names $TASKS \
       --weight_mask_rate $RATES --seeds $SEEDS $variant ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume)")
   done
-  run_jobs "${calls[@]}"
-fi
-
-if wants peft_sweep; then
-  step "PEFT's factor-wise DARE on each adapter alone (add_weighted_adapter dare_linear)"
-  calls=()
-  for seed in $SEEDS; do
+  for seed in $SEEDS; do   # PEFT's operator on each adapter alone (add_weighted_adapter dare_linear's factors)
     # shellcheck disable=SC2086
     calls+=("$(cmd python peft_lora_glue.py sweep "${COMMON[@]}" "${PICK[@]}" --dataset_names $TASKS \
       --weight_mask_rate ${RATES#0.0 } --seeds "$seed" ${EVAL_CAPS[@]+"${EVAL_CAPS[@]}"} --resume)")
@@ -100,25 +95,23 @@ MERGE_METHODS="average_merging task_arithmetic ties_merging"
 if wants merge; then
   MERGE=(python merge_plms_glue.py "${COMMON[@]}" "${PICK[@]}" --dataset_names $TASKS --grid $GRID
          "${MERGE_CAPS[@]}" --resume)
-  step "pairwise merges of the adapters without DARE, then with DARE on delta W (seeds $SEEDS)"
-  calls=("$(cmd "${MERGE[@]}" --merging_method_name $MERGE_METHODS)")
-  for seed in $SEEDS; do
+  PEFT_MERGE=(python peft_lora_glue.py merge "${COMMON[@]}" "${PICK[@]}" --dataset_names $TASKS "${MERGE_CAPS[@]}"
+              --resume)
+  # the plain runs first: every DARE run then takes its method's selection from them instead of searching again
+  step "pairwise merges of the adapters without DARE: ours ($MERGE_METHODS), PEFT's linear and ties"
+  # shellcheck disable=SC2086
+  calls=("$(cmd "${MERGE[@]}" --merging_method_name $MERGE_METHODS)"
+         "$(cmd "${PEFT_MERGE[@]}" --combination_type dare_linear --seeds)"
+         "$(cmd "${PEFT_MERGE[@]}" --combination_type dare_ties --seeds)")
+  run_jobs "${calls[@]}"
+  step "pairwise merges with DARE: ours on delta W, PEFT's dare_linear / dare_ties on the factors; seeds $MERGE_SEEDS"
+  calls=()
+  for seed in $MERGE_SEEDS; do
     # shellcheck disable=SC2086
     calls+=("$(cmd "${MERGE[@]}" --merging_method_name mask_merging --use_weight_rescale --seeds "$seed" \
-      --mask_apply_method $MERGE_METHODS)")
-  done
-  run_jobs "${calls[@]}"
-fi
-
-if wants peft_merge; then
-  step "pairwise merges with PEFT's dare_linear and dare_ties (factor-wise; seeds $SEEDS)"
-  calls=()
-  for seed in $SEEDS; do
-    for combination in dare_linear dare_ties; do
-      # shellcheck disable=SC2086
-      calls+=("$(cmd python peft_lora_glue.py merge "${COMMON[@]}" "${PICK[@]}" --dataset_names $TASKS \
-        --combination_type $combination --seeds "$seed" "${MERGE_CAPS[@]}" --resume)")
-    done
+               --mask_apply_method $MERGE_METHODS)"
+            "$(cmd "${PEFT_MERGE[@]}" --combination_type dare_linear --seeds "$seed")"
+            "$(cmd "${PEFT_MERGE[@]}" --combination_type dare_ties --seeds "$seed")")
   done
   run_jobs "${calls[@]}"
 fi
