@@ -170,3 +170,17 @@ def test_factorwise_dare_is_seeded_and_drops_factor_entries(merger):
     assert abs(zero - (1 - 0.5 ** 2) ** m.rank) < 0.1
     with pytest.raises(ValueError, match="combination_type must be one of"):
         merger.delta(["a"], [1.0], "svd")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sweep", "--learning_rate", "1e-3"], "pass --lora_rank R"),
+    (["sweep", "--lora_rank", "8", "--weight_mask_rate", "1.0"], r"must be in \(0, 1\)"),
+    (["sweep", "--lora_rank", "8", "--seeds"], "sweep needs at least one mask seed"),
+    (["merge", "--lora_rank", "8", "--weight_mask_rate", "0.0"], r"must be in \(0, 1\)"),
+])
+def test_peft_baseline_flags_are_checked_before_any_model_is_loaded(argv, message, tmp_path):
+    import peft_lora_glue
+
+    with pytest.raises(ValueError, match=message):
+        peft_lora_glue.main([*argv, "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
