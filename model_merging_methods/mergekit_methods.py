@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from model_merging_methods.mergekit_fused import fused_gta, random_l1_sums
 from model_merging_methods.mergekit_sparsify import (
     RESCALES,
     Rescale,
@@ -207,6 +208,12 @@ def generalized_task_arithmetic(
         if len(values) != count:
             raise ValueError(f"{label} has {len(values)} values for {count} models")
     rescale_name = _rescale_name(rescale)
+    if keep_masks is None:  # task_arithmetic / dare_linear / dare_ties on the CPU: one compiled pass, same bits
+        fused = fused_gta(base, models, weights=weights, densities=densities, sparsification=sparsification,
+                          consensus=consensus, normalize=normalize, rescale=rescale_name, lambda_=lambda_, seed=seed,
+                          model_indices=model_indices, name=name, element_offset=element_offset, l1_norms=l1_norms)
+        if fused is not None:
+            return fused
 
     deltas = base.new_empty((count, *base.shape))
     for index, model in enumerate(models):
@@ -256,11 +263,16 @@ def l1_norms(
     before = after = 0.0
     work = None
     for delta, offset in chunks:
-        masked = sparsify(delta, density, sparsification, epsilon=epsilon, rescale="none", seed=seed,
-                          model_index=model_index, name=name, element_offset=offset)
         work = torch.float32 if delta.device.type == "cpu" and delta.dtype != torch.bfloat16 else delta.dtype
-        before += delta.to(work).abs().sum(dtype=torch.float64).item()
-        after += masked.to(work).abs().sum(dtype=torch.float64).item()
+        sums = random_l1_sums(delta, density, seed=seed, model_index=model_index, name=name,
+                              element_offset=offset) if sparsification == "random" else None
+        if sums is None:
+            masked = sparsify(delta, density, sparsification, epsilon=epsilon, rescale="none", seed=seed,
+                              model_index=model_index, name=name, element_offset=offset)
+            sums = (delta.to(work).abs().sum(dtype=torch.float64).item(),
+                    masked.to(work).abs().sum(dtype=torch.float64).item())
+        before += sums[0]
+        after += sums[1]
     return torch.tensor(before, dtype=work), torch.tensor(after, dtype=work)
 
 

@@ -26,6 +26,8 @@ Rescaling (``Rescale``), recorded by name:
 
 * ``"l1"``: mergekit's ``rescale: true``: ``masked * ||delta||_1 / ||masked||_1`` per tensor, skipped when
   either norm is below 1e-7 (``rescaled_masked_tensor``). It restores the L1 norm, 1/density only on average.
+  The norms are float64 sums rounded once to the work dtype (mergekit sums in the work dtype's accumulator), so a
+  whole tensor and its row chunks get the same norms; the rescale can differ from mergekit's in the last bit.
 * ``"inverse_keep"``: the papers' rescale, each survivor divided by its keep probability: ``1 / (1 - p) =
   1 / density`` for DARE (Yu et al.), ``1 / (1 - P_i)`` per element for DELLA (Deep et al., arXiv:2406.11617,
   P_i = its drop probability), ``1 / density`` for the magnitude methods (MergeLM's rescale after pruning).
@@ -178,7 +180,9 @@ def rescale_masked(tensor: Tensor, mask: Tensor, rescale: Rescale, keep_probabil
             keep_probability = torch.tensor(keep_probability, dtype=tensor.dtype, device=tensor.device)
         return masked / keep_probability
     if rescale == "l1":
-        before_scale, after_scale = norms if norms is not None else (tensor.abs().sum(), masked.abs().sum())
+        if norms is None:  # float64 sums rounded once to the dtype, as for row chunks (mergekit_methods.l1_norms)
+            norms = (tensor.double().abs().sum().to(tensor.dtype), masked.double().abs().sum().to(tensor.dtype))
+        before_scale, after_scale = norms
         if before_scale < L1_RESCALE_EPS or after_scale < L1_RESCALE_EPS:
             return masked
         return masked * (before_scale / after_scale)
