@@ -39,7 +39,7 @@ BLOCK = 256
 # bfloat16 tensors travel as their uint16 bits; the element type of an array picks the rounding at compile time
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _round_bf16(x):
     """float32 ``x`` rounded to bfloat16 (round to nearest even; NaN becomes c10::BFloat16's 0x7FC0), branch-free."""
     bits = np.float32(x).view(np.uint32)
@@ -54,7 +54,7 @@ def _round(x, like):
     raise NotImplementedError
 
 
-@overload(_round)
+@overload(_round, inline="always")
 def _round_overload(x, like):
     if like.dtype == types.uint16:
         return lambda x, like: _round_bf16(x)
@@ -66,7 +66,7 @@ def _load(array, index):
     raise NotImplementedError
 
 
-@overload(_load)
+@overload(_load, inline="always")
 def _load_overload(array, index):
     if array.dtype == types.uint16:
         return lambda array, index: np.uint32(np.uint32(array[index]) << np.uint32(16)).view(np.float32)
@@ -78,7 +78,7 @@ def _store(array, index, value):
     raise NotImplementedError
 
 
-@overload(_store)
+@overload(_store, inline="always")
 def _store_overload(array, index, value):
     if array.dtype == types.uint16:
         def store_bits(array, index, value):
@@ -90,7 +90,11 @@ def _store_overload(array, index, value):
     return store_value
 
 
-@njit(nogil=True, cache=True)
+# The L1 passes may reassociate their float64 sums (``fastmath={"reassoc"}``), so the compiler vectorises them:
+# the order of a float64 sum never shows once it is rounded to bfloat16 / float32. Nothing else is reassociated.
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
 def l1_pass(base, model, keep):
     """``(sum |delta|, sum |delta * keep|)`` of one model in float64, ``delta`` rounded as the merge rounds it."""
     before = 0.0
@@ -102,7 +106,7 @@ def l1_pass(base, model, keep):
     return before, after
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
 def abs_sums(delta, keep):
     """``(sum |delta|, sum |delta| * keep)`` in float64."""
     before = 0.0
@@ -114,20 +118,36 @@ def abs_sums(delta, keep):
     return before, after
 
 
+def _bernoulli_keep(numel: int, density: float, dtype: torch.dtype, *, seed: int, model_index: int, name: str,
+                    element_offset: int) -> np.ndarray:
+    """``mergekit_sparsify.bernoulli``'s keep flags (uint8): all kept at density >= 1, none at a keep probability
+    (``density`` rounded to ``dtype``) <= 0."""
+    if density >= 1:
+        return np.ones(numel, dtype=np.uint8)
+    p = float(torch.tensor(density, dtype=dtype))
+    if p <= 0:
+        return np.zeros(numel, dtype=np.uint8)
+    return random_keep_mask(numel, 1.0 - p, seed=seed, model_index=model_index, name=name,
+                            element_offset=element_offset).numpy().view(np.uint8)
+
+
 def random_l1_sums(delta: Tensor, density: float, *, seed: int, model_index: int, name: str,
-                   element_offset: int = 0) -> tuple[float, float] | None:
+                   element_offset: int = 0, base: Tensor | None = None) -> tuple[float, float] | None:
     """float64 ``(sum |delta|, sum |bernoulli(delta)|)`` of a row chunk for ``mergekit_methods.l1_norms``, with
-    ``mergekit_sparsify.bernoulli``'s mask; None when not covered (another device or dtype)."""
+    ``mergekit_sparsify.bernoulli``'s mask; None when not covered (another device or dtype).
+
+    With ``base``, ``delta`` is the model's chunk and the delta ``model - base`` is formed inside the pass, rounded
+    to the dtype as the torch subtraction rounds it.
+    """
     if delta.device.type != "cpu" or delta.dtype not in _FUSED_DTYPES:
         return None
+    if base is not None and base.dtype != delta.dtype:
+        return None
     values = _array(delta.contiguous())
-    if density >= 1:
-        keep = np.ones(values.size, dtype=np.uint8)
-    else:
-        p = float(torch.tensor(density, dtype=delta.dtype))
-        keep = np.zeros(values.size, dtype=np.uint8) if p <= 0 else random_keep_mask(
-            values.size, 1.0 - p, seed=seed, model_index=model_index, name=name,
-            element_offset=element_offset).numpy().view(np.uint8)
+    keep = _bernoulli_keep(values.size, density, delta.dtype, seed=seed, model_index=model_index, name=name,
+                           element_offset=element_offset)
+    if base is not None:
+        return l1_pass(_array(base.contiguous()), values, keep)
     return abs_sums(values, keep)
 
 
@@ -138,51 +158,57 @@ def gta_kernel(base, models, keep, kinds, factors, weights, consensus, normalize
     ``base``, ``models`` (count x n) and ``out`` hold the compute dtype (uint16 bits for bfloat16); ``keep``
     (count x n) is 1 for a kept element (all 1 for a model that is not sparsified); ``kinds`` / ``factors``: the
     rescale per model (multiply by the factor, 1.0 for none, or divide by it); ``weights`` in the compute dtype.
+    Every step is a loop over a block through 1-D slices, which the compiler vectorises.
     """
     count = models.shape[0]
     n = base.size
     weighted = np.empty((count, BLOCK), np.float32)
     values = np.empty(BLOCK, np.float32)
-    total = np.empty(BLOCK, np.float32)
+    elected = np.empty(BLOCK, np.float32)
     mixed = np.empty(BLOCK, np.float32)
     div = np.empty(BLOCK, np.float32)
     zero = np.float32(0.0)
     for start in range(0, n, BLOCK):
         size = min(BLOCK, n - start)
+        block = base[start:start + size]
         for t in range(size):
-            values[t] = _load(base, start + t)
+            values[t] = _load(block, t)
         for i in range(count):
-            row = models[i]
-            mask = keep[i]
+            row = models[i, start:start + size]
+            mask = keep[i, start:start + size]
+            result = weighted[i]
             factor = factors[i]
             weight = weights[i]
             # delta, masked by a product with 1.0 or 0.0 (a signed zero, as torch's), rescaled, weighted
             if kinds[i] == _DIVIDE:
                 for t in range(size):
-                    d = _round(_load(row, start + t) - values[t], out)
-                    d = _round(d * np.float32(mask[start + t]), out)
-                    weighted[i, t] = _round(_round(d / factor, out) * weight, out)
+                    d = _round(_load(row, t) - values[t], out)
+                    d = _round(d * np.float32(mask[t]), out)
+                    result[t] = _round(_round(d / factor, out) * weight, out)
             else:  # multiplying by 1.0 (no rescale) leaves every value as it is
                 for t in range(size):
-                    d = _round(_load(row, start + t) - values[t], out)
-                    d = _round(d * np.float32(mask[start + t]), out)
-                    weighted[i, t] = _round(_round(d * factor, out) * weight, out)
+                    d = _round(_load(row, t) - values[t], out)
+                    d = _round(d * np.float32(mask[t]), out)
+                    result[t] = _round(_round(d * factor, out) * weight, out)
         for t in range(size):
             mixed[t] = zero
         if consensus:
             for t in range(size):
-                total[t] = zero
+                elected[t] = zero
                 div[t] = zero
             for i in range(count):
+                result = weighted[i]
                 for t in range(size):
-                    total[t] = total[t] + weighted[i, t]
+                    elected[t] = elected[t] + result[t]
+            for t in range(size):  # the elected sign is +1 where the rounded sum is >= 0
+                elected[t] = np.float32(_round(elected[t], out) >= zero)
             for i in range(count):
+                result = weighted[i]
                 weight = weights[i]
                 for t in range(size):
-                    w = weighted[i, t]
-                    positive = _round(total[t], out) >= zero
+                    w = result[t]
                     # sign(w) equals the elected sign: w > 0 when it is +1, w < 0 when -1 (zeros, NaN never agree)
-                    flag = np.float32(((w > zero) == positive) & (w != zero) & (w == w))
+                    flag = np.float32(((w > zero) == (elected[t] != zero)) & (w != zero) & (w == w))
                     mixed[t] = mixed[t] + _round(w * flag, out)
                     div[t] = div[t] + _round(weight * flag, out)
             for t in range(size):
@@ -190,15 +216,17 @@ def gta_kernel(base, models, keep, kinds, factors, weights, consensus, normalize
                 div[t] = np.float32(1.0) if dv == zero else dv
         else:
             for i in range(count):
+                result = weighted[i]
                 for t in range(size):
-                    mixed[t] = mixed[t] + weighted[i, t]
+                    mixed[t] = mixed[t] + result[t]
             for t in range(size):
                 div[t] = divisor
+        target = out[start:start + size]
         for t in range(size):
             m = _round(mixed[t], out)
             if normalize:
                 m = _round(m / div[t], out)
-            _store(out, start + t, _round(values[t] + m, out))
+            _store(target, t, _round(values[t] + m, out))
     return 0
 
 
@@ -237,13 +265,11 @@ def fused_gta(base: Tensor, models: Sequence[Tensor], *, weights: Sequence[float
     for i in range(count):
         if sparsification is None or densities[i] >= 1:
             continue
-        keep_probability = torch.tensor(densities[i], dtype=dtype)  # rounded to the work dtype, as mergekit's
-        p = float(keep_probability)
+        p = float(torch.tensor(densities[i], dtype=dtype))  # rounded to the work dtype, as mergekit's
+        keep[i] = _bernoulli_keep(numel, densities[i], dtype, seed=seed, model_index=model_indices[i], name=name,
+                                  element_offset=element_offset)
         if p <= 0:
-            keep[i] = 0
             continue
-        keep[i] = random_keep_mask(numel, 1.0 - p, seed=seed, model_index=model_indices[i], name=name,
-                                   element_offset=element_offset).numpy()
         if rescale == "inverse_keep":
             kinds[i], factors[i] = _DIVIDE, p
         elif rescale == "l1":

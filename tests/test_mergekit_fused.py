@@ -98,3 +98,12 @@ def test_chunk_norms_from_the_compiled_sums_equal_the_torch_sums(monkeypatch, dt
         patch.setattr(mergekit_fused, "_FUSED_DTYPES", ())  # random_l1_sums declines: the torch sums run
         slow = l1_norms(iter(chunks), **common)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunk_sums_formed_from_model_and_base_equal_the_sums_of_the_torch_delta(dtype):
+    from model_merging_methods.mergekit_fused import random_l1_sums
+
+    base, (model,) = _tensors(dtype, 1, seed=4, shape=(6, 40))
+    common = dict(density=0.4, seed=3, model_index=1, name="w", element_offset=40)
+    assert random_l1_sums(model, base=base, **common) == random_l1_sums(model - base, **common)
