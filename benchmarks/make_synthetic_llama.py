@@ -27,6 +27,9 @@ SIZES: dict[str, dict[str, int]] = {
     # 1.10B parameters (TinyLlama-1.1B shapes)
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4),
+    # 6.74B parameters (Llama-2-7B shapes): about 13.5 GB per bfloat16 model
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
     # 3.5M parameters, for smoke tests of the benchmark itself
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),

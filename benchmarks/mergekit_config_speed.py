@@ -98,6 +98,7 @@ def benchmark(size: str, runs: int, work: Path, mergekit_exe: str, threads: int 
                 results[tool].append(run_process(cmd))
                 logger.info("%s run %d %s: %.1f s, %.2f GB", name, run + 1, tool, results[tool][-1][0],
                             results[tool][-1][1] / 1e9)
+                shutil.rmtree(work / f"out_{tool}", ignore_errors=True)  # 7B: two outputs and the inputs do not fit
         record["configs"][name] = summarize_runs(results)
     record["machine"] = machine_description()
     return record
@@ -119,7 +120,7 @@ def table(record: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="271m", help="271m, 1.1b or tiny (see make_synthetic_llama.py)")
+    parser.add_argument("--size", default="271m", help="271m, 1.1b, 7b or tiny (see make_synthetic_llama.py)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--num_threads", type=int, help="passed to ours")

@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     --gpu) GPU=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --jobs) JOBS=$2; shift 2 ;;
+    --merge_seeds) MERGE_SEEDS_FLAG=$2; shift 2 ;;  # DARE seeds of the merges (default 0 1 2)
     --smoke) SMOKE=1; shift ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -44,11 +45,13 @@ GRID=reduced
 TRAIN_SPECS=("rte 5" "mrpc 3" "sst2 3 --max_train_samples 8000" "stsb 3" "cola 3")
 EVAL_CAPS=()
 MERGE_CAPS=(--max_validation_samples 500)
+MERGE_SEEDS_FLAG=${MERGE_SEEDS_FLAG:-}
 if [ "$SMOKE" = 1 ]; then
   TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; SEEDS="0 1"; MERGE_SEEDS="0"; GRID=quick
   TRAIN_SPECS=("rte 1 --max_train_samples 32" "mrpc 1 --max_train_samples 32")
   EVAL_CAPS=(--max_eval_samples 16); MERGE_CAPS=(--max_eval_samples 16)
 fi
+if [ -n "$MERGE_SEEDS_FLAG" ]; then MERGE_SEEDS=$MERGE_SEEDS_FLAG; fi
 COMMON=(--language_model_name "$MODEL" --glue_dir "$GLUE_DIR" --output_dir "$OUT" --gpu "$GPU"
         --batch_size 16 --max_seq_length 128)
 PICK=(--learning_rate $LR --lora_rank $RANK)
