@@ -2,6 +2,7 @@
 # Copy a reproduction's results (without model weights) into the repository:
 #   scripts/publish_encoder_results.sh [results dir] [destination]
 #   defaults: results/glue_reproduction -> reproductions/glue_minilm
+#   the LoRA recording: scripts/publish_encoder_results.sh results/lora_reproduction reproductions/glue_minilm_lora
 # Writes <dest>/tables (summary.md, CSVs, summary.json, figures), <dest>/delta_analysis and <dest>/runs (every run
 # folder's config.json / metrics.json / grid.json). To resume a reproduction from the published runs:
 #   cp -r <dest>/runs results/glue_reproduction && scripts/reproduce_encoder_results.sh
@@ -16,6 +17,6 @@ rm -rf "$DEST/runs" "$DEST/delta_analysis"
 mkdir -p "$DEST/runs"
 tar -C "$SRC" --exclude=model --exclude='*.log' --exclude=./summary --exclude=./delta_analysis -cf - . \
   | tar -C "$DEST/runs" -xf -
-cp -r "$SRC/delta_analysis" "$DEST/delta_analysis"
+if [ -d "$SRC/delta_analysis" ]; then cp -r "$SRC/delta_analysis" "$DEST/delta_analysis"; fi
 python summarize_results.py --results_dir "$DEST/runs" --output_dir "$DEST/tables" > /dev/null
 echo "published $SRC -> $DEST ($(find "$DEST/runs" -name metrics.json | wc -l) runs)"

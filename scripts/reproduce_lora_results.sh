@@ -7,7 +7,7 @@
 #
 #   scripts/reproduce_lora_results.sh                 # all-MiniLM-L6-v2 on 2 CPU cores
 #   scripts/reproduce_lora_results.sh --smoke         # tiny caps: checks the plumbing
-#   scripts/reproduce_lora_results.sh --steps "train"  # only some steps
+#   scripts/reproduce_lora_results.sh --steps "train"  # only some steps (train deltas sweep merge summary)
 #   scripts/reproduce_lora_results.sh --model bert-base-uncased --gpu 0
 #
 # Every step resumes: run the same command again after an interruption and only what is missing is computed.
@@ -20,7 +20,7 @@ GLUE_DIR=${MERGELM_GLUE_DIR:-../shared/data/glue}
 GPU=-1
 SMOKE=0
 JOBS=""
-STEPS="train sweep merge summary"
+STEPS="train deltas sweep merge summary"
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -78,6 +78,14 @@ if wants train; then
   done
   run_jobs "${calls[@]}"
 fi
+if wants deltas; then
+  step "|delta W| of the adapters against the paper's SFT range"
+  # shellcheck disable=SC2046
+  python scripts/lora_delta_ranges.py --output_dir "$OUT/delta_ranges" \
+    --adapters $(for t in $TASKS; do ls -d "$OUT/train_plms_glue/$t/$(basename "$MODEL")"/*lora_rank=$RANK*/model; done) \
+    > /dev/null
+fi
+
 if wants sweep; then
   step "drop-rate sweeps on each adapter's delta W (DARE, DropOnly, magnitude pruning) and PEFT's factor-wise DARE"
   calls=()

@@ -43,11 +43,14 @@ def test_smoke_lora_reproduction_runs_every_step_and_resumes(tmp_path, shared_da
     args = ("--smoke", "--model", str(tmp_path / "tiny-bert"), "--glue_dir", str(tmp_path / "glue"),
             "--output_dir", str(out))
     log = _run_script(*args)
-    for step in ("LoRA adapters (rank 8) for rte, mrpc", "drop-rate sweeps on each adapter", "PEFT's factor-wise DARE",
+    for step in ("LoRA adapters (rank 8) for rte, mrpc", "|delta W| of the adapters",
+                 "drop-rate sweeps on each adapter", "PEFT's factor-wise DARE",
                  "pairwise merges of the adapters without DARE", "pairwise merges with DARE", "tables", "done"):
         assert step in log
     adapters = sorted(out.glob("train_plms_glue/*/tiny-bert/*lora_rank=8*/model/adapter_config.json"))
     assert len(adapters) == 2
+    ranges = json.loads((out / "delta_ranges" / "delta_ranges.json").read_text())
+    assert len(ranges) == 2 and all(0 < r["p50"] <= r["p90"] <= r["p99"] <= r["max"] for r in ranges)
     summary = json.loads((out / "summary" / "summary.json").read_text())
     variants = {row["variant"] for row in summary["dare_sweep"]}
     assert variants == {"DARE-n16", "DropOnly-n16", "DropOnly-magnitude-n16", "PEFT dare_linear (factors)-n16"}
