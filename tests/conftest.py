@@ -89,6 +89,26 @@ def fill_model_paths(text: str, root, names) -> str:
     return text
 
 
+def save_tiny_glue_workspace(root, shared_data_dir, tasks=("rte", "mrpc"), examples: int = 60) -> None:
+    """``root/tiny-bert``: a tiny BERT with MiniLM's tokenizer (the "pretrained" encoder of a smoke run), and
+    ``root/glue/<task>/{train,validation}.jsonl``: the first ``examples`` lines of the real GLUE copies."""
+    import torch
+    from transformers import BertModel
+
+    from glue.encoder_models import load_tokenizer
+
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)).save_pretrained(
+        root / "tiny-bert")
+    tokenizer.save_pretrained(root / "tiny-bert")
+    for task in tasks:
+        (root / "glue" / task).mkdir(parents=True)
+        for split in ("train", "validation"):
+            lines = (shared_data_dir / "glue" / task / f"{split}.jsonl").read_text().splitlines()[:examples]
+            (root / "glue" / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_family():
     """Shared across the session: do not modify the models in place."""

@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from tests.conftest import tiny_bert_config
+from tests.conftest import save_tiny_glue_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,20 +23,7 @@ def _run_script(*args: str) -> str:
 
 
 def test_smoke_lora_reproduction_runs_every_step_and_resumes(tmp_path, shared_data_dir):
-    from transformers import BertModel
-
-    from glue.encoder_models import load_tokenizer
-
-    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
-    torch.manual_seed(0)
-    BertModel(tiny_bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)).save_pretrained(
-        tmp_path / "tiny-bert")
-    tokenizer.save_pretrained(tmp_path / "tiny-bert")
-    for task in ("rte", "mrpc"):
-        (tmp_path / "glue" / task).mkdir(parents=True)
-        for split in ("train", "validation"):
-            lines = (shared_data_dir / "glue" / task / f"{split}.jsonl").read_text().splitlines()[:60]
-            (tmp_path / "glue" / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    save_tiny_glue_workspace(tmp_path, shared_data_dir)
     out = tmp_path / "out"
     args = ("--smoke", "--model", str(tmp_path / "tiny-bert"), "--glue_dir", str(tmp_path / "glue"),
             "--output_dir", str(out))
