@@ -8,9 +8,9 @@ one CSV per table and ``summary.json`` (full precision), ``dare_sweep_<variant>.
 one line per task) and ``drop_rate_<task>.png`` (one line per variant), error bars = std over mask seeds. GLUE
 runs get the fine-tuning table (with the majority-class score), the drop-rate sweep table, the pairwise merging
 table (target task x method, without and with DARE) and DARE's relative change per method (see
-``glue.glue_tables``); runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K,
-MATH, HumanEval, MBPP, see ``llms.results_tables``); runs of any other script are listed with their flattened
-top-level metrics. ``--paper_table1`` prints only the paper's Table 1 next to ours (``llms.paper_table1``:
+``glue.glue_tables``), and with several fine-tuning seeds their spread (the sweeps' figures show the first seed);
+runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K, MATH, HumanEval,
+MBPP, see ``llms.results_tables``); runs of any other script are listed with their flattened top-level metrics. ``--paper_table1`` prints only the paper's Table 1 next to ours (``llms.paper_table1``:
 validation, test and full-set scores of each grid selection; partial runs marked and, without ``--show_partial``,
 not shown).
 """
@@ -30,12 +30,16 @@ from typing import Any
 from common.run_dir import atomic_write_json
 from glue.glue_tables import (
     Stat,
+    by_finetune_seed,
+    dare_effect_seed_table,
     dare_effect_table,
     factorwise_contrast_table,
+    finetune_seed_table,
     finetune_table,
     merge_table,
     plot_sweeps,
     sweep_contrast_table,
+    sweep_seed_table,
     sweep_series,
     sweep_table,
     table_records,
@@ -123,12 +127,22 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
     by_script = {s: [r for r in rs if not is_llm_run(r["config"])] for s, rs in by_script.items()}
     peft = by_script.pop("peft_lora_glue", [])
     peft_sweeps = [r for r in peft if r["config"]["mode"] == "sweep"]
-    series = sweep_series(by_script.pop("inference_plms_glue", []) + peft_sweeps)
-    finetuned = finetune_table(by_script.pop("train_plms_glue", []))
+    # sweeps per fine-tuning seed; the sweep table and figures show the first seed, the seeds table all of them
+    series_by_seed = {seed: sweep_series(rs) for seed, rs in
+                      by_finetune_seed(by_script.pop("inference_plms_glue", []) + peft_sweeps).items()}
+    first_seed = min(series_by_seed, default=0)
+    series = series_by_seed.get(first_seed, {})
+    seed_note = f", fine-tuning seed {first_seed}" if len(series_by_seed) > 1 else ""
+    trained = by_script.pop("train_plms_glue", [])
     merges = by_script.pop("merge_plms_glue", []) + [r for r in peft if r["config"]["mode"] == "merge"]
-    tables = {"finetune": ("Fine-tuned models (primary metric x100)", finetuned),
-              "dare_sweep": ("Drop-rate sweep, test split (primary metric x100; mean ± std over mask seeds)",
-                             sweep_table(series)),
+    tables = {"finetune": ("Fine-tuned models (primary metric x100)", finetune_table(trained)),
+              "finetune_seeds": ("Fine-tuning seeds (primary metric x100, mean ± std over the seeds)",
+                                 finetune_seed_table(trained)),
+              "dare_sweep": (f"Drop-rate sweep, test split (primary metric x100; mean ± std over mask "
+                             f"seeds{seed_note})", sweep_table(series)),
+              "sweep_seeds": ("Drop-rate sweep over fine-tuning seeds, test split (mean ± std over the fine-tuning "
+                              "seeds of each one's mean over mask seeds; rates every seed swept)",
+                              sweep_seed_table(series_by_seed)),
               "merging": ("Pairwise merging, test split (primary metric x100; +DARE: mean ± std over DARE seeds)",
                           merge_table(merges)),
               "dare_effect": ("What DARE changes in merging, over (pair, target) cells: the change in points with its "
@@ -136,13 +150,15 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
                               "the signed-rank test (Holm over methods; cells of one pair are not independent), "
                               "and the change in % where the plain score is at least 10",
                               dare_effect_table(merges)),
+              "dare_effect_seeds": ("What DARE changes in merging, per fine-tuning seed (pairs and DARE seeds "
+                                    "resampled)", dare_effect_seed_table(merges)),
               "factorwise_contrast": ("LoRA adapters: DARE on delta W (ours) against PEFT's factor-wise DARE with "
                                       "the same combination, over (pair, target) cells (pairs and seeds resampled)",
                                       factorwise_contrast_table(merges)),
               "sweep_contrast": ("DARE against the other drop variants at p = 0.9, 0.99, 0.995 and 0.999, over the "
                                  "tasks swept with both (tasks and mask seeds resampled; with 5 tasks the smallest "
                                  "two-sided p is 0.0625)",
-                                 sweep_contrast_table(series)),
+                                 sweep_contrast_table(series, by_finetune_seed=series_by_seed)),
               "llm": ("LLMs (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, x100; files = outputs for the "
                       "external evaluator only)", llm_table(llm_runs)),
               "other": ("Other runs", other_table([r for rs in by_script.values() for r in rs]))}

@@ -2,9 +2,10 @@
 tests and Holm's correction, written for the encoder tables.
 
 The unit of resampling is the cluster that shares a result: a merge pair (its two target cells come from one merged
-model, and each task is in several pairs) or a task of a drop-rate sweep; within a cluster the seeds of the
-treated score (DARE seeds) are resampled too. Scores closer than ``TIE_TOLERANCE`` are equal: the same merge
-recomputed differs by about 1e-14 from float rounding.
+model, and each task is in several pairs) or a task of a drop-rate sweep. Within a cluster the replicates (the
+fine-tuning seeds: one set of fine-tuned models gives every cell of the cluster that replicate) are resampled, and
+within each replicate the seeds of the treated score (DARE seeds). Scores closer than ``TIE_TOLERANCE`` are equal:
+the same merge recomputed differs by about 1e-14 from float rounding.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class PairedCell:
-    """One compared cell: its cluster (pair or task), the reference score and the treated scores (one per seed)."""
+    """One compared cell: its cluster (pair or task), the reference score and the treated scores (one per seed).
+
+    With several replicates (fine-tuning seeds) a cell is given once per replicate: same ``cluster`` and
+    ``target`` (the cell within the cluster, e.g. the target task of a merge pair), its own ``replicate``. A cell
+    without a ``target`` is its own cell."""
 
     cluster: str
     reference: float
     treated: tuple[float, ...]
+    target: str | None = None
+    replicate: int = 0
 
     @property
     def change(self) -> float:
@@ -48,15 +55,34 @@ class Effect:
     p_value: float | None
 
 
+def cell_changes(cells: Sequence[PairedCell]) -> list[float]:
+    """One change per cell: the mean over its replicates of (treated mean - reference), in first-seen order."""
+    groups: dict[tuple, list[float]] = {}
+    for i, c in enumerate(cells):
+        key = (c.cluster, c.target) if c.target is not None else ("", i)
+        groups.setdefault(key, []).append(c.change)
+    return [float(np.mean(changes)) for changes in groups.values()]
+
+
 def bootstrap_interval(cells: Sequence[PairedCell], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
                        ) -> tuple[float, float]:
-    """Percentile interval (``CONFIDENCE``) of the mean change: clusters resampled with replacement, and within
-    each cell its treated seeds (each cell of a drawn cluster counts as often as the cluster is drawn)."""
+    """Percentile interval (``CONFIDENCE``) of the mean change: clusters resampled with replacement, within each
+    drawn cluster its replicates (as many as it has, with replacement, shared by the cluster's cells), and within
+    each cell its treated seeds (each cell of a drawn cluster counts as often as the cluster is drawn, averaged
+    over the drawn replicates)."""
     rng = np.random.default_rng(seed)
     clusters = sorted({c.cluster for c in cells})
     index = {name: i for i, name in enumerate(clusters)}
     draws = rng.multinomial(len(clusters), [1 / len(clusters)] * len(clusters), size=resamples)  # (B, clusters)
     weights = np.stack([draws[:, index[c.cluster]] for c in cells], axis=1).astype(float)  # (B, cells)
+    replicates = {name: sorted({c.replicate for c in cells if c.cluster == name}) for name in clusters}
+    if any(len(r) > 1 for r in replicates.values()):  # one replicate everywhere: nothing to resample
+        share = {}
+        for name in clusters:
+            reps = replicates[name]
+            counts = rng.multinomial(len(reps), [1 / len(reps)] * len(reps), size=resamples)  # (B, replicates)
+            share.update({(name, r): counts[:, k] / len(reps) for k, r in enumerate(reps)})
+        weights *= np.stack([share[(c.cluster, c.replicate)] for c in cells], axis=1)
     changes = np.empty((resamples, len(cells)))
     for j, c in enumerate(cells):
         treated = np.asarray(c.treated, dtype=float)
@@ -80,9 +106,10 @@ def signed_rank_p(changes: Sequence[float]) -> float | None:
 
 
 def paired_effect(cells: Sequence[PairedCell], *, seed: int = 0) -> Effect:
-    changes = [c.change for c in cells]
+    """The effect over cells (a cell given for several replicates counts once, with its mean change)."""
+    changes = cell_changes(cells)
     low, high = bootstrap_interval(cells, seed=seed)
-    return Effect(len(cells), len({c.cluster for c in cells}), float(np.mean(changes)), low, high,
+    return Effect(len(changes), len({c.cluster for c in cells}), float(np.mean(changes)), low, high,
                   sum(c > TIE_TOLERANCE for c in changes), sum(c < -TIE_TOLERANCE for c in changes),
                   signed_rank_p(changes))
 

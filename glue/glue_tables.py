@@ -5,7 +5,9 @@
   pruning, masking fine-tuned weights); one PNG per task (the paper's comparison, error bars = std) and one per
   variant;
 * pairwise merging: ``pair -> target task x method``, without and with DARE (mean +- std over DARE seeds), Fisher
-  once per estimator, and the relative change DARE brings per method next to the paper's stated averages.
+  once per estimator, and the relative change DARE brings per method next to the paper's stated averages;
+* fine-tuning seeds: with several (``train_plms_glue.py --seed``, picked by ``--train_seed``), the fine-tuned
+  scores and the sweeps over them, a merge row per seed, and the effects resampled over them too.
 
 Scores are primary metrics x100. A cell with several seeds is a :class:`Stat`; a single run stays a float.
 """
@@ -13,6 +15,7 @@ Scores are primary metrics x100. A cell with several seeds is a :class:`Stat`; a
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -99,6 +102,46 @@ def majority_class_score(task: str, glue_dir: str | None) -> float | None:
     return primary(task, compute_glue_metrics(task, np.full(len(labels), values[counts.argmax()]), labels))
 
 
+def finetune_seed(config: Mapping[str, Any]) -> int:
+    """The fine-tuning seed behind an inference or merge run: its ``train_seed``, else the ``seed=N`` of the
+    fine-tuning run folder its ``checkpoint`` is in (0 for a checkpoint from anywhere else)."""
+    if config.get("train_seed") is not None:
+        return int(config["train_seed"])
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, str):
+        match = re.search(r"(?:^|,)seed=(\d+)(?:,|$)", Path(checkpoint).parent.name)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
+def by_finetune_seed(runs: Sequence[dict]) -> dict[int, list[dict]]:
+    """``{fine-tuning seed: runs}``, seeds ascending."""
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[finetune_seed(run["config"])].append(run)
+    return dict(sorted(groups.items()))
+
+
+def finetune_seed_table(runs: Sequence[dict]) -> Table:
+    """Tasks fine-tuned with several seeds (single-task runs alike but for the seed): validation and test primary
+    metric, mean ± std over the seeds."""
+    scores: dict[tuple[str, str], dict[int, tuple]] = defaultdict(dict)
+    for run in runs:
+        config, metrics = run["config"], run["metrics"]
+        if config.get("multitask_training") or config["dataset_name"] not in metrics:
+            continue
+        task = config["dataset_name"]
+        setting = re.sub(r"(^|,)seed=\d+(,|$)", r"\1seed=*\2", run["dir"].name)
+        result = metrics[task]
+        scores[(task, setting)][config.get("seed", 0)] = (primary(task, result.get("validation")),
+                                                         primary(task, result.get("test")))
+    rows = [[task, setting, ", ".join(map(str, sorted(seeds))), cell([v for v, _ in seeds.values()]),
+             cell([t for _, t in seeds.values()])]
+            for (task, setting), seeds in sorted(scores.items()) if len(seeds) > 1]
+    return ["task", "run", "fine-tuning seeds", "validation", "test"], rows
+
+
 def finetune_table(runs: Sequence[dict]) -> Table:
     """One row per fine-tuning run: task, model, run, best epoch, validation, test, majority class on test."""
     rows, baselines = [], {}
@@ -165,6 +208,24 @@ def sweep_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float |
     return ["task", "variant", *[f"p={r}" for r in rates]], rows
 
 
+def sweep_seed_table(series_by_seed: Mapping[int, Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]]]
+                     ) -> Table:
+    """The sweeps of several fine-tuning seeds: ``(task, variant) x rate``, mean ± std over the fine-tuning seeds
+    of each seed's mean over its mask seeds, at the rates every seed swept (none with a single seed)."""
+    if len(series_by_seed) < 2:
+        return ["task", "variant"], []
+    keys = sorted({k for series in series_by_seed.values() for k in series})
+    table: dict[tuple[str, str], dict[float, float | Stat | None]] = {}
+    for key in keys:
+        runs = [series.get(key, {}) for series in series_by_seed.values()]
+        rates = sorted(set.intersection(*[set(points) for points in runs]))
+        if rates:
+            table[key] = {r: cell([mean_of(cell(points[r])) for points in runs]) for r in rates}
+    rates = sorted({r for row in table.values() for r in row})
+    rows = [[task, variant, *[row.get(r) for r in rates]] for (task, variant), row in table.items()]
+    return ["task", "variant", *[f"p={r}" for r in rates]], rows
+
+
 def merge_column(config: Mapping[str, Any]) -> str:
     """``task_arithmetic``, ``ties_merging +DARE``, ``fisher_merging (exact) +DARE``, ``PEFT dare_linear``..."""
     if config.get("script") == PEFT_SCRIPT:
@@ -175,23 +236,28 @@ def merge_column(config: Mapping[str, Any]) -> str:
     return column + (" +DARE" if config["merging_method_name"] == "mask_merging" else "")
 
 
-def merge_cells(runs: Sequence[dict]) -> dict[tuple[str, str], dict[str, float | Stat | None]]:
-    """``{(pair, target task): {column: test score, or Stat over DARE seeds}}``."""
-    values: dict[tuple[str, str], dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
+def merge_cells(runs: Sequence[dict]) -> dict[tuple[str, str, int], dict[str, float | Stat | None]]:
+    """``{(pair, target task, fine-tuning seed): {column: test score, or Stat over DARE seeds}}``."""
+    values: dict[tuple[str, str, int], dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         config, metrics = run["config"], run["metrics"]
         pair = "+".join(config["dataset_pair"])
         for task, result in metrics.items():
-            values[(pair, task)][merge_column(config)].append(primary(task, result.get("test")))
+            values[(pair, task, finetune_seed(config))][merge_column(config)].append(primary(task, result.get("test")))
     return {key: {column: cell(v) for column, v in row.items()} for key, row in values.items()}
 
 
 def merge_table(runs: Sequence[dict]) -> Table:
-    """Rows ``pair -> target``; per method two columns: plain and with DARE (test primary metric)."""
+    """Rows ``pair -> target`` (and fine-tuning seed, when there are several); per method two columns: plain and
+    with DARE (test primary metric)."""
     cells = merge_cells(runs)
     columns = [*[c for m in MERGE_METHOD_ORDER for c in (m, f"{m} +DARE")], *[c for p in PEFT_MERGE_PAIRS for c in p]]
     columns = [c for c in columns if any(c in row for row in cells.values())]
-    rows = [[pair, task, *[row.get(c) for c in columns]] for (pair, task), row in sorted(cells.items())]
+    if len({seed for _, _, seed in cells}) > 1:
+        rows = [[pair, task, seed, *[row.get(c) for c in columns]]
+                for (pair, task, seed), row in sorted(cells.items())]
+        return ["pair", "target task", "fine-tuning seed", *columns], rows
+    rows = [[pair, task, *[row.get(c) for c in columns]] for (pair, task, _), row in sorted(cells.items())]
     return ["pair", "target task", *columns], rows
 
 
@@ -206,14 +272,15 @@ def _seed_values(value: float | Stat) -> tuple[float, ...]:
 
 
 def _paired_cells(cells, reference_column: str, treated_column: str) -> tuple[list[PairedCell], list[float]]:
-    """The cells with both columns: ``PairedCell(pair, mean reference, treated seeds)``, and the relative changes
-    (%) of those whose reference is at least ``RELATIVE_CHANGE_MIN_PLAIN``."""
+    """The cells with both columns, once per fine-tuning seed: ``PairedCell(pair, mean reference, treated seeds,
+    target, fine-tuning seed)``, and the relative changes (%) of those whose reference is at least
+    ``RELATIVE_CHANGE_MIN_PLAIN``."""
     paired, relative = [], []
-    for (pair, _), row in sorted(cells.items()):
+    for (pair, target, seed), row in sorted(cells.items()):
         reference, treated = row.get(reference_column), row.get(treated_column)
         if mean_of(reference) is None or treated is None:
             continue
-        paired.append(PairedCell(pair, mean_of(reference), _seed_values(treated)))
+        paired.append(PairedCell(pair, mean_of(reference), _seed_values(treated), target, seed))
         if mean_of(reference) >= RELATIVE_CHANGE_MIN_PLAIN:
             relative.append(paired[-1].change / mean_of(reference) * 100)
     return paired, relative
@@ -227,21 +294,46 @@ def dare_effect_table(runs: Sequence[dict]) -> Table:
     change ``(DARE - plain) / plain`` in % over the cells whose plain score is at least
     ``RELATIVE_CHANGE_MIN_PLAIN``, next to the paper's average (stated for MergeLM's Fisher estimator only).
     PEFT's factor-wise merges, when present, get a row each: ``dare_linear`` against ``linear``, ``dare_ties``
-    against ``ties``."""
+    against ``ties``. With several fine-tuning seeds a cell's change is its mean over them (they are resampled
+    within each pair, DARE seeds within each of them), and the relative change counts each seed's cell."""
     cells = merge_cells(runs)
-    effects, relatives = {}, {}
+    effects, relatives, seeds = {}, {}, {}
     for method, plain_column, dare_column in [*[(m, m, f"{m} +DARE") for m in MERGE_METHOD_ORDER],
                                                *[(d, p, d) for p, d in PEFT_MERGE_PAIRS]]:
         paired, relative = _paired_cells(cells, plain_column, dare_column)
         if paired:
             effects[method], relatives[method] = paired_effect(paired), relative
+            seeds[method] = len({c.replicate for c in paired})
     adjusted = holm({m: e.p_value for m, e in effects.items()})
     rows = [[m, e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value, adjusted[m], len(relatives[m]),
-             statistics.fmean(relatives[m]) if relatives[m] else None, PAPER_DARE_RELATIVE_CHANGE.get(m)]
-            for m, e in effects.items()]
+             statistics.fmean(relatives[m]) if relatives[m] else None, PAPER_DARE_RELATIVE_CHANGE.get(m),
+             seeds[m]] for m, e in effects.items()]
     return ["method", "cells", "mean change (points)", "95% CI low", "95% CI high", "DARE higher", "DARE lower",
             "Wilcoxon p", "Holm p", f"cells with plain >= {RELATIVE_CHANGE_MIN_PLAIN:g}",
-            "mean relative change on those (%)", "paper (%)"], rows
+            "mean relative change on those (%)", "paper (%)", "fine-tuning seeds"], rows
+
+
+def dare_effect_seed_table(runs: Sequence[dict]) -> Table:
+    """With several fine-tuning seeds, DARE's effect per method and per fine-tuning seed (how much the merge
+    table moves with the fine-tuned models): cells, the mean over them of the plain and the DARE score (DARE:
+    the mean over DARE seeds), the mean change with its 95 % bootstrap interval (pairs and DARE seeds
+    resampled), cells higher / lower beyond ``TIE_TOLERANCE``. Empty with a single fine-tuning seed."""
+    cells = merge_cells(runs)
+    seeds = sorted({seed for _, _, seed in cells})
+    rows = []
+    if len(seeds) > 1:
+        for method, plain_column, dare_column in [*[(m, m, f"{m} +DARE") for m in MERGE_METHOD_ORDER],
+                                                   *[(d, p, d) for p, d in PEFT_MERGE_PAIRS]]:
+            for seed in seeds:
+                paired, _ = _paired_cells({k: v for k, v in cells.items() if k[2] == seed}, plain_column,
+                                          dare_column)
+                if paired:
+                    e = paired_effect(paired)
+                    rows.append([method, seed, e.cells, statistics.fmean(c.reference for c in paired),
+                                 statistics.fmean(statistics.fmean(c.treated) for c in paired), e.mean, e.low,
+                                 e.high, e.higher, e.lower])
+    return ["method", "fine-tuning seed", "cells", "plain mean", "DARE mean", "mean change (points)",
+            "95% CI low", "95% CI high", "DARE higher", "DARE lower"], rows
 
 
 def factorwise_contrast_table(runs: Sequence[dict]) -> Table:
@@ -264,30 +356,37 @@ def factorwise_contrast_table(runs: Sequence[dict]) -> Table:
 SWEEP_CONTRAST_RATES = (0.9, 0.99, 0.995, 0.999)
 
 
-def sweep_contrast_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]]) -> Table:
+def sweep_contrast_table(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]], *,
+                         by_finetune_seed: Mapping[int, Mapping] | None = None) -> Table:
     """DARE against each other drop variant (DropOnly, magnitude pruning) at ``SWEEP_CONTRAST_RATES``, over the
     tasks swept with both: the mean difference in points (DARE's mean over seeds minus the other's), its 95 %
     bootstrap interval (tasks resampled, DARE seeds within them), the tasks where DARE is higher / lower, and the
-    Wilcoxon p-value with Holm's correction over the rows (with 5 tasks the smallest two-sided p is 0.0625)."""
-    effects = {}
-    variants = sorted({v for _, v in series if v != "DARE" and not v.startswith("DARE-")})
+    Wilcoxon p-value with Holm's correction over the rows (with 5 tasks the smallest two-sided p is 0.0625).
+    ``by_finetune_seed`` (``{seed: series}``, replacing ``series``) adds the fine-tuning seeds: a task's
+    difference is its mean over the seeds that swept both at that rate, resampled within the task."""
+    by_finetune_seed = by_finetune_seed or {0: series}
+    effects, seeds = {}, {}
+    variants = sorted({v for runs in by_finetune_seed.values() for _, v in runs
+                       if v != "DARE" and not v.startswith("DARE-")})
     for rate in SWEEP_CONTRAST_RATES:
         for other in variants:
             paired = []
-            for (task, variant), points in sorted(series.items()):
-                if variant != "DARE":
-                    continue
-                dare = cell(points.get(rate, []))
-                reference = mean_of(cell(series.get((task, other), {}).get(rate, [])))
-                if dare is not None and reference is not None:
-                    paired.append(PairedCell(task, reference, _seed_values(dare)))
+            for seed, runs in by_finetune_seed.items():
+                for (task, variant), points in sorted(runs.items()):
+                    if variant != "DARE":
+                        continue
+                    dare = cell(points.get(rate, []))
+                    reference = mean_of(cell(runs.get((task, other), {}).get(rate, [])))
+                    if dare is not None and reference is not None:
+                        paired.append(PairedCell(task, reference, _seed_values(dare), task, seed))
             if paired:
                 effects[(rate, other)] = paired_effect(paired)
+                seeds[(rate, other)] = len({c.replicate for c in paired})
     adjusted = holm({f"{r}/{o}": e.p_value for (r, o), e in effects.items()})
     rows = [[f"{rate:g}", f"DARE - {other}", e.cells, e.mean, e.low, e.high, e.higher, e.lower, e.p_value,
-             adjusted[f"{rate}/{other}"]] for (rate, other), e in effects.items()]
+             adjusted[f"{rate}/{other}"], seeds[(rate, other)]] for (rate, other), e in effects.items()]
     return ["drop rate", "contrast", "tasks", "mean difference (points)", "95% CI low", "95% CI high",
-            "DARE higher", "DARE lower", "Wilcoxon p", "Holm p"], rows
+            "DARE higher", "DARE lower", "Wilcoxon p", "Holm p", "fine-tuning seeds"], rows
 
 
 def plot_sweeps(series: Mapping[tuple[str, str], Mapping[float, Sequence[float | None]]],

@@ -226,10 +226,10 @@ def test_seed_cells_are_mean_and_std_and_dare_effect_is_hand_computed(seeded_tre
     # non-zero change gives a signed-rank p of 1 (Holm over the two methods: 1)
     ta = effect["task_arithmetic"]
     assert ta[1:3] == [1, pytest.approx(4.0)] and ta[3:5] == [pytest.approx(2.0), pytest.approx(6.0)]
-    assert ta[5:] == [1, 0, pytest.approx(1.0), pytest.approx(1.0), 1, pytest.approx(8.0), 0.36]
+    assert ta[5:] == [1, 0, pytest.approx(1.0), pytest.approx(1.0), 1, pytest.approx(8.0), 0.36, 1]
     assert effect["fisher_merging (exact)"][1:] == [1, pytest.approx(-11.0), pytest.approx(-11.0),
                                                     pytest.approx(-11.0), 0, 1, pytest.approx(1.0),
-                                                    pytest.approx(1.0), 1, pytest.approx(-25.0), None]
+                                                    pytest.approx(1.0), 1, pytest.approx(-25.0), None, 1]
     assert "fisher_merging" not in effect  # no DARE run of MergeLM's estimator
     out = Path(summary["output_dir"])
     with open(out / "dare_sweep.csv") as handle:
@@ -268,7 +268,7 @@ def test_dare_effect_leaves_scores_near_zero_out_of_the_relative_mean():
     assert header[9:11] == ["cells with plain >= 10", "mean relative change on those (%)"]
     (row,) = rows
     assert row[:3] == ["ties_merging", 2, pytest.approx(7.65)] and row[5:7] == [2, 0]
-    assert row[9:] == [1, pytest.approx(3.75), 0.84]
+    assert row[9:] == [1, pytest.approx(3.75), 0.84, 1]
 
 
 def _ties_run(name, seed, pair, scores):
@@ -306,3 +306,84 @@ def test_show_partial_only_goes_with_paper_table1(tmp_path, capsys):
         summarize_results.parse_args(["--results_dir", str(tmp_path), "--show_partial"])
     assert "--show_partial applies to --paper_table1 only" in capsys.readouterr().err
     assert summarize_results.parse_args(["--paper_table1", "--show_partial"]).show_partial
+
+
+# --- fine-tuning seeds -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def finetune_seed_tree(tmp_path):
+    """RTE fine-tuned with seeds 0 and 1, each swept (DARE with 2 mask seeds, DropOnly) and merged with MRPC."""
+    root = tmp_path / "results"
+    dare = {"mask_strategy": "random", "weight_format": "delta_weight"}
+    for ft, (val, test) in enumerate([(0.60, 0.56), (0.64, 0.60)]):
+        _run(root, f"train_plms_glue/rte/m/lr=3e-05,seed={ft}",
+             {"script": "train_plms_glue", "dataset_name": "rte", "language_model_name": "m", "seed": ft},
+             {"rte": {"validation": {"accuracy": val}, "test": {"accuracy": test}}, "best_epoch": 1})
+        checkpoint = f"results/train_plms_glue/rte/m/lr=3e-05,seed={ft}/model"
+        sweeps = [(0.0, True, 0, test), (0.9, True, 0, 0.50 + ft / 10), (0.9, True, 1, 0.54 + ft / 10),
+                  (0.9, False, 0, 0.30)]
+        for rate, rescale, seed, acc in sweeps:
+            _run(root, f"inference_plms_glue/rte/m/ft={ft}/r={rate},{rescale},{seed}",
+                 {"script": "inference_plms_glue", "dataset_name": "rte", "weight_mask_rate": rate, "seed": seed,
+                  "checkpoint": checkpoint, "dare": {**dare, "use_weight_rescale": rescale, "seed": seed}},
+                 {"rte": {"test": {"accuracy": acc}}})
+        # plain task arithmetic 0.50 / 0.60 (ft 0 / 1); DARE seeds 0 and 1: 0.52, 0.56 / 0.60, 0.60
+        merges = [("task_arithmetic", None, 0.50 + ft / 10), ("mask_merging", 0, 0.52 + ft * 0.08),
+                  ("mask_merging", 1, 0.56 + ft * 0.04)]
+        for name, seed, acc in merges:
+            _run(root, f"merge_plms_glue/rte+mrpc/m/ft={ft}/{name},{seed}",
+                 {"script": "merge_plms_glue", "merging_method_name": name, "applied_method": "task_arithmetic",
+                  "fisher_estimator": None, "seed": seed, "train_seed": ft, "dataset_pair": ["rte", "mrpc"]},
+                 {"rte": {"test": {"accuracy": acc}}, "mrpc": {"test": {"averaged_scores": 0.7}}})
+    return root
+
+
+def test_finetune_seed_is_read_from_train_seed_or_the_checkpoint_folder():
+    from glue.glue_tables import finetune_seed
+
+    assert finetune_seed({"train_seed": 2, "checkpoint": "x/lr=1,seed=0/model"}) == 2
+    assert finetune_seed({"checkpoint": "out/train_plms_glue/rte/m/lr=3e-05,seed=11/model"}) == 11
+    assert finetune_seed({"checkpoint": "out/train_plms_glue/rte/m/lr=3e-05,statistics_seed=4/model"}) == 0
+    assert finetune_seed({"checkpoint": "/elsewhere/model"}) == 0 and finetune_seed({}) == 0
+
+
+def test_fine_tuning_seeds_get_their_own_rows_and_are_resampled(finetune_seed_tree):
+    summary = summarize_results.summarize(finetune_seed_tree)
+    tables = summary["tables"]
+    (row,) = tables["finetune_seeds"][1]
+    assert row[:3] == ["rte", "lr=3e-05,seed=*", "0, 1"]
+    assert (row[3].mean, row[4].mean) == (pytest.approx(62.0), pytest.approx(58.0))
+    # the sweep table and figures keep the first fine-tuning seed: DARE at 0.9 is 50 and 54 -> 52 ± 2.83
+    header, rows = tables["dare_sweep"]
+    dare_row = next(r for r in rows if r[1] == "DARE")
+    assert dare_row[2] == pytest.approx(56.0) and dare_row[3].mean == pytest.approx(52.0)
+    # over fine-tuning seeds: each seed's mean over mask seeds (52, 62), then mean ± std over the seeds
+    header, rows = tables["sweep_seeds"]
+    assert header == ["task", "variant", "p=0.0", "p=0.9"]
+    seeds_row = {r[1]: r for r in rows}["DARE"]
+    assert seeds_row[2].values == pytest.approx((56.0, 60.0)) and seeds_row[3].values == pytest.approx((52.0, 62.0))
+    # DARE - DropOnly at 0.9: (52 - 30) and (62 - 30), a task's difference is their mean, 27
+    contrast = {r[1]: r for r in tables["sweep_contrast"][1]}["DARE - DropOnly"]
+    assert contrast[2:4] == [1, pytest.approx(27.0)] and contrast[-1] == 2
+    # one merge row per fine-tuning seed
+    header, rows = tables["merging"]
+    assert header[:3] == ["pair", "target task", "fine-tuning seed"]
+    assert [r[:3] for r in rows] == [["rte+mrpc", "mrpc", 0], ["rte+mrpc", "mrpc", 1], ["rte+mrpc", "rte", 0],
+                                     ["rte+mrpc", "rte", 1]]
+    # DARE's change on rte: seed 0 (52 + 56) / 2 - 50 = +4, seed 1 60 - 60 = 0 -> +2; on mrpc 0: mean +1 over
+    # two cells; pairs, then fine-tuning seeds within them, then DARE seeds are resampled
+    (effect,) = tables["dare_effect"][1]
+    assert effect[:3] == ["task_arithmetic", 2, pytest.approx(1.0)] and effect[-1] == 2
+    assert effect[5:7] == [1, 0]
+    # a resample's mean lies between 0 (seed 1 drawn twice) and 3 (seed 0 twice, both DARE draws 56: rte +6)
+    assert -1e-9 <= effect[3] <= 1.0 <= effect[4] <= 3.0 + 1e-9
+    per_seed = {r[1]: r for r in tables["dare_effect_seeds"][1]}
+    assert per_seed[0][2:6] == [2, pytest.approx(60.0), pytest.approx(62.0), pytest.approx(2.0)]
+    assert per_seed[1][2:6] == [2, pytest.approx(65.0), pytest.approx(65.0), pytest.approx(0.0)]
+    assert "## Fine-tuning seeds" in summary["markdown"] and "fine-tuning seed 0)" in summary["markdown"]
+
+
+def test_a_single_fine_tuning_seed_adds_no_seed_tables(seeded_tree):
+    tables = summarize_results.summarize(seeded_tree)["tables"]
+    assert not {"finetune_seeds", "sweep_seeds", "dare_effect_seeds"} & set(tables)
+    assert "fine-tuning seed" not in tables["merging"][0]
