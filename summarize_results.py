@@ -10,9 +10,9 @@ runs get the fine-tuning table (with the majority-class score), the drop-rate sw
 table (target task x method, without and with DARE) and DARE's relative change per method (see
 ``glue.glue_tables``), and with several fine-tuning seeds their spread (the sweeps' figures show the first seed);
 runs of the three LLM scripts get one table (``llm.csv``: model or merge x AlpacaEval, GSM8K, MATH, HumanEval,
-MBPP, see ``llms.results_tables``); runs of any other script are listed with their flattened top-level metrics. ``--paper_table1`` prints only the paper's Table 1 next to ours (``llms.paper_table1``:
-validation, test and full-set scores of each grid selection; partial runs marked and, without ``--show_partial``,
-not shown).
+MBPP, see ``llms.results_tables``); runs of any other script are listed with their flattened top-level metrics.
+``--paper_table1`` prints only the paper's Table 1 next to ours (``llms.paper_table1``: validation, test and
+full-set scores of each grid selection; partial runs marked and, without ``--show_partial``, not shown).
 """
 
 from __future__ import annotations
