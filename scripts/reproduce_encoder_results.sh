@@ -64,7 +64,7 @@ EVAL_CAPS=()                                 # test = the full GLUE dev set
 MERGE_CAPS=(--max_validation_samples 500)    # merge selection on at most 500 validation examples per task
 if [ "$SMOKE" = 1 ]; then
   TASKS="rte mrpc"; RATES="0.0 0.5 0.99"; EXTREME_RATES="0.99"; SEEDS="0 1"; GRID=quick
-  FINETUNE_SEEDS="1"; SEED_RATES="0.0 0.9"; SEED_METHODS="task_arithmetic"
+  FINETUNE_SEEDS="1"; SEED_RATES="0.0 0.99"; SEED_METHODS="task_arithmetic"
   TRAIN_SPECS=("rte 1 --max_train_samples 32" "mrpc 1 --max_train_samples 32")
   EVAL_CAPS=(--max_eval_samples 16); MERGE_CAPS=(--max_eval_samples 16)
 fi
