@@ -146,9 +146,11 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
               "merging": ("Pairwise merging, test split (primary metric x100; +DARE: mean ± std over DARE seeds)",
                           merge_table(merges)),
               "dare_effect": ("What DARE changes in merging, over (pair, target) cells: the change in points with its "
-                              "95 % bootstrap interval (pairs and DARE seeds resampled), cells changed beyond 1e-9, "
-                              "the signed-rank test (Holm over methods; cells of one pair are not independent), "
-                              "and the change in % where the plain score is at least 10",
+                              "95 % bootstrap interval (pairs, fine-tuning seeds within them and DARE seeds "
+                              "resampled), cells changed beyond 1e-9 (a cell's change is its mean over fine-tuning "
+                              "seeds), the signed-rank test (Holm over methods; cells of one pair are not "
+                              "independent), and the change in % where the plain score is at least 10 (each "
+                              "fine-tuning seed's cell counted)",
                               dare_effect_table(merges)),
               "dare_effect_seeds": ("What DARE changes in merging, per fine-tuning seed (pairs and DARE seeds "
                                     "resampled)", dare_effect_seed_table(merges)),
@@ -156,8 +158,8 @@ def summarize(results_dir: str | Path, output_dir: str | Path | None = None) -> 
                                       "the same combination, over (pair, target) cells (pairs and seeds resampled)",
                                       factorwise_contrast_table(merges)),
               "sweep_contrast": ("DARE against the other drop variants at p = 0.9, 0.99, 0.995 and 0.999, over the "
-                                 "tasks swept with both (tasks and mask seeds resampled; with 5 tasks the smallest "
-                                 "two-sided p is 0.0625)",
+                                 "tasks swept with both (tasks, fine-tuning seeds within them and mask seeds "
+                                 "resampled; with 5 tasks the smallest two-sided p is 0.0625)",
                                  sweep_contrast_table(series, by_finetune_seed=series_by_seed)),
               "llm": ("LLMs (GSM8K / MATH accuracy, HumanEval / MBPP pass@1, x100; files = outputs for the "
                       "external evaluator only)", llm_table(llm_runs)),

@@ -18,6 +18,7 @@ def regenerated(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["summary.md", "summary.json", "dare_effect.csv", "sweep_contrast.csv",
-                                  "dare_sweep.csv", "finetune.csv", "merging.csv"])
+                                  "dare_sweep.csv", "finetune.csv", "merging.csv", "finetune_seeds.csv",
+                                  "sweep_seeds.csv", "dare_effect_seeds.csv"])
 def test_summary_of_the_published_runs_is_the_published_table(name, regenerated):
     assert (regenerated / name).read_bytes() == (PUBLISHED / "tables" / name).read_bytes(), name
