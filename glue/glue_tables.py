@@ -29,6 +29,8 @@ MERGE_METHOD_ORDER = ("average_merging", "task_arithmetic", "fisher_merging", "f
                       "regmean_merging", "ties_merging")
 # PEFT's factor-wise LoRA merges (peft_lora_glue.py): the plain combination and its DARE counterpart
 PEFT_MERGE_PAIRS = (("PEFT linear", "PEFT dare_linear"), ("PEFT ties", "PEFT dare_ties"))
+# (row name, plain column, DARE column) of the DARE-effect tables: each method, then PEFT's DARE combinations
+DARE_COMPARISONS = (*[(m, m, f"{m} +DARE") for m in MERGE_METHOD_ORDER], *[(d, p, d) for p, d in PEFT_MERGE_PAIRS])
 # DARE on ΔW (ours) against PEFT's factor-wise DARE, with the same base combination
 FACTORWISE_CONTRASTS = (("task_arithmetic +DARE", "PEFT dare_linear"), ("ties_merging +DARE", "PEFT dare_ties"))
 PEFT_SCRIPT = "peft_lora_glue"
@@ -298,8 +300,7 @@ def dare_effect_table(runs: Sequence[dict]) -> Table:
     within each pair, DARE seeds within each of them), and the relative change counts each seed's cell."""
     cells = merge_cells(runs)
     effects, relatives, seeds = {}, {}, {}
-    for method, plain_column, dare_column in [*[(m, m, f"{m} +DARE") for m in MERGE_METHOD_ORDER],
-                                               *[(d, p, d) for p, d in PEFT_MERGE_PAIRS]]:
+    for method, plain_column, dare_column in DARE_COMPARISONS:
         paired, relative = _paired_cells(cells, plain_column, dare_column)
         if paired:
             effects[method], relatives[method] = paired_effect(paired), relative
@@ -322,8 +323,7 @@ def dare_effect_seed_table(runs: Sequence[dict]) -> Table:
     seeds = sorted({seed for _, _, seed in cells})
     rows = []
     if len(seeds) > 1:
-        for method, plain_column, dare_column in [*[(m, m, f"{m} +DARE") for m in MERGE_METHOD_ORDER],
-                                                   *[(d, p, d) for p, d in PEFT_MERGE_PAIRS]]:
+        for method, plain_column, dare_column in DARE_COMPARISONS:
             for seed in seeds:
                 paired, _ = _paired_cells({k: v for k, v in cells.items() if k[2] == seed}, plain_column,
                                           dare_column)
